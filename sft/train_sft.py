@@ -1,0 +1,185 @@
+"""`python -m sft.train_sft`: LoRA supervised fine-tuning with transformers.Trainer.
+
+Reads the prepared JSONL files, masks every prompt token out of the loss, trains LoRA adapters
+and writes Trainer-style output to the output directory: adapter_model.safetensors,
+adapter_config.json, tokenizer files, checkpoint-N/, trainer_state.json, training_args.bin, plus
+sft_config.yaml (the full configuration, so evaluation and chat rebuild prompts the same way)
+and data_report.json (what tokenization kept, truncated and dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from sft.data.sources import DataError
+from sft.dataset import PaddingCollator, encode_records, read_jsonl
+from sft.devices import device_policy
+from sft.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model_path
+from sft.sft_config import ConfigError, SFTConfig, add_config_arguments, config_from_args
+from sft.templates import TemplateError, ensure_chat_template
+
+CONFIG_FILE = "sft_config.yaml"
+DATA_REPORT_FILE = "data_report.json"
+
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, TemplateError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sft.train_sft",
+        description="Train LoRA adapters on prepared instruction data (prompt tokens masked out of the loss).",
+        epilog="Example: python -m sft.train_sft --config configs/demo.yaml --max-steps 2")
+    add_config_arguments(parser)
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                        help="continue from the latest checkpoint in --output-dir, or from the given checkpoint dir")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="delete a previous run in --output-dir instead of refusing to start")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+        train(config, resume=args.resume, overwrite_output_dir=args.overwrite_output_dir)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _holds_run(output_dir: Path) -> bool:
+    if not output_dir.is_dir():
+        return False
+    return any((output_dir / name).exists() for name in ("trainer_state.json", "adapter_config.json")) \
+        or get_last_checkpoint(output_dir) is not None
+
+
+def _resume_checkpoint(output_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+    """The checkpoint to resume from; refuse to mix a new run into an old one's directory."""
+    if resume is None:
+        previous_run = _holds_run(output_dir)
+        if previous_run and not overwrite:
+            raise ConfigError(f"output_dir: {output_dir} holds another run; pass --resume to continue it, "
+                              f"--overwrite-output-dir to replace it, or choose another --output-dir")
+        if previous_run:
+            shutil.rmtree(output_dir)
+        return None
+    if resume != "latest":
+        if not Path(resume, "trainer_state.json").is_file():
+            raise ConfigError(f"--resume: {resume} is not a checkpoint directory (no trainer_state.json)")
+        return resume
+    last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
+    if last is None:
+        raise ConfigError(f"--resume: no checkpoint-N directory in {output_dir} to resume from")
+    return last
+
+
+def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bool = False) -> dict[str, Any]:
+    """Run one fine-tuning job; returns the final metrics."""
+    t = config.training
+    output_dir = Path(t.output_dir)
+    checkpoint = _resume_checkpoint(output_dir, resume, overwrite_output_dir)
+    policy = device_policy(t.device, config.model.dtype)
+    set_seed(t.seed)
+
+    model_path = resolve_model_path(config.model.model)
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        print("The tokenizer has no chat template; using the Alpaca-style fallback (see sft/templates.py).")
+    if tokenizer.pad_token_id is None:
+        # Safe because labels are masked by position, never by pad id.
+        tokenizer.pad_token = tokenizer.eos_token
+
+    train_examples, train_stats = encode_records(
+        tokenizer, read_jsonl(config.data.train_file), config.data.max_seq_length, config.data.system_prompt,
+        desc="tokenizing train")
+    val_examples, val_stats = encode_records(
+        tokenizer, read_jsonl(config.data.val_file), config.data.max_seq_length, config.data.system_prompt,
+        desc="tokenizing val")
+    if not train_examples:
+        raise DataError(f"{config.data.train_file}: no example has a supervised token within "
+                        f"max_seq_length={config.data.max_seq_length}")
+    print(f"train: {train_stats.kept} examples ({train_stats.supervised_tokens} supervised tokens, "
+          f"{train_stats.truncated} truncated, {train_stats.dropped_no_supervised_tokens} dropped with no "
+          f"response token left); val: {val_stats.kept} examples")
+
+    model = load_model(model_path, policy.load_dtype, config.model.attn_implementation,
+                       config.model.trust_remote_code)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions is not None and config.data.max_seq_length > max_positions:
+        raise ConfigError(f"data.max_seq_length: {config.data.max_seq_length} exceeds what {config.model.model} "
+                          f"takes ({max_positions} positions)")
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Frozen embeddings give checkpointed blocks inputs that need no grad; LoRA then gets none.
+        model.enable_input_require_grads()
+    lora = config.lora
+    model = get_peft_model(model, LoraConfig(
+        r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules=lora.lora_target_modules, task_type="CAUSAL_LM"))
+    model.print_trainable_parameters()
+
+    has_val = bool(val_examples)
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=t.eval_steps,
+        eval_on_start=has_val,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=policy.bf16,
+        fp16=policy.fp16,
+        use_cpu=policy.device == "cpu",
+        dataloader_pin_memory=policy.device.startswith("cuda"),
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        remove_unused_columns=False,
+        report_to="none",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_examples,
+                      eval_dataset=val_examples if has_val else None,
+                      data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.save(output_dir / CONFIG_FILE)
+    (output_dir / DATA_REPORT_FILE).write_text(json.dumps(
+        {"train": train_stats.as_dict(), "val": val_stats.as_dict()}, indent=2) + "\n", encoding="utf-8")
+
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = dict(result.metrics)
+    if has_val:
+        metrics.update(trainer.evaluate())
+    trainer.save_model()
+    trainer.save_state()
+    trainer.log_metrics("final", metrics)
+    print(f"Adapter saved to {output_dir}. Evaluate it with: python -m sft.sft_test --output-dir {output_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

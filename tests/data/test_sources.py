@@ -1,0 +1,130 @@
+"""Tests for reading Alpaca-format source files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sft.data.sources import DataError, iter_records
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_json_array_positions_are_zero_based_indices(tmp_path: Path) -> None:
+    items = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
+    path = write(tmp_path / "data.json", json.dumps(items, indent=2))
+    assert list(iter_records(path)) == [(0, items[0]), (1, items[1])]
+
+
+def test_jsonl_positions_are_line_numbers_and_blank_lines_skipped(tmp_path: Path) -> None:
+    text = '{"instruction": "a"}\n\n   \n{"instruction": "b"}\n\n'
+    path = write(tmp_path / "data.jsonl", text)
+    assert list(iter_records(path)) == [(1, {"instruction": "a"}), (4, {"instruction": "b"})]
+
+
+def test_format_is_detected_by_content_not_suffix(tmp_path: Path) -> None:
+    array = write(tmp_path / "array.jsonl", '\n  [{"instruction": "a"}]')
+    lines = write(tmp_path / "lines.json", '{"instruction": "a"}\n{"instruction": "b"}\n')
+    assert list(iter_records(array)) == [(0, {"instruction": "a"})]
+    assert list(iter_records(lines)) == [(1, {"instruction": "a"}), (2, {"instruction": "b"})]
+
+
+def test_jsonl_with_crlf_line_endings(tmp_path: Path) -> None:
+    path = write(tmp_path / "data.jsonl", '{"a": 1}\r\n\r\n{"a": 2}\r\n')
+    assert list(iter_records(path)) == [(1, {"a": 1}), (3, {"a": 2})]
+
+
+@pytest.mark.parametrize("text", ['[{"a": "é"}]', '{"a": "é"}\n'])
+def test_utf8_bom_is_accepted(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path / "bom.jsonl", text, encoding="utf-8-sig")
+    assert [item for _, item in iter_records(path)] == [{"a": "é"}]
+
+
+def test_non_object_items_are_yielded_not_fatal(tmp_path: Path) -> None:
+    path = write(tmp_path / "data.json", '[1, "x", null, [], {"a": 1}]')
+    assert list(iter_records(path)) == [(0, 1), (1, "x"), (2, None), (3, []), (4, {"a": 1})]
+
+
+def test_line_separator_inside_jsonl_string_does_not_split_line(tmp_path: Path) -> None:
+    path = write(tmp_path / "data.jsonl", '{"a": "x\u2028y"}\n{"a": 2}\n')
+    assert list(iter_records(path)) == [(1, {"a": "x\u2028y"}), (2, {"a": 2})]
+
+
+def test_single_line_object_in_jsonl_file_is_one_record(tmp_path: Path) -> None:
+    path = write(tmp_path / "one.jsonl", '{"instruction": "a", "output": "b"}\n')
+    assert list(iter_records(path)) == [(1, {"instruction": "a", "output": "b"})]
+
+
+def test_empty_file_yields_nothing(tmp_path: Path) -> None:
+    assert list(iter_records(write(tmp_path / "empty.jsonl", "\n \n"))) == []
+
+
+def test_broken_jsonl_line_names_file_line_and_column(tmp_path: Path) -> None:
+    text = '{"a": 1}\n{"a": 2}\n{"a": 3,, }\n{"a": 4}\n'
+    path = write(tmp_path / "broken.jsonl", text)
+    with pytest.raises(DataError) as info:
+        list(iter_records(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert "line 3, column 9" in message
+
+
+def test_broken_array_names_file_line_and_column(tmp_path: Path) -> None:
+    text = '[\n  {"a": 1},\n  {"a": 2}\n  {"a": 3}\n]\n'
+    path = write(tmp_path / "broken.json", text)
+    with pytest.raises(DataError) as info:
+        list(iter_records(path))
+    message = str(info.value)
+    assert str(path) in message
+    assert "line 4, column 3" in message
+
+
+def test_missing_source_names_path_and_how_to_get_data(tmp_path: Path) -> None:
+    path = tmp_path / "raw" / "alpaca_data.json"
+    with pytest.raises(DataError) as info:
+        list(iter_records(path))
+    message = str(info.value)
+    assert message.startswith(f"{path} not found.")
+    assert "--source PATH" in message
+    assert "make demo-data" in message
+
+
+def test_directory_as_source_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="is a directory"):
+        list(iter_records(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "kind"),
+    [
+        ("obj.json", '{"instruction": "a", "output": "b"}', "an object"),
+        ("obj.jsonl", '{\n  "data": [{"instruction": "a"}]\n}\n', "an object"),
+        ("str.json", '"hello"', "a string"),
+        ("num.json", "3", "a number"),
+    ],
+)
+def test_top_level_non_array_document_is_an_error(
+    tmp_path: Path, name: str, text: str, kind: str
+) -> None:
+    path = write(tmp_path / name, text)
+    with pytest.raises(DataError) as info:
+        list(iter_records(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: top-level JSON value is {kind}")
+    assert "expected an array of objects" in message
+
+
+def test_invalid_utf8_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"a": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="not valid UTF-8"):
+        list(iter_records(path))
+
+
+def test_data_error_is_a_value_error() -> None:
+    assert issubclass(DataError, ValueError)
