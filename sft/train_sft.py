@@ -173,7 +173,9 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(result.metrics)
     if has_val:
-        metrics.update(trainer.evaluate())
+        evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        last_eval_is_final = evals and evals[-1]["step"] == trainer.state.global_step
+        metrics.update(evals[-1] if last_eval_is_final else trainer.evaluate())
     trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("final", metrics)

@@ -1,0 +1,39 @@
+"""Shared fixtures: offline tiny tokenizers and a tiny Llama saved to disk (see tests/tiny.py).
+
+The session-scoped tokenizers are shared by every test: a test that mutates one (setting a chat
+template, say) must work on ``build_tokenizer(kind)`` or a copy instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from tests.tiny import build_tiny_model_dir, build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer() -> PreTrainedTokenizerFast:
+    """SmolLM2-Instruct-like: no BOS added, <|im_end|> is eos and pad, default system prompt."""
+    return build_tokenizer("chatml")
+
+
+@pytest.fixture(scope="session")
+def zephyr_tokenizer() -> PreTrainedTokenizerFast:
+    """TinyLlama-Chat-like: <s> prepended, </s> is eos and pad."""
+    return build_tokenizer("zephyr")
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer() -> PreTrainedTokenizerFast:
+    """A base model's tokenizer: TinyLlama's tokens, no chat template, no pad token."""
+    return build_tokenizer("plain")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory with a random 2-layer LlamaForCausalLM and the chatml tokenizer, loadable with
+    AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"), build_tokenizer("chatml"))

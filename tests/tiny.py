@@ -1,0 +1,167 @@
+"""Tiny offline stand-ins for the real tokenizers and models, built in a few milliseconds.
+
+Nothing here touches the network or the Hugging Face Hub. The tokenizers are byte-level BPEs
+trained in memory, so any text (unicode included) encodes, with the special tokens, BOS
+behaviour and chat templates of the models this package targets:
+
+- ``chatml``: SmolLM2-Instruct. ``<|im_start|>`` is BOS but is never added by the tokenizer,
+  ``<|im_end|>`` is both EOS and pad, and the template inserts a default system prompt.
+- ``zephyr``: TinyLlama-1.1B-Chat. The tokenizer prepends ``<s>``; pad is ``</s>`` (pad == eos).
+- ``plain``: a base model with TinyLlama's tokens, no chat template and no pad token.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}\n{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n{{ '<|system|>\\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+    "{% endfor %}"
+)
+
+_SPECIAL_TOKENS = {
+    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "zephyr": ["<unk>", "<s>", "</s>"],
+    "plain": ["<unk>", "<s>", "</s>"],
+}
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that completes the request.",
+    "### Instruction:\nGive three tips for staying healthy.\n\n### Response:\n",
+    "Eat a balanced diet, exercise regularly and get enough sleep.",
+    "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face",
+    "<|user|>\n<|assistant|>\n<|system|>\nuser\nassistant\nsystem\n",
+    "What is the capital of France? The capital of France is Paris.",
+    "Translate the following sentence into French: the cat sleeps on the warm mat.",
+    "Summarize the paragraph below in one sentence, keeping the main idea.",
+    "Write a short poem about the ocean, the wind and the evening light.",
+    "Explain why the sky is blue in simple words a child could understand.",
+    "The quick brown fox jumps over the lazy dog while the birds sing in the trees.",
+    "Classify each animal as a mammal, a bird or a fish: whale, eagle, salmon, horse.",
+    "Rewrite the text so that it sounds more formal and polite to the reader.",
+    "List the planets of the solar system in order from the sun outward.",
+    "Mercury, Venus, Earth, Mars, Jupiter, Saturn, Uranus and Neptune.",
+    "Compute the sum of the numbers 12, 7 and 23. The answer is 42.",
+    "def add(a, b):\n    return a + b  # a Python function that adds two numbers",
+    "Describe the water cycle: evaporation, condensation, precipitation and collection.",
+    "Generate a list of five creative names for a coffee shop near the river.",
+    "Be brief. Answer the question with one word when you can.",
+    "Once upon a time there was a little robot who wanted to learn how to paint.",
+    "Please find the grammatical error in this sentence and correct it.",
+    "Headline: Local team wins the championship after a dramatic final game.",
+    "Unicode: café, naïve, Straße, Ελληνικά, русский, 日本語, 中文, emoji 🙂🚀.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 and punctuation .,;:!?()[]{}<>|/\\'\"-_=+*&^%$#@~`",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_backend(kind: str) -> str:
+    """The serialized backend tokenizer of a kind (trained once per process)."""
+    specials = _SPECIAL_TOKENS[kind]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if kind in ("zephyr", "plain"):
+        bos_id = backend.token_to_id("<s>")
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    return backend.to_str()
+
+
+def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    """A fresh tokenizer of ``kind`` ("chatml", "zephyr" or "plain"); safe to mutate."""
+    if kind not in _SPECIAL_TOKENS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    backend = Tokenizer.from_str(_trained_backend(kind))
+    if kind == "chatml":
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+            eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
+    elif kind == "zephyr":
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+            pad_token="</s>", chat_template=ZEPHYR_TEMPLATE)
+    else:
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return tokenizer
+
+
+def build_tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast) -> Path:
+    """Save a random 2-layer Llama and ``tokenizer`` into ``path``; return the directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: str | Path, records: list[Any]) -> Path:
+    """Write one JSON value per line (UTF-8, non-ASCII kept as is); return the path."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+_TOPICS = ["the ocean", "a red bicycle", "coffee", "the moon", "Paris", "a small robot", "winter",
+           "prime numbers", "the library", "green tea", "a mountain trail", "jazz music", "Straße"]
+_VERBS = ["Describe", "Explain", "Summarize", "Write a sentence about", "Give a fact about",
+          "List two things about", "Name one word for"]
+_WORDS = ("the quick brown fox jumps over the lazy dog while birds sing in the warm evening light "
+          "and the river runs past the old mill toward the sea").split()
+
+
+def alpaca_records(n: int) -> list[dict[str, str]]:
+    """``n`` distinct, deterministic prepared records (id, instruction, input, output, source).
+
+    Every third record has a non-empty input; answers run from 1 to 40 words.
+    """
+    records = []
+    for i in range(n):
+        topic = _TOPICS[i % len(_TOPICS)]
+        verb = _VERBS[i % len(_VERBS)]
+        n_words = 1 + (i * 7) % 40
+        words = [_WORDS[(i + j) % len(_WORDS)] for j in range(n_words)]
+        records.append({
+            "id": f"rec-{i:04d}",
+            "instruction": f"{verb} {topic} (item {i}).",
+            "input": f"Context {i}: {_WORDS[i % len(_WORDS)]} and {topic}." if i % 3 == 1 else "",
+            "output": " ".join(words).capitalize() + ".",
+            "source": "alpaca",
+        })
+    return records
