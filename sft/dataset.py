@@ -74,6 +74,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{line_number}:{exc.colno}: not valid JSON: {exc.msg}") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
             for key in ("instruction", "output"):
                 if not isinstance(record.get(key), str):
                     raise DataError(f"{path}:{line_number}: field {key!r} must be a string")

@@ -23,12 +23,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}"
+    # Turns are separated by a blank line placed before each turn, so an answer ends at its EOS
+    # and nothing after the EOS is trained.
+    "{% for message in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Response:\\n' + message['content'] + eos_token }}"
     "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
 )
 
 Message = dict[str, str]

@@ -13,6 +13,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +85,16 @@ def _resume_checkpoint(output_dir: Path, resume: str | None, overwrite: bool) ->
     return last
 
 
-def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bool = False) -> dict[str, Any]:
-    """Run one fine-tuning job; returns the final metrics."""
+@dataclass
+class TrainingRun:
+    trainer: Trainer
+    """The trainer, holding the trained PEFT model in memory."""
+    metrics: dict[str, Any]
+    """Final training metrics and the last validation loss."""
+
+
+def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bool = False) -> TrainingRun:
+    """Run one fine-tuning job and save its output."""
     t = config.training
     output_dir = Path(t.output_dir)
     checkpoint = _resume_checkpoint(output_dir, resume, overwrite_output_dir)
@@ -180,7 +189,7 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     trainer.save_state()
     trainer.log_metrics("final", metrics)
     print(f"Adapter saved to {output_dir}. Evaluate it with: python -m sft.sft_test --output-dir {output_dir}")
-    return metrics
+    return TrainingRun(trainer, metrics)
 
 
 if __name__ == "__main__":
