@@ -131,6 +131,9 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
                 row[name], row[f"{name}_finished"] = generate_answer(
                     model, tokenizer, prompt_ids, config.eval.max_new_tokens, policy.device)
         generations.append(row)
+    for name in ("base", "adapter"):
+        metrics[f"{name}_answers_finished"] = sum(row[f"{name}_finished"] for row in generations)
+    metrics["answers"] = len(generations)
 
     eval_dir = Path(config.training.output_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +161,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         f"Change in validation loss: {change:+.4f} over {metrics['val_supervised_tokens']} supervised tokens "
         f"of {metrics['val_examples']} held-out examples ({metrics['val_dropped']} dropped: no response token "
         f"within max_seq_length).",
+        f"Greedy answers that ended their turn within max_new_tokens: base {metrics['base_answers_finished']}"
+        f"/{metrics['answers']}, base + adapter {metrics['adapter_answers_finished']}/{metrics['answers']}.",
     ])
 
 

@@ -111,6 +111,7 @@ def test_evaluation_compares_base_and_adapter(trained: Path, capsys: pytest.Capt
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())
     assert metrics["val_examples"] > 0 and metrics["val_supervised_tokens"] > 0
     assert metrics["adapter_val_loss"] != metrics["base_val_loss"]
+    assert metrics["answers"] == 2 and 0 <= metrics["adapter_answers_finished"] <= 2
     rows = [json.loads(line) for line in (trained / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     assert {"instruction", "reference", "base", "adapter", "base_finished", "adapter_finished"} <= rows[0].keys()
