@@ -40,9 +40,10 @@ def fetch(out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft fetch-demo-data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="sft fetch-demo-data", allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=DEFAULT_OUT, help=f"where to write the Alpaca-format JSON (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"where to write the Alpaca-format JSON (default: {DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="fetch again even if the file exists")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -21,6 +21,9 @@ from typing import Any
 
 import yaml
 
+RUN_CONFIG_FILE = "sft_config.yaml"
+"""Name of the full configuration that training saves beside its adapter."""
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be run; the message says which field and why."""
@@ -300,6 +303,27 @@ def build_config(config_path: str | Path | None = None,
         except ConfigError as exc:
             raise ConfigError(f"{group}.{exc}") from None
     return SFTConfig(**groups)
+
+
+class StrictArgumentParser(argparse.ArgumentParser):
+    """An argument parser that takes no abbreviations (``--learning-rat 3`` must not quietly set
+    the learning rate) and answers an unknown flag with the closest known one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: typing.Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            known = [flag for action in self._actions for flag in action.option_strings]
+            flag = unknown[0].split("=")[0]
+            self.error(f"unrecognized argument {unknown[0]!r}{_did_you_mean(flag, known)}")
+        return parsed
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

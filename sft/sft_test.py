@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,20 +21,24 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from sft.data.sources import DataError
 from sft.dataset import PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
+from sft.errors import report_user_errors
 from sft.loss import supervised_nll_sum
-from sft.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import ConfigError, SFTConfig, add_config_arguments, build_config
-from sft.templates import TemplateError, encode_prompt, end_of_turn_ids, render_prompt, record_messages
-
-CONFIG_FILE = "sft_config.yaml"
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, TemplateError)
+from sft.models import load_model, load_tokenizer, resolve_model_path
+from sft.sft_config import (
+    RUN_CONFIG_FILE,
+    ConfigError,
+    SFTConfig,
+    StrictArgumentParser,
+    add_config_arguments,
+    build_config,
+)
+from sft.templates import encode_prompt, end_of_turn_ids, record_messages, render_prompt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictArgumentParser(
         prog="python -m sft.sft_test",
         description="Validation loss and side-by-side generations of the base model and a trained adapter.",
         epilog="The run's own sft_config.yaml (written by training) is the starting configuration, so "
@@ -50,25 +53,24 @@ def run_config(args: argparse.Namespace) -> SFTConfig:
     """The configuration the run was trained with, with this command's flags on top."""
     overrides = {name: value for name, value in vars(args).items() if name not in {"config", "adapter"}}
     output_dir = overrides.get("output_dir") or build_config(args.config).training.output_dir
-    saved = Path(output_dir, CONFIG_FILE)
+    saved = Path(output_dir, RUN_CONFIG_FILE)
     return build_config(saved if saved.is_file() else args.config, overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         config = run_config(args)
         adapter_dir = Path(args.adapter or config.training.output_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ConfigError(f"{adapter_dir}: no adapter_config.json here; train first "
                               f"(python -m sft.train_sft) or pass --adapter DIR")
         report = evaluate(config, adapter_dir)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_metrics(report["metrics"]))
-    print(f"Report: {report['report_path']}")
-    return 0
+        print(format_metrics(report["metrics"]))
+        print(f"Report: {report['report_path']}")
+
+    return report_user_errors(run)
 
 
 def mean_supervised_loss(model: torch.nn.Module, examples: list[dict], batch_size: int, pad_token_id: int,
@@ -181,7 +183,8 @@ def render_report(config: SFTConfig, adapter_dir: Path, metrics: dict[str, Any],
     for number, row in enumerate(generations, 1):
         prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
         lines += ["", f"### {number}. {_quote_line(prompt.splitlines()[0])}", ""]
-        for title, key in (("Prompt", None), ("Reference", "reference"), ("Base", "base"), ("Base + adapter", "adapter")):
+        for title, key in (("Prompt", None), ("Reference", "reference"), ("Base", "base"),
+                           ("Base + adapter", "adapter")):
             text = prompt if key is None else row[key]
             suffix = "" if key in (None, "reference") or row[f"{key}_finished"] else " (cut at max_new_tokens)"
             lines += [f"**{title}**{suffix}:", "", *(f"> {line}" for line in text.splitlines() or [""]), ""]

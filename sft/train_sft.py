@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,18 +23,23 @@ from transformers.trainer_utils import get_last_checkpoint
 from sft.data.sources import DataError
 from sft.dataset import PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
-from sft.models import ModelNotFoundError, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import ConfigError, SFTConfig, add_config_arguments, config_from_args
-from sft.templates import TemplateError, ensure_chat_template
+from sft.errors import report_user_errors
+from sft.models import load_model, load_tokenizer, resolve_model_path
+from sft.sft_config import (
+    RUN_CONFIG_FILE,
+    ConfigError,
+    SFTConfig,
+    StrictArgumentParser,
+    add_config_arguments,
+    config_from_args,
+)
+from sft.templates import ensure_chat_template
 
-CONFIG_FILE = "sft_config.yaml"
 DATA_REPORT_FILE = "data_report.json"
-
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, TemplateError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = StrictArgumentParser(
         prog="python -m sft.train_sft",
         description="Train LoRA adapters on prepared instruction data (prompt tokens masked out of the loss).",
         epilog="Example: python -m sft.train_sft --config configs/demo.yaml --max-steps 2")
@@ -49,13 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = config_from_args(args)
-        train(config, resume=args.resume, overwrite_output_dir=args.overwrite_output_dir)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return report_user_errors(lambda: train(config_from_args(args), resume=args.resume,
+                                            overwrite_output_dir=args.overwrite_output_dir))
 
 
 def _holds_run(output_dir: Path) -> bool:
@@ -175,7 +174,7 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
                       data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir / CONFIG_FILE)
+    config.save(output_dir / RUN_CONFIG_FILE)
     (output_dir / DATA_REPORT_FILE).write_text(json.dumps(
         {"train": train_stats.as_dict(), "val": val_stats.as_dict()}, indent=2) + "\n", encoding="utf-8")
 

@@ -226,3 +226,14 @@ def test_every_shipped_preset_builds(path: Path, tmp_path: Path) -> None:
     config = build_config(path)
     config.save(tmp_path / "saved.yaml")
     assert build_config(tmp_path / "saved.yaml") == config
+
+
+def test_flags_are_never_abbreviated_and_unknown_flags_get_a_suggestion(capsys: pytest.CaptureFixture) -> None:
+    from sft.sft_config import StrictArgumentParser
+
+    parser = StrictArgumentParser(prog="train")
+    add_config_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--learning-rat", "3"])
+    assert exit_info.value.code == 2
+    assert "unrecognized argument '--learning-rat' (did you mean '--learning-rate'?)" in capsys.readouterr().err

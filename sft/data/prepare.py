@@ -389,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Return the command-line parser for ``prepare_sft_data.py``."""
     parser = argparse.ArgumentParser(
         prog="prepare_sft_data.py",
+        allow_abbrev=False,
         description=(
             "Merge Alpaca-format sources (JSON array or JSONL with instruction/"
             "input/output fields), normalize and de-duplicate them, and write a "
