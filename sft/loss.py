@@ -1,4 +1,11 @@
-"""Loss over supervised positions only."""
+"""Loss over supervised positions only.
+
+The language-model head is the largest matmul of a small model's step (SmolLM2: 49,152 x 576),
+and a full [tokens, vocab] logits tensor, its softmax and their gradients dominate memory. Only
+answer tokens carry a loss, so the head runs on their hidden states alone, in chunks, with the
+gradient of each chunk computed during the forward pass (softmax minus one-hot, times the head
+weight): no chunk of logits is kept for the backward pass, and none is computed twice.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,56 @@ import torch.nn.functional as F
 
 from sft.dataset import IGNORE_INDEX
 
+CHUNK_TOKENS = 1024
+"""Supervised positions per head matmul: bounds the logits alive at once to CHUNK_TOKENS x vocab."""
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+                chunk_tokens: int) -> torch.Tensor:
+        needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[start:start + chunk_tokens]
+            t = targets[start:start + chunk_tokens]
+            logits = (h @ weight.T).float()
+            log_normalizer = torch.logsumexp(logits, dim=-1)
+            total += (log_normalizer - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if needs_hidden_grad or needs_weight_grad:
+                grad_logits = torch.exp(logits - log_normalizer[:, None])  # softmax, in place of the logits
+                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                if needs_hidden_grad:
+                    grad_hidden[start:start + chunk_tokens] = (grad_logits.to(weight.dtype) @ weight)
+                if needs_weight_grad:
+                    grad_weight += grad_logits.T @ h.float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_total.float()
+        return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
+                None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+                None, None)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """sum_i CE(hidden_i @ weight.T, targets_i) for hidden [n, d], weight [vocab, d], targets [n],
+    without keeping more than chunk_tokens x vocab logits alive."""
+    if hidden.shape[0] == 0:
+        return hidden.sum() * 0.0  # keeps the graph connected when a batch has no supervised token
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens)
+
 
 def supervised_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token negative log-likelihoods over supervised positions, and their count.
+    """Sum of next-token negative log-likelihoods over supervised positions of a padded batch,
+    and their count (full logits; used for evaluation, where there is no backward pass).
 
     Returning the sum rather than a per-batch mean lets callers average over all tokens of many
     batches, so a batch of short answers does not weigh as much as one of long answers.

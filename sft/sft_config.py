@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "varlen_sdpa", "sdpa", "eager", "flash_attention_2")
+
 RUN_CONFIG_FILE = "sft_config.yaml"
 """Name of the full configuration that training saves beside its adapter."""
 
@@ -42,8 +44,9 @@ class ModelConfig:
     dtype: str = "auto"
     """``auto`` picks per device (float32 on CPU and MPS, bfloat16 on CUDA where supported,
     else float16 mixed precision); or one of float32, bfloat16, float16."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel: ``sdpa`` or ``eager``."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (FlashAttention varlen on CUDA when flash-attn is installed, else
+    varlen_sdpa: one SDPA call per packed example), varlen_sdpa, sdpa, eager or flash_attention_2."""
     trust_remote_code: bool = False
     """Run code shipped with a Hub model. Off unless you trust the model's author."""
 
@@ -51,8 +54,9 @@ class ModelConfig:
         _require(bool(self.model.strip()), "model: must name a model")
         _require(self.dtype in {"auto", "float32", "bfloat16", "float16"},
                  f"dtype: expected auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        _require(self.attn_implementation in {"sdpa", "eager"},
-                 f"attn_implementation: expected sdpa or eager, got {self.attn_implementation!r}")
+        _require(self.attn_implementation in ATTENTION_IMPLEMENTATIONS,
+                 f"attn_implementation: expected one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, "
+                 f"got {self.attn_implementation!r}")
 
 
 @dataclass
@@ -74,6 +78,9 @@ class LoraSettings:
         _require(0.0 <= self.lora_dropout < 1.0,
                  f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         _require(len(self.lora_target_modules) > 0, "lora_target_modules: must name at least one module")
+        _require("lm_head" not in self.lora_target_modules,
+                 "lora_target_modules: lm_head cannot take an adapter here (the loss runs the head's "
+                 "base weight on answer tokens only)")
 
 
 @dataclass
@@ -84,6 +91,9 @@ class DataConfig:
     """Prepared validation records."""
     max_seq_length: int = 512
     """Prompt + response tokens per example; longer examples lose the end of their response."""
+    packing: bool = True
+    """Concatenate each micro-batch into one row without padding (attention stays within each
+    example); false pads every example to the longest of its batch."""
     system_prompt: str | None = None
     """System message of every conversation, in training, evaluation and chat alike. None sends
     no system message, which leaves it to the chat template: SmolLM2's inserts "You are a helpful
@@ -131,8 +141,9 @@ class TrainingConfig:
     """Keep at most this many checkpoints."""
     gradient_checkpointing: bool = False
     """Trade about a third of the speed for activation memory."""
-    group_by_length: bool = True
-    """Batch examples of similar length together so less compute goes to padding."""
+    group_by_length: bool = False
+    """Batch examples of similar length together so less compute goes to padding; only useful
+    with packing off (packed batches have no padding)."""
 
     def __post_init__(self) -> None:
         _require(self.device in {"auto", "cpu", "mps", "cuda"},

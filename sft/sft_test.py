@@ -21,6 +21,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
+from sft.attention import resolve_attention
 from sft.dataset import PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
 from sft.errors import report_user_errors
@@ -106,7 +107,8 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
     policy = device_policy(config.training.device, config.model.dtype)
     tokenizer = load_tokenizer(str(adapter_dir), config.model.trust_remote_code)
     base = load_model(resolve_model_path(config.model.model), policy.load_dtype,
-                      config.model.attn_implementation, config.model.trust_remote_code)
+                      resolve_attention(config.model.attn_implementation, policy.device),
+                      config.model.trust_remote_code)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).to(policy.device).eval()
 
     records = read_jsonl(config.data.val_file)

@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from sft.attention import resolve_attention
 from sft.data.sources import DataError
-from sft.dataset import PaddingCollator, encode_records, read_jsonl
+from sft.dataset import PackingCollator, PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
 from sft.errors import report_user_errors
 from sft.models import load_model, load_tokenizer, resolve_model_path
@@ -34,6 +35,7 @@ from sft.sft_config import (
     config_from_args,
 )
 from sft.templates import ensure_chat_template
+from sft.trainer import SupervisedTrainer
 
 DATA_REPORT_FILE = "data_report.json"
 
@@ -86,7 +88,7 @@ def _resume_checkpoint(output_dir: Path, resume: str | None, overwrite: bool) ->
 
 @dataclass
 class TrainingRun:
-    trainer: Trainer
+    trainer: SupervisedTrainer
     """The trainer, holding the trained PEFT model in memory."""
     metrics: dict[str, Any]
     """Final training metrics and the last validation loss."""
@@ -121,8 +123,8 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
           f"{train_stats.truncated} truncated, {train_stats.dropped_no_supervised_tokens} dropped with no "
           f"response token left); val: {val_stats.kept} examples")
 
-    model = load_model(model_path, policy.load_dtype, config.model.attn_implementation,
-                       config.model.trust_remote_code)
+    attention = resolve_attention(config.model.attn_implementation, policy.device)
+    model = load_model(model_path, policy.load_dtype, attention, config.model.trust_remote_code)
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions is not None and config.data.max_seq_length > max_positions:
         raise ConfigError(f"data.max_seq_length: {config.data.max_seq_length} exceeds what {config.model.model} "
@@ -167,11 +169,13 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
         dataloader_pin_memory=policy.device.startswith("cuda"),
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
+        prediction_loss_only=True,
         report_to="none",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_examples,
-                      eval_dataset=val_examples if has_val else None,
-                      data_collator=PaddingCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    collator = PackingCollator() if config.data.packing else PaddingCollator(tokenizer.pad_token_id)
+    trainer = SupervisedTrainer(model=model, args=args, train_dataset=train_examples,
+                                eval_dataset=val_examples if has_val else None,
+                                data_collator=collator, processing_class=tokenizer)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save(output_dir / RUN_CONFIG_FILE)

@@ -1,0 +1,156 @@
+"""Padding-free packing and the supervised-only loss give the numbers of the plain computation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+import sft.attention  # noqa: F401  (registers varlen_sdpa)
+from sft.dataset import IGNORE_INDEX, PackingCollator, PaddingCollator, encode_records
+from sft.loss import linear_cross_entropy_sum
+from sft.trainer import SupervisedTrainer
+from tests.tiny import alpaca_records
+
+MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+                "packed_boundaries")
+
+
+@pytest.fixture(scope="module")
+def examples(chatml_tokenizer) -> list[dict]:
+    encoded, _ = encode_records(chatml_tokenizer, alpaca_records(8), 96, None)
+    return encoded
+
+
+def _model(model_dir: Path, attention: str, lora: bool = False) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype=torch.float32)
+    if lora:
+        torch.manual_seed(1)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+    return model.eval()
+
+
+def _target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) for each position t but the last."""
+    return torch.log_softmax(logits[0, :-1].float(), -1).gather(1, input_ids[0, 1:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("attention", ["varlen_sdpa", "sdpa", "eager"])
+def test_packed_logprobs_equal_separate_logprobs(tiny_model_dir: Path, examples: list[dict], attention: str) -> None:
+    model = _model(tiny_model_dir, attention)
+    batch = PackingCollator()(examples)
+    with torch.no_grad():
+        packed = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False).logits
+        separate = [model(input_ids=torch.tensor([e["input_ids"]])).logits for e in examples]
+    bounds = batch["packed_boundaries"]
+    for (start, end), logits, example in zip(zip(bounds[:-1], bounds[1:]), separate, examples):
+        ids = torch.tensor([example["input_ids"]])
+        expected = _target_logprobs(logits, ids)
+        actual = _target_logprobs(packed[:, start:end], ids)
+        assert (actual - expected).abs().max() <= 1e-4
+
+
+def test_the_packing_test_detects_attention_across_examples(tiny_model_dir: Path, examples: list[dict]) -> None:
+    """Negative control: the same row with position ids that do not restart (one long sequence)
+    lets later examples attend to earlier ones, and the comparison above would catch it."""
+    model = _model(tiny_model_dir, "sdpa")
+    batch = PackingCollator()(examples)
+    continuous = torch.arange(batch["input_ids"].shape[1])[None]
+    with torch.no_grad():
+        leaked = model(input_ids=batch["input_ids"], position_ids=continuous).logits
+        alone = model(input_ids=torch.tensor([examples[1]["input_ids"]])).logits
+    start, end = batch["packed_boundaries"][1:3]
+    ids = torch.tensor([examples[1]["input_ids"]])
+    assert (_target_logprobs(leaked[:, start:end], ids) - _target_logprobs(alone, ids)).abs().max() > 1e-3
+
+
+def test_packing_collator_layout(examples: list[dict]) -> None:
+    batch = PackingCollator()(examples[:3])
+    lengths = [len(e["input_ids"]) for e in examples[:3]]
+    assert batch["packed_boundaries"] == [0, lengths[0], lengths[0] + lengths[1], sum(lengths)]
+    assert batch["cu_seq_lens_q"].tolist() == batch["packed_boundaries"]
+    assert batch["max_length_q"] == max(lengths)
+    assert batch["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert batch["input_ids"].shape == (1, sum(lengths))  # not one padding token
+    # Each example's last position has no target: the next example's first token is not trained.
+    for end in batch["packed_boundaries"][1:]:
+        assert batch["shift_labels"][0, end - 1] == IGNORE_INDEX
+    n_supervised = sum(sum(label != IGNORE_INDEX for label in e["labels"]) for e in examples[:3])
+    assert int((batch["shift_labels"] != IGNORE_INDEX).sum()) == n_supervised
+
+
+@pytest.mark.parametrize("needs_weight_grad", [False, True])
+def test_chunked_linear_cross_entropy_equals_full_logits(needs_weight_grad: bool) -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=needs_weight_grad)
+    targets = torch.randint(0, 50, (37,))
+    ours = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=8)
+    (ours * 0.5).backward()
+    ours_grads = (hidden.grad.clone(), None if weight.grad is None else weight.grad.clone())
+    hidden.grad = None
+    weight.grad = None
+    reference = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (reference * 0.5).backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_grads[0], hidden.grad, rtol=1e-5, atol=1e-5)
+    if needs_weight_grad:
+        torch.testing.assert_close(ours_grads[1], weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def _trainer(model: torch.nn.Module, tmp_path: Path) -> SupervisedTrainer:
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    return SupervisedTrainer(model=model, args=args)
+
+
+def _lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_supervised_loss_and_gradients_equal_the_full_logits_loss(tiny_model_dir: Path, examples: list[dict],
+                                                                  tmp_path: Path) -> None:
+    model = _model(tiny_model_dir, "varlen_sdpa", lora=True).train()
+    trainer = _trainer(model, tmp_path)
+    packed = PackingCollator()(examples)
+    ours = trainer.compute_loss(model, packed)
+    ours.backward()
+    ours_grads = _lora_grads(model)
+    model.zero_grad()
+    padded = PaddingCollator(pad_token_id=0)(examples)
+    reference = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                      labels=padded["labels"]).loss  # transformers: full logits, mean over supervised tokens
+    reference.backward()
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    for name, grad in _lora_grads(model).items():
+        torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir: Path, examples: list[dict],
+                                                      tmp_path: Path) -> None:
+    model = _model(tiny_model_dir, "varlen_sdpa", lora=True).train()
+    trainer = _trainer(model, tmp_path)
+    collate = PackingCollator()
+    micro_batches = [collate(examples[i:i + 2]) for i in range(0, 8, 2)]
+    counts = [int((b["shift_labels"] != IGNORE_INDEX).sum()) for b in micro_batches]
+    assert len(set(counts)) > 1, "micro-batches should hold different numbers of supervised tokens"
+    total = sum(counts)
+
+    accumulated_loss = 0.0
+    for batch in micro_batches:
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(total))
+        loss.backward()
+        accumulated_loss += float(loss.detach())
+    accumulated = _lora_grads(model)
+    model.zero_grad()
+
+    whole = trainer.compute_loss(model, collate(examples), num_items_in_batch=torch.tensor(total))
+    whole.backward()
+    assert accumulated_loss == pytest.approx(float(whole), rel=1e-5)
+    for name, grad in _lora_grads(model).items():
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
