@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sft.dataset import IGNORE_INDEX
 
-CHUNK_TOKENS = 1024
+CHUNK_TOKENS = 512
 """Supervised positions per head matmul: bounds the logits alive at once to CHUNK_TOKENS x vocab."""
 
 
@@ -33,7 +33,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             log_normalizer = torch.logsumexp(logits, dim=-1)
             total += (log_normalizer - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if needs_hidden_grad or needs_weight_grad:
-                grad_logits = torch.exp(logits - log_normalizer[:, None])  # softmax, in place of the logits
+                # softmax - one_hot, computed in place: no second [chunk, vocab] buffer
+                grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
                 grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 if needs_hidden_grad:
                     grad_hidden[start:start + chunk_tokens] = (grad_logits.to(weight.dtype) @ weight)

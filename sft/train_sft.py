@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -25,6 +25,7 @@ from sft.data.sources import DataError
 from sft.dataset import PackingCollator, PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
 from sft.errors import report_user_errors
+from sft.lora import add_lora
 from sft.models import load_model, load_tokenizer, resolve_model_path
 from sft.sft_config import (
     RUN_CONFIG_FILE,
@@ -135,9 +136,9 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
         # Frozen embeddings give checkpointed blocks inputs that need no grad; LoRA then gets none.
         model.enable_input_require_grads()
     lora = config.lora
-    model = get_peft_model(model, LoraConfig(
+    model = add_lora(model, LoraConfig(
         r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-        target_modules=lora.lora_target_modules, task_type="CAUSAL_LM"))
+        target_modules=lora.lora_target_modules, task_type="CAUSAL_LM"), policy.device)
     model.print_trainable_parameters()
 
     has_val = bool(val_examples)

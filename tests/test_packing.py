@@ -154,3 +154,30 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir: Path, exam
     assert accumulated_loss == pytest.approx(float(whole), rel=1e-5)
     for name, grad in _lora_grads(model).items():
         torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_fast_dropout_drops_the_right_fraction_and_scales_gradients() -> None:
+    from sft.lora import FastDropout
+
+    torch.manual_seed(0)
+    dropout = FastDropout(0.05).train()
+    x = torch.ones(400, 1000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(1 - float(kept.float().mean()) - 0.05) < 0.002
+    torch.testing.assert_close(y.detach()[kept], torch.full_like(y.detach()[kept], 1 / 0.95))
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, y.detach())  # d(sum)/dx = mask / (1 - p)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_add_lora_uses_fast_dropout_on_cpu_and_keeps_peft_layout(tiny_model_dir: Path) -> None:
+    from sft.lora import FastDropout, add_lora
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
+    fast = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, "cpu")
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    dropouts = [m for m in fast.modules() if isinstance(m, FastDropout)]
+    assert len(dropouts) == 4 and all(d.p == 0.1 for d in dropouts)
+    assert {k for k, _ in fast.named_parameters()} == {k for k, _ in plain.named_parameters()}
