@@ -87,6 +87,11 @@ def model_path(name: str) -> str:
 
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**TINYLLAMA_ARCH)).save_pretrained(target)
+    if not (target / "tokenizer_config.json").is_file():
+        # TRL wants a tokenizer beside the model; the data arrive tokenized, so any will do.
+        from sft.models import load_tokenizer
+
+        load_tokenizer(resolve_model_path("smollm2-135m-instruct")).save_pretrained(target)
     return str(target)
 
 
@@ -109,7 +114,7 @@ def useful_flops(model: torch.nn.Module, example: dict[str, list[int]], lora_ran
     return float(dense + attention + head)
 
 
-def matmul_peak_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+def matmul_peak_gflops(device: str, dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.sources import DataError
+from sft.data.sources import DataError, describe_json_type
 from sft.templates import encode_prompt, encode_text, record_messages, split_prompt_response
 
 IGNORE_INDEX = -100
@@ -61,26 +61,63 @@ def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], ma
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a prepared JSONL file (one object per line, blank lines skipped).
+
+    Anything unusable raises DataError naming the file, the line and, for a bad field, the field
+    and what was expected: a missing file, invalid UTF-8, a line that is not JSON (or nests too
+    deeply to parse), a line that is not an object, an ``instruction`` or ``output`` that is not
+    a string, an ``input`` that is neither a string nor null, or text holding a lone surrogate.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a prepared JSONL file")
     if not path.is_file():
         raise DataError(f"{path} not found: run `python scripts/prepare_sft_data.py` first "
                                 f"(or set train_file / val_file)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line_number = exc.object.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line_number}: not valid UTF-8 ({exc.reason}); expected UTF-8 JSONL, "
+                        f"as prepare_sft_data.py writes") from None
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{line_number}:{exc.colno}: not valid JSON: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            for key in ("instruction", "output"):
-                if not isinstance(record.get(key), str):
-                    raise DataError(f"{path}:{line_number}: field {key!r} must be a string")
-            records.append(record)
+    for line_number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{line_number}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{line_number}: not valid JSON: nested too deeply to parse; "
+                            f"expected a JSON object of strings") from None
+        except ValueError as exc:  # e.g. an integer literal longer than Python converts
+            raise DataError(f"{path}:{line_number}: not valid JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{line_number}: expected a JSON object, got {describe_json_type(record)}")
+        for key in ("instruction", "output", "input"):
+            _check_text_field(path, line_number, record, key)
+        records.append(record)
     return records
+
+
+def _check_text_field(path: Path, line_number: int, record: dict[str, Any], key: str) -> None:
+    """Raise DataError unless ``record[key]`` is usable text (``input`` may be absent or null)."""
+    where = f"{path}:{line_number}: field {key!r}"
+    value = record.get(key)
+    if key == "input" and value is None:
+        return
+    if key not in record:
+        raise DataError(f"{where} must be a string, but it is missing")
+    if not isinstance(value, str):
+        raise DataError(f"{where} must be a string, got {describe_json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where} must be valid Unicode text, but holds a lone surrogate "
+                        f"(an unpaired \\ud800-\\udfff escape)") from None
 
 
 def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]], max_seq_length: int,

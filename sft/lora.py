@@ -5,10 +5,14 @@ than the adapter's own matmuls: drawing one float per element through ``bernoull
 a SmolLM2 training step, and its float mask doubles the memory the input costs. FastDropout
 draws 16 random bits per element (four elements per 64-bit draw, about 3x faster) and keeps a
 one-byte mask. The drop probability is rounded to a multiple of 1/65,536 (0.05 -> 0.0500031).
-The adapters, their names and the saved files are PEFT's own.
+Adapters that read the same input (q, k, v; gate, up) share one mask, as in a fused QKV adapter,
+where PEFT draws one per adapter. The adapters, their names and the saved files are PEFT's own;
+on other devices PEFT's dropout is kept.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -41,19 +45,39 @@ class _DropoutFunction(torch.autograd.Function):
         return grad * keep.to(grad.dtype).mul_(ctx.scale), None
 
 
-class FastDropout(torch.nn.Module):
-    """Inverted dropout like ``nn.Dropout``, drawing 16 random bits per element."""
+class _LastInput:
+    """One slot shared by a model's dropouts: the last input tensor and its dropped-out copy."""
 
-    def __init__(self, p: float):
+    def __init__(self) -> None:
+        self.input: weakref.ReferenceType | None = None
+        self.output: torch.Tensor | None = None
+
+
+class FastDropout(torch.nn.Module):
+    """Inverted dropout like ``nn.Dropout``, drawing 16 random bits per element.
+
+    Dropouts created with the same ``shared`` slot give one mask to consecutive adapters that read
+    the very same input tensor (q, k and v read the attention input; gate and up the MLP input),
+    as one fused QKV adapter would: one draw and one saved copy instead of three.
+    """
+
+    def __init__(self, p: float, shared: _LastInput | None = None):
         super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
+        self.shared = shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        return _DropoutFunction.apply(x, self.p)
+        slot = self.shared
+        if slot is not None and slot.input is not None and slot.input() is x:
+            return slot.output
+        output = _DropoutFunction.apply(x, self.p)
+        if slot is not None:
+            slot.input, slot.output = weakref.ref(x), output
+        return output
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -63,9 +87,10 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, device: str) -> PeftMod
     """Wrap ``model`` with LoRA adapters; on CPU their dropout is FastDropout."""
     model = get_peft_model(model, config)
     if device == "cpu" and config.lora_dropout > 0:
+        shared = _LastInput()
         for module in model.modules():
             if isinstance(module, LoraLayer):
                 for name, dropout in module.lora_dropout.items():
                     if isinstance(dropout, torch.nn.Dropout):
-                        module.lora_dropout[name] = FastDropout(dropout.p)
+                        module.lora_dropout[name] = FastDropout(dropout.p, shared)
     return model

@@ -26,7 +26,7 @@ from sft.dataset import PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
 from sft.errors import report_user_errors
 from sft.loss import supervised_nll_sum
-from sft.models import load_model, load_tokenizer, resolve_model_path
+from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
 from sft.sft_config import (
     RUN_CONFIG_FILE,
     ConfigError,
@@ -109,7 +109,7 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
     base = load_model(resolve_model_path(config.model.model), policy.load_dtype,
                       resolve_attention(config.model.attn_implementation, policy.device),
                       config.model.trust_remote_code)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).to(policy.device).eval()
+    model = load_adapter(base, str(adapter_dir)).to(policy.device).eval()
 
     records = read_jsonl(config.data.val_file)
     if config.eval.max_eval_examples:

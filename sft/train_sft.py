@@ -16,17 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import LoraConfig
-from transformers import TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft.attention import resolve_attention
 from sft.data.sources import DataError
 from sft.dataset import PackingCollator, PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
-from sft.errors import report_user_errors
+from sft.errors import ResourceError, TrainingInterrupted, report_user_errors
+from sft.interrupt import GracefulInterrupt
 from sft.lora import add_lora
-from sft.models import load_model, load_tokenizer, resolve_model_path
+from sft.models import load_config, load_model, load_tokenizer, resolve_model_path
 from sft.sft_config import (
     RUN_CONFIG_FILE,
     ConfigError,
@@ -64,7 +66,14 @@ def _holds_run(output_dir: Path) -> bool:
     if not output_dir.is_dir():
         return False
     return any((output_dir / name).exists() for name in ("trainer_state.json", "adapter_config.json")) \
-        or get_last_checkpoint(output_dir) is not None
+        or any(output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The highest checkpoint-N that holds trainer_state.json (written last), or None."""
+    complete = [path for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+                if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    return max(complete, key=lambda path: int(path.name.split("-")[-1]), default=None)
 
 
 def _resume_checkpoint(output_dir: Path, resume: str | None, overwrite: bool) -> str | None:
@@ -81,10 +90,18 @@ def _resume_checkpoint(output_dir: Path, resume: str | None, overwrite: bool) ->
         if not Path(resume, "trainer_state.json").is_file():
             raise ConfigError(f"--resume: {resume} is not a checkpoint directory (no trainer_state.json)")
         return resume
-    last = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
+    last = latest_complete_checkpoint(output_dir) if output_dir.is_dir() else None
     if last is None:
         raise ConfigError(f"--resume: no checkpoint-N directory in {output_dir} to resume from")
-    return last
+    return str(last)
+
+
+def _out_of_memory_advice(config: SFTConfig, device: str, exc: BaseException) -> str:
+    t = config.training
+    return (f"out of memory on {device} ({str(exc).splitlines()[0][:200]}). Lower --batch-size (now {t.batch_size}) "
+            f"and raise --gradient-accumulation-steps (now {t.gradient_accumulation_steps}) to keep the same "
+            f"effective batch, lower --max-seq-length (now {config.data.max_seq_length}), or turn on "
+            f"--gradient-checkpointing true (now {str(t.gradient_checkpointing).lower()}).")
 
 
 @dataclass
@@ -95,7 +112,8 @@ class TrainingRun:
     """Final training metrics and the last validation loss."""
 
 
-def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bool = False) -> TrainingRun:
+def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bool = False,
+          callbacks: list[TrainerCallback] | None = None) -> TrainingRun:
     """Run one fine-tuning job and save its output."""
     t = config.training
     output_dir = Path(t.output_dir)
@@ -104,6 +122,10 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     set_seed(t.seed)
 
     model_path = resolve_model_path(config.model.model)
+    max_positions = getattr(load_config(model_path, config.model.trust_remote_code), "max_position_embeddings", None)
+    if max_positions is not None and config.data.max_seq_length > max_positions:
+        raise ConfigError(f"data.max_seq_length: {config.data.max_seq_length} exceeds what {config.model.model} "
+                          f"takes ({max_positions} positions)")
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     if ensure_chat_template(tokenizer):
         print("The tokenizer has no chat template; using the Alpaca-style fallback (see sft/templates.py).")
@@ -126,10 +148,6 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
 
     attention = resolve_attention(config.model.attn_implementation, policy.device)
     model = load_model(model_path, policy.load_dtype, attention, config.model.trust_remote_code)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions is not None and config.data.max_seq_length > max_positions:
-        raise ConfigError(f"data.max_seq_length: {config.data.max_seq_length} exceeds what {config.model.model} "
-                          f"takes ({max_positions} positions)")
     model.config.use_cache = False
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -176,14 +194,31 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     collator = PackingCollator() if config.data.packing else PaddingCollator(tokenizer.pad_token_id)
     trainer = SupervisedTrainer(model=model, args=args, train_dataset=train_examples,
                                 eval_dataset=val_examples if has_val else None,
-                                data_collator=collator, processing_class=tokenizer)
+                                data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
+    interrupt = GracefulInterrupt()
+    trainer.add_callback(interrupt)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save(output_dir / RUN_CONFIG_FILE)
     (output_dir / DATA_REPORT_FILE).write_text(json.dumps(
         {"train": train_stats.as_dict(), "val": val_stats.as_dict()}, indent=2) + "\n", encoding="utf-8")
 
-    result = trainer.train(resume_from_checkpoint=checkpoint)
+    interrupt.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError as exc:
+        raise ResourceError(_out_of_memory_advice(config, policy.device, exc)) from None
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        raise ResourceError(_out_of_memory_advice(config, policy.device, exc)) from None
+    finally:
+        interrupt.uninstall()
+    if interrupt.signal_name is not None:
+        checkpoint_dir = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        raise TrainingInterrupted(
+            f"stopped by {interrupt.signal_name} at step {trainer.state.global_step}; the checkpoint is in "
+            f"{checkpoint_dir}. Continue with the same command plus --resume.")
     metrics = dict(result.metrics)
     if has_val:
         evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]

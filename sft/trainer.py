@@ -9,15 +9,25 @@ processes), so gradient accumulation gives the same gradient as one large batch.
 
 from __future__ import annotations
 
+import math
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from sft.dataset import IGNORE_INDEX
 from sft.loss import linear_cross_entropy_sum
 
 _NO_LOGITS = torch.zeros(0, dtype=torch.long)
+STAGING_DIR = ".checkpoint-staging"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step and likely causes."""
 
 
 class SupervisedTrainer(Trainer):
@@ -26,6 +36,7 @@ class SupervisedTrainer(Trainer):
         # Our compute_loss normalizes by num_items_in_batch itself: make the Trainer count the
         # tokens across accumulation steps and processes, and not divide the loss again.
         self.model_accepts_loss_kwargs = True
+        self._staging_dir: str | None = None
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
@@ -48,4 +59,35 @@ class SupervisedTrainer(Trainer):
                 # DDP averages gradients over processes; num_items_in_batch already counts all of
                 # their tokens, so undo the average.
                 loss = loss * self.accelerator.num_processes
+        if model.training and not math.isfinite(float(nll_sum.detach())):
+            raise NonFiniteLossError(
+                f"the training loss is {float(nll_sum.detach())} at step {self.state.global_step + 1}. Likely causes: a "
+                f"learning rate too high for this model (try a tenth), float16 on a device that cannot train "
+                f"in it (use float32 on MPS and CPU), or corrupt weights. Checkpoints saved before this "
+                f"step are intact; resume from one with a lower --learning-rate.")
         return (loss, outputs) if return_outputs else loss
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._staging_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Write checkpoint-N under a staging directory, then rename it into place, so a run
+        killed while saving never leaves a half-written checkpoint-N for --resume to pick."""
+        run_dir = Path(self.args.output_dir)
+        staging = run_dir / STAGING_DIR
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every process has written its files (RNG states)
+        if self.args.should_save:
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+            os.replace(staging / name, run_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=None, use_mtime=True)

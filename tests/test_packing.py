@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-import sft.attention  # noqa: F401  (registers varlen_sdpa)
+import sft.attention  # registers varlen_sdpa
 from sft.dataset import IGNORE_INDEX, PackingCollator, PaddingCollator, encode_records
 from sft.loss import linear_cross_entropy_sum
 from sft.trainer import SupervisedTrainer
@@ -41,19 +41,38 @@ def _target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Ten
     return torch.log_softmax(logits[0, :-1].float(), -1).gather(1, input_ids[0, 1:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize("attention", ["varlen_sdpa", "sdpa", "eager"])
-def test_packed_logprobs_equal_separate_logprobs(tiny_model_dir: Path, examples: list[dict], attention: str) -> None:
-    model = _model(tiny_model_dir, attention)
+ON_DEVICES = [
+    pytest.param("varlen_sdpa", "cpu", id="varlen_sdpa-cpu"),
+    pytest.param("sdpa", "cpu", id="sdpa-cpu"),
+    pytest.param("eager", "cpu", id="eager-cpu"),
+    *(pytest.param(attention, "mps", id=f"{attention}-mps", marks=pytest.mark.skipif(
+        not torch.backends.mps.is_available(), reason="no MPS device")) for attention in ("varlen_sdpa", "sdpa")),
+    *(pytest.param(attention, "cuda", id=f"{attention}-cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device")) for attention in ("varlen_sdpa", "sdpa")),
+    pytest.param("flash_attention_2", "cuda", id="flash_attention_2-cuda", marks=pytest.mark.skipif(
+        not sft.attention.flash_attention_available("cuda") or not torch.cuda.is_available(),
+        reason="needs CUDA and flash-attn")),
+]
+
+
+@pytest.mark.parametrize(("attention", "device"), ON_DEVICES)
+def test_packed_logprobs_equal_separate_logprobs(tiny_model_dir: Path, examples: list[dict], attention: str,
+                                                 device: str) -> None:
+    # FlashAttention runs in half precision only; float32 elsewhere for the 1e-4 bound.
+    dtype = torch.bfloat16 if attention == "flash_attention_2" else torch.float32
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    model = _model(tiny_model_dir, attention).to(device, dtype)
     batch = PackingCollator()(examples)
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     with torch.no_grad():
-        packed = model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False).logits
-        separate = [model(input_ids=torch.tensor([e["input_ids"]])).logits for e in examples]
+        packed = model(**{k: on_device[k] for k in MODEL_INPUTS}, use_cache=False).logits.cpu()
+        separate = [model(input_ids=torch.tensor([e["input_ids"]], device=device)).logits.cpu() for e in examples]
     bounds = batch["packed_boundaries"]
     for (start, end), logits, example in zip(zip(bounds[:-1], bounds[1:]), separate, examples):
         ids = torch.tensor([example["input_ids"]])
         expected = _target_logprobs(logits, ids)
         actual = _target_logprobs(packed[:, start:end], ids)
-        assert (actual - expected).abs().max() <= 1e-4
+        assert (actual - expected).abs().max() <= tolerance
 
 
 def test_the_packing_test_detects_attention_across_examples(tiny_model_dir: Path, examples: list[dict]) -> None:
@@ -181,3 +200,23 @@ def test_add_lora_uses_fast_dropout_on_cpu_and_keeps_peft_layout(tiny_model_dir:
     dropouts = [m for m in fast.modules() if isinstance(m, FastDropout)]
     assert len(dropouts) == 4 and all(d.p == 0.1 for d in dropouts)
     assert {k for k, _ in fast.named_parameters()} == {k for k, _ in plain.named_parameters()}
+
+
+def test_adapters_reading_one_input_share_one_dropout_mask(tiny_model_dir: Path) -> None:
+    from sft.lora import add_lora
+
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                     LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,
+                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]),
+                     "cpu").train()
+    seen: dict[str, torch.Tensor] = {}
+    layer = model.base_model.model.model.layers[0]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"):
+        module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
+        module.lora_A["default"].register_forward_hook(
+            lambda mod, args, out, name=name: seen.setdefault(name, args[0]))
+    model(input_ids=torch.tensor([[1, 5, 9, 13, 17, 21]]))
+    assert seen["q_proj"] is seen["k_proj"] is seen["v_proj"]
+    assert seen["gate_proj"] is seen["up_proj"]
+    assert seen["o_proj"] is not seen["q_proj"] and seen["gate_proj"] is not seen["q_proj"]
+    assert (seen["q_proj"] == 0).any()  # dropped out, not the plain input

@@ -110,14 +110,14 @@ def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast) -> Path:
+def build_tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32) -> Path:
     """Save a random 2-layer Llama and ``tokenizer`` into ``path``; return the directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -165,3 +165,25 @@ def alpaca_records(n: int) -> list[dict[str, str]]:
             "source": "alpaca",
         })
     return records
+
+
+def write_prepared_split(directory: str | Path, n_train: int = 32, n_val: int = 8) -> tuple[Path, Path]:
+    """Prepared train and validation JSONL files of alpaca_records, as prepare would write them."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    records = alpaca_records(n_train + n_val)
+    return (write_jsonl(directory / "sft_train.jsonl", records[:n_train]),
+            write_jsonl(directory / "sft_val.jsonl", records[n_train:]))
+
+
+def tiny_run_overrides(model_dir: Path, train_file: Path, val_file: Path, output_dir: Path,
+                       **changes: Any) -> dict[str, Any]:
+    """Config overrides for a fast CPU run of the tiny model (flat field names, as CLI flags)."""
+    overrides = {
+        "model": str(model_dir), "train_file": str(train_file), "val_file": str(val_file),
+        "output_dir": str(output_dir), "device": "cpu", "max_seq_length": 64, "batch_size": 4,
+        "eval_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "warmup_ratio": 0.0,
+        "logging_steps": 1, "eval_steps": 100, "save_steps": 100, "max_steps": 6, "lora_dropout": 0.1,
+    }
+    overrides.update(changes)
+    return overrides

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import unicodedata
@@ -143,10 +144,16 @@ def normalize_record(item: Any) -> tuple[str, str, str]:
     Fields are checked in the order instruction, input, output, and the first
     problem found is the reason given. Extra fields are ignored. Raises
     :class:`RecordRejected` with one of: ``not_an_object``,
-    ``missing_<field>``, ``<field>_not_string``, ``<field>_invalid_unicode``
-    (a lone surrogate, which cannot be written as UTF-8) or
-    ``empty_instruction`` / ``empty_output``. A missing or null ``input``
-    means no input; a null instruction or output is ``<field>_not_string``.
+    ``<field>_duplicate_key`` (the object repeats the field's key, see
+    :class:`sft.data.sources.DuplicateKeysObject`), ``missing_<field>``,
+    ``<field>_not_string`` (also for a number, boolean, array, object, null,
+    NaN or Infinity), ``<field>_invalid_unicode`` (a lone surrogate such as
+    ``"\\ud800"``, which cannot be written as UTF-8) or ``empty_instruction``
+    / ``empty_output`` (empty or whitespace only). A missing or null
+    ``input`` means no input; a null instruction or output is
+    ``<field>_not_string``. Control characters other than ``\\r`` are kept
+    as they are, and there is no length limit: a 10 MB instruction is kept
+    (training truncates, or drops a record left with no answer tokens).
     """
     if not isinstance(item, dict):
         raise RecordRejected("not_an_object")
@@ -158,6 +165,7 @@ def normalize_record(item: Any) -> tuple[str, str, str]:
 
 def _required_text(item: dict[str, Any], name: str) -> str:
     """Return the normalized, non-empty string field ``name``."""
+    _check_unique(item, name)
     if name not in item:
         raise RecordRejected(f"missing_{name}")
     text = _normalized_string(item[name], name)
@@ -168,8 +176,15 @@ def _required_text(item: dict[str, Any], name: str) -> str:
 
 def _optional_text(item: dict[str, Any], name: str) -> str:
     """Return the normalized string field ``name``, or "" if absent or null."""
+    _check_unique(item, name)
     value = item.get(name)
     return "" if value is None else _normalized_string(value, name)
+
+
+def _check_unique(item: dict[str, Any], name: str) -> None:
+    """Reject an object that gives field ``name`` more than once."""
+    if name in getattr(item, "duplicate_keys", ()):
+        raise RecordRejected(f"{name}_duplicate_key")
 
 
 def _normalized_string(value: Any, name: str) -> str:
@@ -264,11 +279,26 @@ def prepare(
         merge.add_source(path, tqdm(items, desc=path, unit="rec", disable=None))
     examples = merge.finish()
     if not examples:
-        raise DataError("no usable records: every record was rejected; see the sources")
+        raise DataError(_no_usable_records(merge.counts))
     train, val = _split(examples, seed, val_fraction)
     report = _build_report(merge.counts, len(train), len(val), val_fraction, seed)
     _write_outputs(Path(out_dir), train, val, merge.sorted_rejects(), report)
     return report
+
+
+def _no_usable_records(counts: list[SourceCounts]) -> str:
+    """Explain, per source, why nothing could be kept (no rejects file is written)."""
+    parts = []
+    for source in counts:
+        if source.read == 0:
+            parts.append(f"{source.path} (no records: empty file or empty array)")
+        else:
+            reasons = ", ".join(f"{r} {n}" for r, n in sorted(source.rejected.items()))
+            parts.append(f"{source.path} ({source.read} read, all rejected: {reasons})")
+    return (
+        "no usable records in " + "; ".join(parts) + ". Expected objects with non-empty "
+        'string "instruction" and "output" fields (and an optional string "input")'
+    )
 
 
 def _split(
@@ -286,7 +316,10 @@ def _check_distinct(paths: list[str]) -> None:
     """Refuse a source listed twice: it would silently replace itself."""
     seen: dict[Path, str] = {}
     for path in paths:
-        resolved = Path(path).resolve()
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError):  # a symlink loop; reading it reports it
+            resolved = Path(os.path.abspath(path))
         if resolved in seen:
             raise DataError(f"source {path} is given more than once (as {seen[resolved]})")
         seen[resolved] = path
@@ -325,17 +358,53 @@ def _example_json(example: Example) -> dict[str, str]:
 
 
 def _json_line(obj: Any) -> str:
-    """Serialize one JSONL line, readable UTF-8 where possible.
+    """Serialize one JSONL line as strict JSON, readable UTF-8 where possible.
 
-    Rejected raw records may hold lone surrogates, which UTF-8 cannot encode;
-    those lines fall back to ASCII escapes so the file stays valid.
+    Rejected raw records may hold lone surrogates (and paths undecodable
+    bytes), which UTF-8 cannot encode; those lines fall back to ASCII escapes
+    so the file stays valid. They may also hold NaN or Infinity, which
+    strict JSON cannot express, or nesting too deep to serialize: see
+    :func:`_strict_json_value`.
     """
-    line = json.dumps(obj, ensure_ascii=False)
+    return _json_text(obj) + "\n"
+
+
+def _json_text(obj: Any, indent: int | None = None) -> str:
+    """``json.dumps`` that always produces strict JSON encodable as UTF-8."""
     try:
-        line.encode("utf-8")
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=indent)
+    except (ValueError, RecursionError):
+        obj = _strict_json_value(obj)
+        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=indent)
+    try:
+        text.encode("utf-8")
     except UnicodeEncodeError:
-        line = json.dumps(obj, ensure_ascii=True)
-    return line + "\n"
+        text = json.dumps(obj, ensure_ascii=True, allow_nan=False, indent=indent)
+    return text
+
+
+# Rejected records are written only for people to read; anything nested
+# deeper than this is replaced by a marker rather than risking recursion.
+_MAX_WRITTEN_DEPTH = 100
+_TOO_DEEP = "<nested too deeply to write>"
+
+
+def _strict_json_value(value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` that strict JSON can express.
+
+    Non-finite floats become the strings ``"NaN"``, ``"Infinity"`` and
+    ``"-Infinity"``; containers nested more than ``_MAX_WRITTEN_DEPTH`` deep
+    become the string ``"<nested too deeply to write>"``.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, (dict, list)):
+        if depth >= _MAX_WRITTEN_DEPTH:
+            return _TOO_DEEP
+        if isinstance(value, dict):
+            return {k: _strict_json_value(v, depth + 1) for k, v in value.items()}
+        return [_strict_json_value(v, depth + 1) for v in value]
+    return value
 
 
 def _write_outputs(
@@ -350,7 +419,7 @@ def _write_outputs(
     _write_atomic(out_dir / TRAIN_FILE, (_json_line(_example_json(e)) for e in train))
     _write_atomic(out_dir / VAL_FILE, (_json_line(_example_json(e)) for e in val))
     _write_atomic(out_dir / REJECTS_FILE, (_json_line(r) for r in rejects))
-    report_text = json.dumps(report, ensure_ascii=False, indent=2) + "\n"
+    report_text = _json_text(report, indent=2) + "\n"
     _write_atomic(out_dir / REPORT_FILE, [report_text])
 
 
@@ -446,6 +515,9 @@ def format_summary(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> l
         f"split: train {report['train']}, val {report['val']} "
         f"(val fraction {report['val_fraction']}, seed {report['seed']})"
     )
+    for source in report["sources"]:
+        if source["read"] == 0:
+            lines.append(f"warning: {source['path']} holds no records (empty file or empty array)")
     kept = report["total"]["kept"]
     for name in ("train", "val"):
         if report[name] == 0 and kept >= 2:
@@ -481,5 +553,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"error: cannot write to {args.out_dir}: {exc}", file=sys.stderr)
         return 2
-    print("\n".join(format_summary(report, args.out_dir)))
+    _print_safely("\n".join(format_summary(report, args.out_dir)))
     return 0
+
+
+def _print_safely(text: str) -> None:
+    """Print ``text``, escaping what stdout cannot encode (odd file names)."""
+    try:
+        print(text)
+    except UnicodeEncodeError:
+        encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+        print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"))
