@@ -59,9 +59,9 @@ class SupervisedTrainer(Trainer):
                 # DDP averages gradients over processes; num_items_in_batch already counts all of
                 # their tokens, so undo the average.
                 loss = loss * self.accelerator.num_processes
-        if model.training and not math.isfinite(float(nll_sum.detach())):
+        if model.training and not math.isfinite(value := float(nll_sum.detach())):
             raise NonFiniteLossError(
-                f"the training loss is {float(nll_sum.detach())} at step {self.state.global_step + 1}. Likely causes: a "
+                f"the training loss is {value} at step {self.state.global_step + 1}. Likely causes: a "
                 f"learning rate too high for this model (try a tenth), float16 on a device that cannot train "
                 f"in it (use float32 on MPS and CPU), or corrupt weights. Checkpoints saved before this "
                 f"step are intact; resume from one with a lower --learning-rate.")

@@ -211,10 +211,14 @@ def test_adapters_reading_one_input_share_one_dropout_mask(tiny_model_dir: Path)
                      "cpu").train()
     seen: dict[str, torch.Tensor] = {}
     layer = model.base_model.model.model.layers[0]
+    def record(name: str):  # noqa: ANN202
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            seen.setdefault(name, args[0])
+        return hook
+
     for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"):
         module = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
-        module.lora_A["default"].register_forward_hook(
-            lambda mod, args, out, name=name: seen.setdefault(name, args[0]))
+        module.lora_A["default"].register_forward_hook(record(name))
     model(input_ids=torch.tensor([[1, 5, 9, 13, 17, 21]]))
     assert seen["q_proj"] is seen["k_proj"] is seen["v_proj"]
     assert seen["gate_proj"] is seen["up_proj"]
