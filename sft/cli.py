@@ -4,6 +4,8 @@
     sft prepare           merge, clean and split Alpaca-format sources (scripts/prepare_sft_data.py)
     sft train             train LoRA adapters (python -m sft.train_sft)
     sft eval              base vs adapter: validation loss and generations (python -m sft.sft_test)
+    sft plot DIR          a run's training and validation loss as a PNG
+    sft merge             adapter + base -> one standalone Hugging Face model directory
 
 Each subcommand takes the same flags as the module it runs; `sft SUBCOMMAND --help` lists them.
 """
@@ -19,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("sft.data.prepare", "merge, clean and split Alpaca-format sources into JSONL"),
     "train": ("sft.train_sft", "train LoRA adapters on the prepared data"),
     "eval": ("sft.sft_test", "compare base model and adapter: validation loss, generations"),
+    "plot": ("sft.plots", "draw a run's training and validation loss (loss.png)"),
+    "merge": ("sft.merge", "fold the adapter into the base model: a standalone model directory"),
 }
 
 

@@ -141,6 +141,8 @@ class TrainingConfig:
     """Keep at most this many checkpoints."""
     gradient_checkpointing: bool = False
     """Trade about a third of the speed for activation memory."""
+    report_to: str = "none"
+    """Also log to: none or tensorboard (needs `pip install tensorboard`; logs under output_dir/runs/)."""
     group_by_length: bool = False
     """Batch examples of similar length together so less compute goes to padding; only useful
     with packing off (packed batches have no padding)."""
@@ -161,6 +163,8 @@ class TrainingConfig:
                  f"got {self.lr_scheduler_type!r}")
         _require(self.weight_decay >= 0, f"weight_decay: must be >= 0, got {self.weight_decay}")
         _require(self.max_grad_norm > 0, f"max_grad_norm: must be > 0, got {self.max_grad_norm}")
+        _require(self.report_to in {"none", "tensorboard"},
+                 f"report_to: expected none or tensorboard, got {self.report_to!r}")
 
 
 @dataclass

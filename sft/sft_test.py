@@ -27,6 +27,7 @@ from sft.devices import device_policy
 from sft.errors import report_user_errors
 from sft.loss import supervised_nll_sum
 from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
+from sft.plots import PLOT_FILE
 from sft.sft_config import (
     RUN_CONFIG_FILE,
     ConfigError,
@@ -180,6 +181,8 @@ def render_report(config: SFTConfig, adapter_dir: Path, metrics: dict[str, Any],
         "",
         format_metrics(metrics),
         "",
+        *([f"![training and validation loss](../{PLOT_FILE})", ""]
+          if (Path(config.training.output_dir) / PLOT_FILE).is_file() else []),
         f"## Greedy answers to {len(generations)} held-out prompts (max {config.eval.max_new_tokens} new tokens)",
     ]
     for number, row in enumerate(generations, 1):

@@ -10,6 +10,7 @@ and data_report.json (what tokenization kept, truncated and dropped).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from sft.errors import ResourceError, TrainingInterrupted, report_user_errors
 from sft.interrupt import GracefulInterrupt
 from sft.lora import add_lora
 from sft.models import load_config, load_model, load_tokenizer, resolve_model_path
+from sft.plots import plot_losses
 from sft.sft_config import (
     RUN_CONFIG_FILE,
     ConfigError,
@@ -120,6 +122,8 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     checkpoint = _resume_checkpoint(output_dir, resume, overwrite_output_dir)
     policy = device_policy(t.device, config.model.dtype)
     set_seed(t.seed)
+    if t.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("report_to: tensorboard is not installed; run `pip install tensorboard`")
 
     model_path = resolve_model_path(config.model.model)
     max_positions = getattr(load_config(model_path, config.model.trust_remote_code), "max_position_embeddings", None)
@@ -189,7 +193,7 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
         prediction_loss_only=True,
-        report_to="none",
+        report_to=t.report_to,
     )
     collator = PackingCollator() if config.data.packing else PaddingCollator(tokenizer.pad_token_id)
     trainer = SupervisedTrainer(model=model, args=args, train_dataset=train_examples,
@@ -227,6 +231,7 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("final", metrics)
+    print(f"Loss plot: {plot_losses(output_dir)}")
     print(f"Adapter saved to {output_dir}. Evaluate it with: python -m sft.sft_test --output-dir {output_dir}")
     return TrainingRun(trainer, metrics)
 

@@ -1,0 +1,61 @@
+"""After training: the loss plot and the merged model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft.merge import main as merge_main
+from sft.models import load_adapter
+from sft.plots import main as plot_main
+from sft.sft_config import build_config
+from sft.train_sft import train
+from tests.tiny import tiny_run_overrides, write_prepared_split
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = write_prepared_split(tmp_path_factory.mktemp("data"))
+    output_dir = tmp_path_factory.mktemp("run") / "out"
+    train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, output_dir, eval_steps=3)))
+    return output_dir
+
+
+def test_training_writes_a_loss_plot_and_sft_plot_redraws_it(run_dir: Path, tmp_path: Path) -> None:
+    png = (run_dir / "loss.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    assert plot_main([str(run_dir), "--out", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").read_bytes().startswith(b"\x89PNG")
+    assert plot_main([str(tmp_path)]) == 2  # not a run directory: a clear error
+
+
+def test_merged_model_gives_the_logits_of_base_plus_adapter(run_dir: Path, tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    assert merge_main(["--adapter", str(run_dir), "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    adapted = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run_dir)).eval()
+    ids = tokenizer("Describe the ocean in one sentence.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)
+        with adapted.disable_adapter():
+            assert (adapted(ids).logits - merged(ids).logits).abs().max() > 1e-4
+    assert tokenizer.chat_template and merged.generation_config.eos_token_id == [tokenizer.eos_token_id]
+    assert merge_main(["--adapter", str(run_dir), "--out", str(out)]) == 2  # never overwrites
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import importlib.util
+
+    from sft.sft_config import ConfigError
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed")
+    data = write_prepared_split(tmp_path / "data")
+    config = build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "out", report_to="tensorboard"))
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        train(config)
