@@ -6,6 +6,7 @@
     sft eval              base vs adapter: validation loss and generations (python -m sft.sft_test)
     sft plot DIR          a run's training and validation loss as a PNG
     sft merge             adapter + base -> one standalone Hugging Face model directory
+    sft chat              interactive chat with base + adapter, streaming, multi-turn
 
 Each subcommand takes the same flags as the module it runs; `sft SUBCOMMAND --help` lists them.
 """
@@ -23,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("sft.sft_test", "compare base model and adapter: validation loss, generations"),
     "plot": ("sft.plots", "draw a run's training and validation loss (loss.png)"),
     "merge": ("sft.merge", "fold the adapter into the base model: a standalone model directory"),
+    "chat": ("sft.chat", "talk to base + adapter in the terminal (or --prompt for one answer)"),
 }
 
 

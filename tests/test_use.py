@@ -59,3 +59,40 @@ def test_tensorboard_without_the_package_is_a_clear_error(tiny_model_dir: Path, 
     config = build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "out", report_to="tensorboard"))
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         train(config)
+
+
+def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    import argparse
+
+    from sft import chat
+    from sft.templates import render_prompt
+
+    args = argparse.Namespace(adapter=str(run_dir), model=None, system_prompt="Be brief.", temperature=0.0,
+                              top_p=1.0, max_new_tokens=5, device="cpu")
+    session = chat.open_session(args)
+    prompts = []
+    real_render = chat.render_prompt
+    monkeypatch.setattr(chat, "render_prompt", lambda tok, messages: prompts.append(messages) or real_render(
+        tok, messages))
+    first = session.reply("Name a color.")
+    session.reply("And another one?")
+    assert prompts[1] == [{"role": "system", "content": "Be brief."},
+                          {"role": "user", "content": "Name a color."},
+                          {"role": "assistant", "content": first},
+                          {"role": "user", "content": "And another one?"}]
+    assert render_prompt(session.tokenizer, prompts[1]).endswith("<|im_start|>assistant\n")
+
+    lines = iter(["hello", "/reset", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(lines))
+    chat.interact(session)
+    assert session.history == [] and "(conversation forgotten)" in capsys.readouterr().out
+
+
+def test_chat_prompt_prints_one_answer(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from sft.chat import main as chat_main
+
+    assert chat_main(["--adapter", str(run_dir), "--prompt", "Hi", "--temperature", "0",
+                      "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert chat_main(["--adapter", str(run_dir.parent), "--prompt", "Hi"]) == 2
