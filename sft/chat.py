@@ -22,7 +22,7 @@ from sft.attention import resolve_attention
 from sft.devices import device_policy
 from sft.errors import report_user_errors
 from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import RUN_CONFIG_FILE, ConfigError, build_config
+from sft.sft_config import ConfigError, build_config, saved_run_config
 from sft.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, render_prompt
 
 Message = dict[str, str]
@@ -60,10 +60,7 @@ class ChatSession:
 
 
 def open_session(args: argparse.Namespace) -> ChatSession:
-    run_config = Path(args.adapter, RUN_CONFIG_FILE) if args.adapter else None
-    if run_config is not None and not run_config.is_file():
-        run_config = Path(args.adapter).parent / RUN_CONFIG_FILE  # a checkpoint-N inside a run
-    config = build_config(run_config if run_config and run_config.is_file() else None)
+    config = build_config(saved_run_config(args.adapter) if args.adapter else None)
     model_name = args.model or config.model.model
     system_prompt = config.data.system_prompt if args.system_prompt is None else args.system_prompt
     policy = device_policy(args.device, config.model.dtype)

@@ -15,7 +15,7 @@ import torch
 
 from sft.errors import report_user_errors
 from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import RUN_CONFIG_FILE, ConfigError, build_config
+from sft.sft_config import ConfigError, build_config, saved_run_config
 from sft.templates import end_of_turn_ids
 
 
@@ -26,11 +26,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None
         raise ConfigError(f"{adapter_dir}: no adapter_config.json here; pass the training output directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out directory")
-    run_config = adapter_dir / RUN_CONFIG_FILE
     if model is None:
-        if not run_config.is_file():
-            run_config = adapter_dir.parent / RUN_CONFIG_FILE  # a checkpoint-N inside a run
-        model = build_config(run_config if run_config.is_file() else None).model.model
+        model = build_config(saved_run_config(adapter_dir)).model.model
     base = load_model(resolve_model_path(model), torch.float32, "sdpa")
     merged = load_adapter(base, str(adapter_dir)).merge_and_unload()
     tokenizer = load_tokenizer(str(adapter_dir))

@@ -206,6 +206,15 @@ class SFTConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+def saved_run_config(adapter_dir: str | Path) -> Path | None:
+    """The configuration a training run saved beside its adapter, or beside the run holding a
+    checkpoint-N; None for an adapter trained elsewhere."""
+    for candidate in (Path(adapter_dir) / RUN_CONFIG_FILE, Path(adapter_dir).parent / RUN_CONFIG_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _field_owner() -> dict[str, tuple[str, dataclasses.Field]]:
     owners: dict[str, tuple[str, dataclasses.Field]] = {}
     for group, cls in GROUPS.items():
