@@ -55,7 +55,8 @@ _WHITESPACE_RUN = re.compile(r"[ \t\r\n]*")
 _OBTAIN_HINT = (
     "Put the Alpaca data there (alpaca_data.json from the Stanford Alpaca "
     "repository, cleaned_data.json from alpaca-cleaned), pass --source PATH, "
-    "or run `make demo-data` to fetch the bundled demo set."
+    "or try the demo set: `sft fetch-demo-data` writes data/raw/alpaca_eval_demo.json "
+    "(then --source data/raw/alpaca_eval_demo.json)."
 )
 
 _EXPECTED_SHAPE = "expected an array of objects, or JSONL with one object per line"

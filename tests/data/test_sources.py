@@ -91,7 +91,7 @@ def test_missing_source_names_path_and_how_to_get_data(tmp_path: Path) -> None:
     message = str(info.value)
     assert message.startswith(f"{path} not found.")
     assert "--source PATH" in message
-    assert "make demo-data" in message
+    assert "sft fetch-demo-data" in message
 
 
 def test_directory_as_source_is_an_error(tmp_path: Path) -> None:
