@@ -7,6 +7,7 @@
     sft plot DIR          a run's training and validation loss as a PNG
     sft merge             adapter + base -> one standalone Hugging Face model directory
     sft chat              interactive chat with base + adapter, streaming, multi-turn
+    sft export --gguf F   a merged model as one GGUF file (f16, q8_0)
 
 Each subcommand takes the same flags as the module it runs; `sft SUBCOMMAND --help` lists them.
 """
@@ -25,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("sft.plots", "draw a run's training and validation loss (loss.png)"),
     "merge": ("sft.merge", "fold the adapter into the base model: a standalone model directory"),
     "chat": ("sft.chat", "talk to base + adapter in the terminal (or --prompt for one answer)"),
+    "export": ("sft.export", "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"),
 }
 
 

@@ -96,3 +96,27 @@ def test_chat_prompt_prints_one_answer(run_dir: Path, capsys: pytest.CaptureFixt
                       "--max-new-tokens", "4", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() != ""
     assert chat_main(["--adapter", str(run_dir.parent), "--prompt", "Hi"]) == 2
+
+
+@pytest.mark.parametrize("precision", ["f16", "q8_0"])
+def test_exported_gguf_loads_in_transformers_with_the_same_greedy_answer(run_dir: Path, tmp_path: Path,
+                                                                        precision: str) -> None:
+    from sft.export import main as export_main
+
+    merged_dir = tmp_path / "merged"
+    assert merge_main(["--adapter", str(run_dir), "--out", str(merged_dir)]) == 0
+    gguf_file = tmp_path / f"model-{precision}.gguf"
+    assert export_main(["--model", str(merged_dir), "--gguf", str(gguf_file), "--precision", precision]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name).eval()
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    text = "Describe the ocean in one sentence."
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert exported_tokenizer(text).input_ids == ids[0].tolist()
+    assert exported_tokenizer.chat_template == tokenizer.chat_template
+    with torch.no_grad():
+        expected = merged.generate(ids, max_new_tokens=8, do_sample=False)
+        actual = exported.generate(ids, max_new_tokens=8, do_sample=False)
+    assert actual.tolist() == expected.tolist()
+    assert export_main(["--model", str(run_dir), "--gguf", str(tmp_path / "x.gguf")]) == 2  # an adapter dir

@@ -1,0 +1,134 @@
+"""`sft export --gguf`: write a merged Llama-architecture model as one GGUF file.
+
+GGUF is the format llama.cpp, Ollama and LM Studio run. The file carries the weights (f32, f16
+or q8_0; norms always f32), the model's hyper-parameters, its byte-level BPE tokenizer and its
+chat template, so those tools render prompts as training did. Merge the adapter first
+(`sft merge`), then export the merged directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from sft.errors import report_user_errors
+from sft.models import load_tokenizer
+from sft.sft_config import ConfigError
+
+TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+         "q8_0": gguf.GGMLQuantizationType.Q8_0}
+FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+LAYER_TENSORS = {
+    "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def _rotary_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder q/k rows from Hugging Face's rotate-half rotary layout to GGML's interleaved one."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]) \
+        .swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    parts = hf_name.split(".")  # model.layers.{i}.{module...}.weight
+    module = ".".join(parts[3:-1])
+    if parts[:2] != ["model", "layers"] or module not in LAYER_TENSORS:
+        raise ConfigError(f"tensor {hf_name} has no GGUF name: only the Llama architecture is exported")
+    return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.weight"
+
+
+def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") -> Path:
+    model_dir, out = Path(model_dir), Path(out)
+    if (model_dir / "adapter_config.json").is_file():
+        raise ConfigError(f"{model_dir} holds an adapter, not a model: run `sft merge` first and export its output")
+    if out.exists():
+        raise ConfigError(f"{out} exists; choose a new file name")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = model.config
+    if config.model_type != "llama":
+        raise ConfigError(f"{model_dir}: model type {config.model_type!r}; only llama is exported")
+    tokenizer = load_tokenizer(str(model_dir))
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    if backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
+        raise ConfigError(f"{model_dir}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) are exported")
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"] if getattr(config, "rope_parameters", None)
+                              else config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(FILE_TYPES[precision])
+
+    vocab = len(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(vocab))))
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
+        if token_id is not None:
+            add(token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+    tied = config.tie_word_embeddings
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and tied:
+            continue
+        data = tensor.numpy()
+        if name.endswith("q_proj.weight"):
+            data = _rotary_permute(data, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            data = _rotary_permute(data, config.num_key_value_heads)
+        kind = TYPES[precision] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+            kind = gguf.GGMLQuantizationType.F16  # q8_0 needs rows in blocks of 32
+        quantized = gguf.quants.quantize(data.astype(np.float32), kind)
+        writer.add_tensor(_gguf_name(name), quantized, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sft export", description=__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gguf", required=True, metavar="FILE", help="GGUF file to write")
+    parser.add_argument("--model", required=True, help="merged model directory (from sft merge)")
+    parser.add_argument("--precision", choices=sorted(TYPES), default="f16", help="weight type (default: f16)")
+    args = parser.parse_args(argv)
+    return report_user_errors(lambda: print(f"wrote {export_gguf(args.model, args.gguf, args.precision)}"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
