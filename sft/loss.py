@@ -9,8 +9,9 @@ weight): no chunk of logits is kept for the backward pass, and none is computed 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 
 from sft.dataset import IGNORE_INDEX
 
@@ -62,15 +63,26 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens)
 
 
-def supervised_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token negative log-likelihoods over supervised positions of a padded batch,
-    and their count (full logits; used for evaluation, where there is no backward pass).
+def supervised_forward(model: torch.nn.Module, batch: dict[str, Any],
+                       head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Run the model on a batch (packed or padded) and return the sum of next-token negative
+    log-likelihoods over its supervised positions (``shift_labels`` != -100), their number, and
+    the model's outputs. The model computes no logits at all; the head runs on supervised
+    positions only. ``head`` defaults to the model's output embeddings (pass it when ``model``
+    is wrapped, e.g. by DDP)."""
+    inputs = {key: value for key, value in batch.items() if key not in ("labels", "shift_labels")}
+    shift_labels = batch["shift_labels"]
+    outputs = model(**inputs, output_hidden_states=True, use_cache=False,
+                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
+    supervised = shift_labels != IGNORE_INDEX
+    head = head if head is not None else model.get_output_embeddings()
+    nll = linear_cross_entropy_sum(outputs.hidden_states[-1][supervised], head.weight, shift_labels[supervised])
+    return nll, supervised.sum(), outputs
 
-    Returning the sum rather than a per-batch mean lets callers average over all tokens of many
-    batches, so a batch of short answers does not weigh as much as one of long answers.
-    """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll, int((targets != IGNORE_INDEX).sum())
+
+def supervised_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token negative log-likelihoods over the supervised positions of a batch, and
+    their count. Returning the sum rather than a mean lets callers average over all tokens of
+    many batches, so a batch of short answers does not weigh as much as one of long answers."""
+    nll, count, _ = supervised_forward(model, batch)
+    return nll, int(count)

@@ -19,10 +19,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from sft.dataset import IGNORE_INDEX
-from sft.loss import linear_cross_entropy_sum
+from sft.loss import supervised_forward
 
-_NO_LOGITS = torch.zeros(0, dtype=torch.long)
 STAGING_DIR = ".checkpoint-staging"
 
 
@@ -40,19 +38,10 @@ class SupervisedTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        inputs = dict(inputs)
-        inputs.pop("labels", None)
-        shift_labels = inputs.pop("shift_labels")
-        # The head runs below on supervised positions only: ask the model for no logits at all,
-        # and take its final (normed) hidden states instead.
-        outputs = model(**inputs, output_hidden_states=True, use_cache=False,
-                        logits_to_keep=_NO_LOGITS.to(shift_labels.device))
-        supervised = shift_labels != IGNORE_INDEX
-        hidden = outputs.hidden_states[-1][supervised]
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        nll_sum = linear_cross_entropy_sum(hidden, head.weight, shift_labels[supervised])
+        nll_sum, n_supervised, outputs = supervised_forward(model, inputs, head)
         if num_items_in_batch is None:  # evaluation: this batch alone
-            loss = nll_sum / supervised.sum().clamp(min=1)
+            loss = nll_sum / n_supervised.clamp(min=1)
         else:
             loss = nll_sum / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
