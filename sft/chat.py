@@ -22,7 +22,7 @@ from sft.attention import resolve_attention
 from sft.devices import device_policy
 from sft.errors import report_user_errors
 from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import ConfigError, build_config, saved_run_config
+from sft.sft_config import ConfigError, StrictArgumentParser, build_config, saved_run_config
 from sft.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, render_prompt
 
 Message = dict[str, str]
@@ -97,7 +97,7 @@ def interact(session: ChatSession) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft chat", description=__doc__, allow_abbrev=False,
+    parser = StrictArgumentParser(prog="sft chat", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", help="training output directory (or checkpoint-N); omit for the base model")
     parser.add_argument("--model", help="base model (default: the adapter's, else the bundled model)")

@@ -16,6 +16,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from sft.sft_config import StrictArgumentParser
+
 PACKAGE = "alpaca-eval==0.6.6"
 MEMBER = "alpaca_eval-0.6.6/example/outputs.json"
 DEFAULT_OUT = "data/raw/alpaca_eval_demo.json"
@@ -40,7 +42,7 @@ def fetch(out: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft fetch-demo-data", allow_abbrev=False, description=__doc__,
+    parser = StrictArgumentParser(prog="sft fetch-demo-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=DEFAULT_OUT,
                         help=f"where to write the Alpaca-format JSON (default: {DEFAULT_OUT})")

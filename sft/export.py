@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from sft.errors import report_user_errors
 from sft.models import load_tokenizer
-from sft.sft_config import ConfigError
+from sft.sft_config import ConfigError, StrictArgumentParser
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "q8_0": gguf.GGMLQuantizationType.Q8_0}
@@ -121,7 +121,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft export", description=__doc__, allow_abbrev=False,
+    parser = StrictArgumentParser(prog="sft export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True, metavar="FILE", help="GGUF file to write")
     parser.add_argument("--model", required=True, help="merged model directory (from sft merge)")

@@ -12,6 +12,7 @@ on other devices PEFT's dropout is kept.
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -23,9 +24,7 @@ _INT16_MIN = -(2**15)
 
 def random_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
     """A boolean mask, True with probability 1 - p (p rounded to a multiple of 2**-16)."""
-    count = 1
-    for size in shape:
-        count *= size
+    count = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
     bits = words.view(torch.int16)[:count].view(shape)
     return bits >= _INT16_MIN + round(p * 2**16)

@@ -15,7 +15,7 @@ import torch
 
 from sft.errors import report_user_errors
 from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import ConfigError, build_config, saved_run_config
+from sft.sft_config import ConfigError, StrictArgumentParser, build_config, saved_run_config
 from sft.templates import end_of_turn_ids
 
 
@@ -44,7 +44,7 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft merge", description=__doc__, allow_abbrev=False,
+    parser = StrictArgumentParser(prog="sft merge", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="models/sft_output",
                         help="training output directory or checkpoint-N holding the adapter (default: %(default)s)")

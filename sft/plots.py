@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from sft.sft_config import StrictArgumentParser
+
 PLOT_FILE = "loss.png"
 
 
@@ -54,7 +56,7 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sft plot", description=__doc__, allow_abbrev=False,
+    parser = StrictArgumentParser(prog="sft plot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a training output directory (holding trainer_state.json)")
     parser.add_argument("--out", help=f"PNG file to write (default: RUN_DIR/{PLOT_FILE})")
