@@ -2,7 +2,9 @@
 
 GGUF is the format llama.cpp, Ollama and LM Studio run. The file carries the weights (f32, f16
 or q8_0; norms always f32), the model's hyper-parameters, its byte-level BPE tokenizer and its
-chat template, so those tools render prompts as training did. Merge the adapter first
+chat template, so those tools render prompts as training did. Two tokenizer kinds are written:
+byte-level BPE (SmolLM2, GPT-2 style) and SentencePiece BPE with byte fallback (TinyLlama, Llama
+2 style), the latter as llama.cpp's converter does, with scores that reproduce the merge order. Merge the adapter first
 (`sft merge`), then export the merged directory.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import gguf
@@ -52,6 +55,82 @@ def _gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.weight"
 
 
+def _tokenizer_kind(backend: dict) -> str | None:
+    """gpt2 (byte-level BPE), llama (SentencePiece BPE with byte fallback), or None."""
+    model = backend["model"]
+    if model["type"] != "BPE":
+        return None
+    if "ByteLevel" in json.dumps(backend.get("pre_tokenizer")):
+        return "gpt2"
+    if model.get("byte_fallback") and "\u2581" in json.dumps(backend, ensure_ascii=False):
+        return "llama"
+    return None
+
+
+def _adds_space_prefix(backend: dict) -> bool:
+    """Whether the tokenizer prepends a space to the text: Metaspace's prepend_scheme in newer
+    tokenizer.json files, a Prepend normalizer in older ones (TinyLlama's)."""
+    text = json.dumps([backend.get("normalizer"), backend.get("pre_tokenizer")], ensure_ascii=False)
+    pre = backend.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    schemes = [step.get("prepend_scheme", "always" if step.get("add_prefix_space", True) else "never")
+               for step in steps if step and step.get("type") == "Metaspace"]
+    return any(scheme in ("first", "always") for scheme in schemes) or '"Prepend"' in text
+
+
+def _sentencepiece_scores(tokens: list[str], merges: list) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined token has the
+    highest score; Hugging Face's BPE applies the merge of lowest rank. A token made by merge
+    rank r scores -r, so both pick the same merges; the rest (characters, bytes, special
+    tokens, which no merge makes) score below every merge."""
+    rank_of: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank_of.setdefault(left + right, rank)
+    floor = -float(len(merges))
+    return [-float(rank_of[token]) if token in rank_of else floor - index for index, token in enumerate(tokens)]
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, backend: dict, kind: str) -> None:
+    vocab = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
+    special = set(tokenizer.all_special_ids)
+    added = {token.content for token in tokenizer.added_tokens_decoder.values()}
+    merges = backend["model"]["merges"]
+    types = []
+    for index, token in enumerate(tokens):
+        if index == tokenizer.unk_token_id:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif index in special:
+            types.append(gguf.TokenType.CONTROL)
+        elif kind == "llama" and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types.append(gguf.TokenType.BYTE)
+        elif token in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model(kind)
+    if kind == "gpt2":
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    else:
+        # As llama.cpp's converter writes a SentencePiece vocabulary: scores, no merges.
+        writer.add_token_list(tokens)
+        writer.add_token_scores(_sentencepiece_scores(tokens, merges))
+        writer.add_add_space_prefix(_adds_space_prefix(backend))
+    writer.add_token_types(types)
+    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
+                          (tokenizer.eos_token_id, writer.add_eos_token_id),
+                          (tokenizer.pad_token_id, writer.add_pad_token_id),
+                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
+        if token_id is not None:
+            add(token_id)
+    probe = tokenizer("a").input_ids
+    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
+
+
 def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") -> Path:
     model_dir, out = Path(model_dir), Path(out)
     if (model_dir / "adapter_config.json").is_file():
@@ -64,8 +143,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
         raise ConfigError(f"{model_dir}: model type {config.model_type!r}; only llama is exported")
     tokenizer = load_tokenizer(str(model_dir))
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    if backend["model"]["type"] != "BPE" or "ByteLevel" not in json.dumps(backend.get("pre_tokenizer")):
-        raise ConfigError(f"{model_dir}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) are exported")
+    tokenizer_kind = _tokenizer_kind(backend)
+    if tokenizer_kind is None:
+        raise ConfigError(f"{model_dir}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) and "
+                          f"SentencePiece BPE tokenizers with byte fallback (Llama style, as TinyLlama's) are exported")
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(out), "llama")
@@ -83,19 +164,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(FILE_TYPES[precision])
 
-    vocab = len(tokenizer)
-    special = set(tokenizer.all_special_ids)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokenizer.convert_ids_to_tokens(list(range(vocab))))
-    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab)])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]])
-    for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
-                          (tokenizer.eos_token_id, writer.add_eos_token_id),
-                          (tokenizer.pad_token_id, writer.add_pad_token_id),
-                          (tokenizer.unk_token_id, writer.add_unk_token_id)):
-        if token_id is not None:
-            add(token_id)
+    _add_tokenizer(writer, tokenizer, backend, tokenizer_kind)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

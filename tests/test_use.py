@@ -120,3 +120,57 @@ def test_exported_gguf_loads_in_transformers_with_the_same_greedy_answer(run_dir
         actual = exported.generate(ids, max_new_tokens=8, do_sample=False)
     assert actual.tolist() == expected.tolist()
     assert export_main(["--model", str(run_dir), "--gguf", str(tmp_path / "x.gguf")]) == 2  # an adapter dir
+
+
+TOKENIZER_PROBES = [
+    "Describe the ocean in one sentence.",
+    " leading space, then  two spaces and a tab\there",
+    "Straße, naïve café; wörld (not in the training text) and emoji 🙂🚀🦜",
+    "line one\nline two\n\n",
+    "<s> and </s> written in the text",
+    "日本語 中文 русский",
+]
+
+
+@pytest.mark.parametrize("precision", ["f32", "f16"])
+def test_sentencepiece_tokenizer_exports_with_scores_that_reproduce_its_merges(tmp_path: Path,
+                                                                             precision: str) -> None:
+    """TinyLlama's tokenizer kind: a SentencePiece BPE with byte fallback, written as llama.cpp
+    writes it (tokens, scores, types, no merges). Rebuilt from the file, it must split every probe
+    exactly as the original does, bytes included, and the model must give the same greedy answer."""
+    import gguf
+
+    from sft.export import main as export_main
+    from tests.tiny import build_tiny_model_dir, build_tokenizer
+
+    tokenizer = build_tokenizer("llama-spm")
+    model_dir = build_tiny_model_dir(tmp_path / "spm-model", tokenizer)
+    gguf_file = tmp_path / f"spm-{precision}.gguf"
+    assert export_main(["--model", str(model_dir), "--gguf", str(gguf_file), "--precision", precision]) == 0
+
+    reader = gguf.GGUFReader(gguf_file)
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    assert "tokenizer.ggml.merges" not in reader.fields
+    token_types = reader.fields["tokenizer.ggml.token_type"]
+    types = [int(token_types.parts[i][0]) for i in token_types.data]
+    assert types.count(gguf.TokenType.BYTE) == 256 and types[0] == gguf.TokenType.UNKNOWN
+    assert types[1] == types[2] == gguf.TokenType.CONTROL
+    assert bool(reader.fields["tokenizer.ggml.add_space_prefix"].parts[-1][0])
+    assert bool(reader.fields["tokenizer.ggml.add_bos_token"].parts[-1][0])
+
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    for text in TOKENIZER_PROBES:
+        expected = tokenizer(text).input_ids
+        assert exported_tokenizer(text).input_ids == expected, text
+    assert any(tokenizer.convert_ids_to_tokens(i).startswith("<0x") for i in tokenizer(TOKENIZER_PROBES[2]).input_ids)
+    assert exported_tokenizer.chat_template == tokenizer.chat_template
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name).eval()
+    ids = tokenizer(TOKENIZER_PROBES[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits,
+                                   atol=1e-5 if precision == "f32" else 2e-2, rtol=0)
+        if precision == "f32":
+            assert exported.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
+                model.generate(ids, max_new_tokens=8, do_sample=False).tolist()

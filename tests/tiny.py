@@ -8,6 +8,10 @@ behaviour and chat templates of the models this package targets:
   ``<|im_end|>`` is both EOS and pad, and the template inserts a default system prompt.
 - ``zephyr``: TinyLlama-1.1B-Chat. The tokenizer prepends ``<s>``; pad is ``</s>`` (pad == eos).
 - ``plain``: a base model with TinyLlama's tokens, no chat template and no pad token.
+- ``llama-spm``: TinyLlama's real kind of tokenizer, a SentencePiece BPE converted to
+  ``tokenizer.json``: ``<unk>`` ``<s>`` ``</s>``, then the 256 byte-fallback tokens ``<0x00>``..
+  ``<0xFF>``, then pieces spelled with ``▁`` for a space; a space is prepended to the text.
+  Zephyr chat template as TinyLlama-Chat.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ _SPECIAL_TOKENS = {
     "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "zephyr": ["<unk>", "<s>", "</s>"],
     "plain": ["<unk>", "<s>", "</s>"],
+    "llama-spm": ["<unk>", "<s>", "</s>"],
 }
 
 _CORPUS = [
@@ -91,16 +96,40 @@ def _trained_backend(kind: str) -> str:
     return backend.to_str()
 
 
+@functools.lru_cache(maxsize=None)
+def _trained_sentencepiece_backend() -> str:
+    """A Llama-style SentencePiece BPE: pieces never span a word boundary, unknown characters
+    fall back to byte tokens, and a space is prepended to the text (as TinyLlama's tokenizer.json)."""
+    specials = _SPECIAL_TOKENS["llama-spm"]
+    trainer_backend = Tokenizer(models.BPE())
+    trainer_backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=specials, show_progress=False)
+    trainer_backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    trained = json.loads(trainer_backend.to_str())["model"]
+    pieces = [piece for piece, _ in sorted(trained["vocab"].items(), key=lambda item: item[1]) if piece not in specials]
+    byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
+    vocab = {token: index for index, token in enumerate(specials + byte_tokens + pieces)}
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in trained["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.add_special_tokens(specials)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    return backend.to_str()
+
+
 def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """A fresh tokenizer of ``kind`` ("chatml", "zephyr" or "plain"); safe to mutate."""
+    """A fresh tokenizer of ``kind`` ("chatml", "zephyr", "plain" or "llama-spm"); safe to mutate."""
     if kind not in _SPECIAL_TOKENS:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    backend = Tokenizer.from_str(_trained_backend(kind))
+    backend = Tokenizer.from_str(_trained_sentencepiece_backend() if kind == "llama-spm" else _trained_backend(kind))
     if kind == "chatml":
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, unk_token="<|endoftext|>", bos_token="<|im_start|>",
             eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
-    elif kind == "zephyr":
+    elif kind in ("zephyr", "llama-spm"):
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
             pad_token="</s>", chat_template=ZEPHYR_TEMPLATE)
