@@ -121,11 +121,12 @@ def _check_text_field(path: Path, line_number: int, record: dict[str, Any], key:
 
 
 def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]], max_seq_length: int,
-                   system_prompt: str | None, desc: str = "tokenizing") -> tuple[list[dict], EncodeStats]:
+                   system_prompt: str | None, desc: str = "tokenizing",
+                   progress: bool = True) -> tuple[list[dict], EncodeStats]:
     """Encode every record, dropping (and counting) those left with no supervised token."""
     stats = EncodeStats()
     examples = []
-    for record in tqdm(records, desc=desc, disable=None, leave=False):
+    for record in tqdm(records, desc=desc, disable=None if progress else True, leave=False):
         stats.read += 1
         example, truncated = encode_record(tokenizer, record, max_seq_length, system_prompt)
         n_supervised = sum(label != IGNORE_INDEX for label in example["labels"])

@@ -63,18 +63,32 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens)
 
 
-def supervised_forward(model: torch.nn.Module, batch: dict[str, Any],
-                       head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torch.nn.Module | None = None,
+                       logits_in_forward: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """Run the model on a batch (packed or padded) and return the sum of next-token negative
     log-likelihoods over its supervised positions (``shift_labels`` != -100), their number, and
     the model's outputs. The model computes no logits at all; the head runs on supervised
     positions only. ``head`` defaults to the model's output embeddings (pass it when ``model``
-    is wrapped, e.g. by DDP)."""
+    is wrapped, e.g. by DDP).
+
+    ``logits_in_forward`` has the model's own forward compute the logits of the supervised
+    positions instead (all positions of a padded batch), for wrappers whose weights exist only
+    inside a forward call: FSDP shards the head's weight outside it. Same loss, more memory."""
     inputs = {key: value for key, value in batch.items() if key not in ("labels", "shift_labels")}
     shift_labels = batch["shift_labels"]
+    supervised = shift_labels != IGNORE_INDEX
+    if logits_in_forward:
+        if shift_labels.shape[0] == 1:  # packed: one row, keep the supervised positions only
+            keep = supervised[0].nonzero().squeeze(1)
+            outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+            logits, targets = outputs.logits[0], shift_labels[0, keep]
+        else:
+            outputs = model(**inputs, use_cache=False)
+            logits, targets = outputs.logits[supervised], shift_labels[supervised]
+        nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+        return nll, supervised.sum(), outputs
     outputs = model(**inputs, output_hidden_states=True, use_cache=False,
                     logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
-    supervised = shift_labels != IGNORE_INDEX
     head = head if head is not None else model.get_output_embeddings()
     nll = linear_cross_entropy_sum(outputs.hidden_states[-1][supervised], head.weight, shift_labels[supervised])
     return nll, supervised.sum(), outputs

@@ -5,6 +5,11 @@ and writes Trainer-style output to the output directory: adapter_model.safetenso
 adapter_config.json, tokenizer files, checkpoint-N/, trainer_state.json, training_args.bin, plus
 sft_config.yaml (the full configuration, so evaluation and chat rebuild prompts the same way)
 and data_report.json (what tokenization kept, truncated and dropped).
+
+Launched by ``torchrun`` or ``accelerate launch`` it trains data-parallel: every process loads the
+model and tokenizes the data, the Trainer gives each process its own slice of every global batch,
+the loss is normalized by the supervised tokens of all processes, and only the main process
+writes files and prints.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -119,8 +125,16 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     """Run one fine-tuning job and save its output."""
     t = config.training
     output_dir = Path(t.output_dir)
-    checkpoint = _resume_checkpoint(output_dir, resume, overwrite_output_dir)
     policy = device_policy(t.device, config.model.dtype)
+    # Under torchrun / accelerate launch this joins the process group (gloo on CPU, nccl on CUDA).
+    state = PartialState(cpu=policy.device == "cpu")
+    main_process = state.is_main_process
+    say = print if main_process else (lambda *args, **kwargs: None)
+    with state.main_process_first():  # the main process deletes a run being replaced before the others look
+        checkpoint = _resume_checkpoint(output_dir, resume, overwrite_output_dir)
+    if policy.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls (Ampere+)
+        torch.backends.cudnn.allow_tf32 = True
     set_seed(t.seed)
     if t.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("report_to: tensorboard is not installed; run `pip install tensorboard`")
@@ -132,21 +146,21 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
                           f"takes ({max_positions} positions)")
     tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
     if ensure_chat_template(tokenizer):
-        print("The tokenizer has no chat template; using the Alpaca-style fallback (see sft/templates.py).")
+        say("The tokenizer has no chat template; using the Alpaca-style fallback (see sft/templates.py).")
     if tokenizer.pad_token_id is None:
         # Safe because labels are masked by position, never by pad id.
         tokenizer.pad_token = tokenizer.eos_token
 
     train_examples, train_stats = encode_records(
         tokenizer, read_jsonl(config.data.train_file), config.data.max_seq_length, config.data.system_prompt,
-        desc="tokenizing train")
+        desc="tokenizing train", progress=main_process)
     val_examples, val_stats = encode_records(
         tokenizer, read_jsonl(config.data.val_file), config.data.max_seq_length, config.data.system_prompt,
-        desc="tokenizing val")
+        desc="tokenizing val", progress=main_process)
     if not train_examples:
         raise DataError(f"{config.data.train_file}: no example has a supervised token within "
                         f"max_seq_length={config.data.max_seq_length}")
-    print(f"train: {train_stats.kept} examples ({train_stats.supervised_tokens} supervised tokens, "
+    say(f"train: {train_stats.kept} examples ({train_stats.supervised_tokens} supervised tokens, "
           f"{train_stats.truncated} truncated, {train_stats.dropped_no_supervised_tokens} dropped with no "
           f"response token left); val: {val_stats.kept} examples")
 
@@ -161,7 +175,8 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     model = add_lora(model, LoraConfig(
         r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
         target_modules=lora.lora_target_modules, task_type="CAUSAL_LM"), policy.device)
-    model.print_trainable_parameters()
+    if main_process:
+        model.print_trainable_parameters()
 
     has_val = bool(val_examples)
     args = TrainingArguments(
@@ -192,6 +207,7 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
         dataloader_pin_memory=policy.device.startswith("cuda"),
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         remove_unused_columns=False,
+        ddp_find_unused_parameters=False,  # every LoRA weight takes part in every step
         prediction_loss_only=True,
         report_to=t.report_to,
     )
@@ -202,10 +218,11 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     interrupt = GracefulInterrupt()
     trainer.add_callback(interrupt)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    config.save(output_dir / RUN_CONFIG_FILE)
-    (output_dir / DATA_REPORT_FILE).write_text(json.dumps(
-        {"train": train_stats.as_dict(), "val": val_stats.as_dict()}, indent=2) + "\n", encoding="utf-8")
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / RUN_CONFIG_FILE)
+        (output_dir / DATA_REPORT_FILE).write_text(json.dumps(
+            {"train": train_stats.as_dict(), "val": val_stats.as_dict()}, indent=2) + "\n", encoding="utf-8")
 
     interrupt.install()
     try:
@@ -231,8 +248,9 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     trainer.save_model()
     trainer.save_state()
     trainer.log_metrics("final", metrics)
-    print(f"Loss plot: {plot_losses(output_dir)}")
-    print(f"Adapter saved to {output_dir}. Evaluate it with: python -m sft.sft_test --output-dir {output_dir}")
+    if main_process:
+        say(f"Loss plot: {plot_losses(output_dir)}")
+    say(f"Adapter saved to {output_dir}. Evaluate it with: python -m sft.sft_test --output-dir {output_dir}")
     return TrainingRun(trainer, metrics)
 
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 import sft.attention  # registers varlen_sdpa
 from sft.dataset import IGNORE_INDEX, PackingCollator, PaddingCollator, encode_records
-from sft.loss import linear_cross_entropy_sum
+from sft.loss import linear_cross_entropy_sum, supervised_forward
 from sft.trainer import SupervisedTrainer
 from tests.tiny import alpaca_records
 
@@ -148,6 +148,28 @@ def test_supervised_loss_and_gradients_equal_the_full_logits_loss(tiny_model_dir
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     for name, grad in _lora_grads(model).items():
         torch.testing.assert_close(ours_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("collate", ["packed", "padded"])
+def test_logits_in_forward_gives_the_chunked_head_loss_and_gradients(tiny_model_dir: Path, examples: list[dict],
+                                                                    collate: str) -> None:
+    """The FSDP path (logits computed by the model's forward, supervised positions only when
+    packed) equals the default path (head run on supervised hidden states, in chunks)."""
+    model = _model(tiny_model_dir, "varlen_sdpa" if collate == "packed" else "sdpa", lora=True).train()
+    batch = PackingCollator()(examples) if collate == "packed" else PaddingCollator(pad_token_id=0)(examples)
+    results = []
+    for logits_in_forward in (False, True):
+        model.zero_grad()
+        nll, count, outputs = supervised_forward(model, batch, logits_in_forward=logits_in_forward)
+        nll.backward()
+        results.append((nll.detach(), int(count), _lora_grads(model), outputs.logits.shape))
+    (chunked, n, chunked_grads, no_logits), (in_forward, n_forward, forward_grads, kept_logits) = results
+    assert n == n_forward == sum(sum(label != IGNORE_INDEX for label in e["labels"][1:]) for e in examples)
+    assert no_logits[1] == 0
+    assert kept_logits[1] == (n if collate == "packed" else batch["input_ids"].shape[1])
+    torch.testing.assert_close(in_forward, chunked, rtol=1e-5, atol=1e-5)
+    for name, grad in forward_grads.items():
+        torch.testing.assert_close(grad, chunked_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir: Path, examples: list[dict],

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sft.errors import TrainingInterrupted, report_user_errors
-from sft.interrupt import GracefulInterrupt
+from sft.interrupt import SAME_INTERRUPT_SECONDS, GracefulInterrupt
 from sft.models import ModelNotFoundError, load_adapter
 from sft.sft_config import ConfigError, build_config
 from sft.train_sft import latest_complete_checkpoint, main, train
@@ -73,10 +74,16 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(
 
 def test_second_interrupt_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     exits = []
+    clock = [100.0]
     monkeypatch.setattr(os, "_exit", lambda status: exits.append(status))
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     interrupt = GracefulInterrupt()
     interrupt.handle(signal.SIGINT, None)
     assert exits == [] and interrupt.signal_name == "SIGINT"
+    clock[0] += 0.5  # torchrun forwarding the same Ctrl-C as SIGTERM: still one interrupt
+    interrupt.handle(signal.SIGTERM, None)
+    assert exits == [] and interrupt.signal_name == "SIGINT"
+    clock[0] += SAME_INTERRUPT_SECONDS
     interrupt.handle(signal.SIGINT, None)
     assert exits == [130]
 

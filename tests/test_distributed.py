@@ -1,0 +1,148 @@
+"""Data-parallel training on CPU (gloo): two processes must train what one process trains.
+
+torchrun and accelerate launch each start two processes that train the tiny model with a
+per-process batch of 1 and 2 accumulation steps: a global batch of 4, as the single-process
+reference with one batch of 4. The steps stay within the first epoch (16 of 17 examples), where
+both see the same examples per step; at an epoch's ragged end the launchers pad the last batch
+with repeated examples, as every Trainer-based tool does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from transformers import TrainerControl
+
+from sft.interrupt import GracefulInterrupt
+from sft.sft_config import build_config
+from sft.train_sft import train
+from tests.tiny import tiny_run_overrides, write_prepared_split
+
+STEPS = 4
+SETTINGS = {"max_steps": STEPS, "lora_dropout": 0.0, "eval_steps": 2, "save_steps": 2, "seed": 7}
+
+
+def _flags(settings: dict) -> list[str]:
+    return [arg for key, value in settings.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_prepared_split(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def single(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output_dir = tmp_path_factory.mktemp("single") / "out"
+    train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, output_dir, batch_size=4,
+                                                gradient_accumulation_steps=1, **SETTINGS)))
+    return output_dir
+
+
+def _launch(launcher: list[str], tiny_model_dir: Path, data: tuple[Path, Path], output_dir: Path
+            ) -> subprocess.CompletedProcess:
+    settings = tiny_run_overrides(tiny_model_dir, *data, output_dir, batch_size=1, gradient_accumulation_steps=2,
+                                  **SETTINGS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([*launcher, "-m", "sft.train_sft", *_flags(settings)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=Path(__file__).resolve().parents[1])
+
+
+def _history(output_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    log = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return ({e["step"]: e["loss"] for e in log if "loss" in e},
+            {e["step"]: e["eval_loss"] for e in log if "eval_loss" in e})
+
+
+def _files(output_dir: Path) -> set[str]:
+    """Relative paths, with the per-process RNG states (rng_state_0.pth ...) as one entry."""
+    names = set()
+    for path in output_dir.rglob("*"):
+        name = str(path.relative_to(output_dir))
+        names.add(name.rsplit("_", 1)[0] + ".pth" if path.name.startswith("rng_state_") else name)
+    return names
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+LAUNCHERS = {  # the DDP preset runs CPU processes too (gloo), through the same torchrun launcher
+    "torchrun": lambda port: [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-port", str(port)],
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.launch",
+                                "--config_file", "configs/accelerate/ddp.yaml", "--num_processes", "2",
+                                "--main_process_port", str(port)],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_train_what_one_process_trains(launcher: str, single: Path, tiny_model_dir: Path,
+                                                     data: tuple[Path, Path], tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    result = _launch(LAUNCHERS[launcher](_free_port()), tiny_model_dir, data, output_dir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # Only the main process prints and writes.
+    assert result.stdout.count("Adapter saved to") == 1
+    assert result.stdout.count("train: ") == 1
+    assert (output_dir / "checkpoint-2" / "rng_state_1.pth").is_file()  # each process's RNG, for --resume
+    assert _files(output_dir) == _files(single)
+
+    # The same losses: training normalized over the supervised tokens of both processes, and the
+    # validation loss over every validation token once.
+    (losses, evals), (reference_losses, reference_evals) = _history(output_dir), _history(single)
+    assert losses.keys() == reference_losses.keys() == set(range(1, STEPS + 1))
+    assert losses == pytest.approx(reference_losses, rel=1e-5)
+    assert evals.keys() == reference_evals.keys() == {0, 2, 4}
+    assert evals == pytest.approx(reference_evals, rel=1e-6)
+
+    adapter, reference = load_file(output_dir / "adapter_model.safetensors"), load_file(
+        single / "adapter_model.safetensors")
+    assert adapter.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+def test_a_different_global_batch_trains_something_else(tiny_model_dir: Path, data: tuple[Path, Path],
+                                                        single: Path, tmp_path: Path) -> None:
+    """Negative control for the test above: the comparison can tell runs apart."""
+    output_dir = tmp_path / "out"
+    train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, output_dir, batch_size=2,
+                                                gradient_accumulation_steps=1, **SETTINGS)))
+    assert _history(output_dir)[0] != pytest.approx(_history(single)[0], rel=1e-5)
+
+
+class _Args:
+    def __init__(self, world_size: int) -> None:
+        self.world_size, self.device = world_size, torch.device("cpu")
+
+
+def _interrupt_worker(rank: int, port: int, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    interrupt = GracefulInterrupt()
+    if rank == 1:
+        interrupt.signal_name = "SIGTERM"  # only this process got the signal
+    control = interrupt.on_step_end(_Args(2), None, TrainerControl())
+    results[rank] = (control.should_save, control.should_training_stop, interrupt.signal_name)
+    dist.destroy_process_group()
+
+
+def test_an_interrupt_of_one_process_stops_all_of_them_at_the_same_step() -> None:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_interrupt_worker, args=(_free_port(), results), nprocs=2)
+        assert results[0] == (True, True, "an interrupt of another process")
+        assert results[1] == (True, True, "SIGTERM")
