@@ -174,3 +174,31 @@ def test_sentencepiece_tokenizer_exports_with_scores_that_reproduce_its_merges(t
         if precision == "f32":
             assert exported.generate(ids, max_new_tokens=8, do_sample=False).tolist() == \
                 model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama-spm"])
+def test_llama_cpp_runs_the_exported_file(tmp_path: Path, kind: str) -> None:
+    """llama.cpp itself (through llama-cpp-python, where it is installed) reads the file: same
+    token ids and the same logits as transformers. Two probes are left out for SentencePiece:
+    llama.cpp follows SentencePiece in prepending a space to text that starts with one and to
+    text after a special token, where the Hugging Face tokenizer (legacy=False) does not."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    from sft.export import export_gguf
+    from tests.tiny import build_tiny_model_dir, build_tokenizer
+
+    tokenizer = build_tokenizer(kind)
+    model_dir = build_tiny_model_dir(tmp_path / kind, tokenizer)
+    gguf_file = export_gguf(model_dir, tmp_path / f"{kind}.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    probes = TOKENIZER_PROBES if kind == "chatml" else [
+        text for text in TOKENIZER_PROBES if not text.startswith(" ") and "<s>" not in text]
+    for text in probes:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text).input_ids, text
+    ids = tokenizer(TOKENIZER_PROBES[0]).input_ids
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(model_dir)(torch.tensor([ids])).logits[0].numpy()
+    llm.eval(ids)
+    np.testing.assert_allclose(np.asarray(llm.scores[:len(ids)]), expected, atol=1e-3, rtol=0)
+    llm.close()
