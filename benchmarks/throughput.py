@@ -11,7 +11,7 @@ machine does not fall on one of them. Contenders:
 
 - ``sft``: this project (padding-free packing, per-example attention, supervised-only chunked loss);
 - ``trl``: TRL SFTTrainer with its defaults (completion-only loss, gradient checkpointing on);
-- ``trl_padding_free``: the same with ``padding_free=True``;
+- ``trl_padding_free``: the same with ``padding_free=True`` (with FlashAttention where installed);
 - ``hf_trainer``: transformers.Trainer with a pad-to-longest collator and the model's own loss.
 
 Models: the bundled SmolLM2-135M-Instruct, and a randomly initialized model with TinyLlama-1.1B's
@@ -153,8 +153,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
                     for e in examples]
 
     attention = "varlen_sdpa" if args.contender == "sft" else "sdpa"
-    if args.contender == "sft" and sft.attention.flash_attention_available(policy.device):
-        attention = "flash_attention_2"
+    if args.contender in ("sft", "trl_padding_free") and sft.attention.flash_attention_available(policy.device):
+        attention = "flash_attention_2"  # varlen kernels for packed rows, where flash-attn is installed
     model = AutoModelForCausalLM.from_pretrained(model_path(args.model), dtype=policy.load_dtype,
                                                  attn_implementation=attention)
     model.config.use_cache = False
@@ -265,16 +265,18 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def table(results: list[dict[str, Any]], peak: float) -> str:
     memory = "peak GPU GB" if results[0]["peak_gpu_gb"] is not None else "peak RSS GB"
     lines = [f"| model | trainer | supervised tok/s | all tok/s | s/step | {memory} | useful GFLOP/s | "
-             f"% of matmul peak | vs TRL defaults | losses (first, last) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"% of matmul peak | vs TRL defaults | vs HF Trainer | losses (first, last) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         trl = next(x for x in results if x["model"] == r["model"] and x["contender"] == "trl")
+        hf = next((x for x in results if x["model"] == r["model"] and x["contender"] == "hf_trainer"), None)
+        vs_hf = f"{r['supervised_tokens_per_s'] / hf['supervised_tokens_per_s']:.2f}x" if hf else "-"
         mem = r["peak_gpu_gb"] if r["peak_gpu_gb"] is not None else r["peak_rss_gb"]
         lines.append(
             f"| {r['model']} | {r['contender']} | {r['supervised_tokens_per_s']:.1f} | {r['real_tokens_per_s']:.1f} | "
             f"{r['seconds_per_step']:.2f} | {mem:.2f} | {r['useful_gflops_per_s']:.1f} | "
             f"{100 * r['useful_gflops_per_s'] / peak:.0f}% | "
-            f"{r['supervised_tokens_per_s'] / trl['supervised_tokens_per_s']:.2f}x | "
+            f"{r['supervised_tokens_per_s'] / trl['supervised_tokens_per_s']:.2f}x | {vs_hf} | "
             f"{r['losses'][0]:.4f}, {r['losses'][-1]:.4f} |")
     return "\n".join(lines)
 

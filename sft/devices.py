@@ -23,6 +23,11 @@ class DevicePolicy:
     fp16: bool
     """Trainer fp16 autocast with loss scaling."""
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype matmuls run in: the autocast dtype, else the weights'."""
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else self.load_dtype
+
 
 def resolve_device(requested: str = "auto") -> str:
     """cuda > mps > cpu for ``auto``; an explicit device that is not there is an error."""

@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -25,6 +26,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from sft.sft_config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -105,11 +108,41 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         raise ModelNotFoundError(_not_found_message(path, exc)) from None
 
 
+def check_4bit_supported(device: str) -> None:
+    """QLoRA needs bitsandbytes and a CUDA GPU: say so before any model is loaded."""
+    if not device.startswith("cuda"):
+        raise ConfigError(f"load_in_4bit: 4-bit quantization (bitsandbytes) runs on CUDA GPUs only, and this run is on "
+                          f"{device}. Set load_in_4bit: false to train LoRA on the full-precision model "
+                          f"(configs/tinyllama-mps.yaml on Apple Silicon).")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("load_in_4bit: bitsandbytes is not installed; run `pip install -e '.[cuda]'`")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        raise ConfigError("load_in_4bit: a 4-bit base cannot be sharded by FSDP here; launch with "
+                          "configs/accelerate/ddp.yaml (or torchrun), or set load_in_4bit: false")
+
+
+def quantization_config(compute_dtype: torch.dtype) -> Any:
+    """NF4 with double quantization, the QLoRA recipe; matmuls run in ``compute_dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False) -> PreTrainedModel:
+               trust_remote_code: bool = False, load_in_4bit_compute: torch.dtype | None = None) -> PreTrainedModel:
+    """A causal LM in ``dtype``; with ``load_in_4bit_compute``, its linear layers quantized to NF4
+    on this process's GPU, computing in that dtype."""
+    quantized: dict[str, Any] = {}
+    if load_in_4bit_compute is not None:
+        from accelerate import PartialState
+
+        quantized = {"quantization_config": quantization_config(load_in_4bit_compute),
+                     "device_map": {"": PartialState().local_process_index}}
     try:
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
+            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+            **quantized)
     except OSError as exc:
         raise ModelNotFoundError(_not_found_message(path, exc)) from None
 

@@ -49,6 +49,9 @@ class ModelConfig:
     varlen_sdpa: one SDPA call per packed example), varlen_sdpa, sdpa, eager or flash_attention_2."""
     trust_remote_code: bool = False
     """Run code shipped with a Hub model. Off unless you trust the model's author."""
+    load_in_4bit: bool = False
+    """QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes, double quantization),
+    computing in bfloat16 or float16. CUDA only; needs ``pip install -e '.[cuda]'``."""
 
     def __post_init__(self) -> None:
         _require(bool(self.model.strip()), "model: must name a model")

@@ -26,7 +26,7 @@ from sft.dataset import PaddingCollator, encode_records, read_jsonl
 from sft.devices import device_policy
 from sft.errors import report_user_errors
 from sft.loss import supervised_nll_sum
-from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
+from sft.models import check_4bit_supported, load_adapter, load_model, load_tokenizer, resolve_model_path
 from sft.plots import PLOT_FILE
 from sft.sft_config import (
     RUN_CONFIG_FILE,
@@ -107,10 +107,14 @@ def generate_answer(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[int
 def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
     policy = device_policy(config.training.device, config.model.dtype)
     tokenizer = load_tokenizer(str(adapter_dir), config.model.trust_remote_code)
+    quantized = config.model.load_in_4bit and policy.device.startswith("cuda")  # as trained, where it can be
+    if quantized:
+        check_4bit_supported(policy.device)
     base = load_model(resolve_model_path(config.model.model), policy.load_dtype,
                       resolve_attention(config.model.attn_implementation, policy.device),
-                      config.model.trust_remote_code)
-    model = load_adapter(base, str(adapter_dir)).to(policy.device).eval()
+                      config.model.trust_remote_code, load_in_4bit_compute=policy.compute_dtype if quantized else None)
+    model = load_adapter(base, str(adapter_dir))
+    model = (model if quantized else model.to(policy.device)).eval()  # a 4-bit model is placed when loaded
 
     records = read_jsonl(config.data.val_file)
     if config.eval.max_eval_examples:

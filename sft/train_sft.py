@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -35,7 +35,7 @@ from sft.devices import device_policy
 from sft.errors import ResourceError, TrainingInterrupted, report_user_errors
 from sft.interrupt import GracefulInterrupt
 from sft.lora import add_lora
-from sft.models import load_config, load_model, load_tokenizer, resolve_model_path
+from sft.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
 from sft.plots import plot_losses
 from sft.sft_config import (
     RUN_CONFIG_FILE,
@@ -126,6 +126,8 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     t = config.training
     output_dir = Path(t.output_dir)
     policy = device_policy(t.device, config.model.dtype)
+    if config.model.load_in_4bit:
+        check_4bit_supported(policy.device)
     # Under torchrun / accelerate launch this joins the process group (gloo on CPU, nccl on CUDA).
     state = PartialState(cpu=policy.device == "cpu")
     main_process = state.is_main_process
@@ -165,9 +167,14 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
           f"response token left); val: {val_stats.kept} examples")
 
     attention = resolve_attention(config.model.attn_implementation, policy.device)
-    model = load_model(model_path, policy.load_dtype, attention, config.model.trust_remote_code)
+    model = load_model(model_path, policy.load_dtype, attention, config.model.trust_remote_code,
+                       load_in_4bit_compute=policy.compute_dtype if config.model.load_in_4bit else None)
     model.config.use_cache = False
-    if t.gradient_checkpointing:
+    if config.model.load_in_4bit:
+        # QLoRA's preparation: norms and head in float32, and gradient checkpointing if asked.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # Frozen embeddings give checkpointed blocks inputs that need no grad; LoRA then gets none.
         model.enable_input_require_grads()

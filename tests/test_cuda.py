@@ -1,0 +1,164 @@
+"""The CUDA paths: precision policy, QLoRA's refusals, and training runs that need a GPU.
+
+The policy and refusal tests run anywhere; the training runs skip without a CUDA GPU (and QLoRA
+without bitsandbytes, and DDP without two GPUs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sft.devices import device_policy
+from sft.loss import linear_cross_entropy_sum
+from sft.models import check_4bit_supported
+from sft.sft_config import ConfigError, build_config
+from sft.train_sft import train
+from tests.tiny import tiny_run_overrides, write_prepared_split
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                                        reason="bitsandbytes not installed (pip install -e '.[cuda]')")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_prepared_split(tmp_path_factory.mktemp("data"))
+
+
+@pytest.mark.parametrize(("bf16_supported", "load_dtype", "bf16", "fp16", "compute"), [
+    (True, torch.bfloat16, True, False, torch.bfloat16),   # Ampere and newer
+    (False, torch.float32, False, True, torch.float16),    # T4, V100: float32 weights, fp16 autocast + loss scaling
+])
+def test_cuda_precision_is_bf16_where_supported_else_fp16_with_loss_scaling(
+        monkeypatch: pytest.MonkeyPatch, bf16_supported: bool, load_dtype: torch.dtype, bf16: bool, fp16: bool,
+        compute: torch.dtype) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)
+    policy = device_policy("auto", "auto")
+    assert (policy.device, policy.load_dtype, policy.bf16, policy.fp16, policy.compute_dtype) == \
+        ("cuda", load_dtype, bf16, fp16, compute)
+
+
+def test_cpu_and_mps_stay_float32() -> None:
+    policy = device_policy("cpu", "auto")
+    assert (policy.load_dtype, policy.bf16, policy.fp16, policy.compute_dtype) == (torch.float32, False, False,
+                                                                                   torch.float32)
+
+
+def test_4bit_on_cpu_is_refused_before_anything_is_loaded_or_deleted(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "trainer_state.json").write_text("{}")  # a previous run that --overwrite would delete
+    config = build_config(None, tiny_run_overrides(tiny_model_dir, *data, output_dir, load_in_4bit=True))
+    with pytest.raises(ConfigError, match="load_in_4bit: .*CUDA GPUs only.*this run is on cpu"):
+        train(config, overwrite_output_dir=True)
+    assert (output_dir / "trainer_state.json").is_file()
+
+
+def test_4bit_without_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "bitsandbytes" else real_find_spec(name, *args))
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[cuda\]'"):
+        check_4bit_supported("cuda")
+
+
+def test_4bit_under_fsdp_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "bitsandbytes" else real_find_spec(name, *args))
+    check_4bit_supported("cuda")  # bitsandbytes "installed", one GPU: fine
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for the FSDP preset
+    with pytest.raises(ConfigError, match="FSDP.*ddp.yaml"):
+        check_4bit_supported("cuda")
+
+
+def test_qlora_preset_asks_for_4bit_on_cuda() -> None:
+    config = build_config(Path(__file__).resolve().parents[1] / "configs" / "tinyllama-cuda-qlora.yaml")
+    assert config.model.load_in_4bit and config.training.device == "cuda"
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_loss_under_bf16_autocast(hidden_dtype: torch.dtype) -> None:
+    """Mixed precision as on a GPU (here CPU autocast): bf16 or float32 hidden states against the
+    float32 head QLoRA's preparation leaves; loss and gradient match the plain computation."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=hidden_dtype, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (37,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=8)
+    ours.backward()
+    ours_grad, hidden.grad = hidden.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = hidden @ weight.T
+    reference = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    reference.backward()
+    assert ours.dtype == torch.float32 and ours_grad.dtype == hidden_dtype
+    torch.testing.assert_close(ours, reference, rtol=2e-3, atol=1e-2)
+    torch.testing.assert_close(ours_grad.float(), hidden.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+# --- on a CUDA GPU -------------------------------------------------------------------------------
+
+
+def _losses(output_dir: Path) -> list[float]:
+    log = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [entry["loss"] for entry in log if "loss" in entry]
+
+
+@needs_cuda
+def test_cuda_training_in_the_policy_precision_tracks_float32_on_cpu(tiny_model_dir: Path, data: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    settings = dict(lora_dropout=0.0, max_steps=4)
+    train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "cpu", **settings)))
+    run = train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "cuda", device="cuda",
+                                                      **settings)))
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert run.trainer.args.bf16 == torch.cuda.is_bf16_supported()
+    assert run.trainer.args.fp16 == (not torch.cuda.is_bf16_supported())
+    assert (tmp_path / "cuda" / "adapter_model.safetensors").is_file()
+    assert _losses(tmp_path / "cuda") == pytest.approx(_losses(tmp_path / "cpu"), rel=2e-2)
+
+
+@needs_cuda
+@needs_bitsandbytes
+def test_qlora_trains_and_evaluates_on_cuda(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    from bitsandbytes.nn import Linear4bit
+
+    from sft.sft_test import evaluate
+
+    config = build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "qlora", device="cuda",
+                                                   load_in_4bit=True, max_steps=6, num_generations=1,
+                                                   max_new_tokens=4))
+    run = train(config)
+    base = run.trainer.accelerator.unwrap_model(run.trainer.model).get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+    losses = _losses(tmp_path / "qlora")
+    assert len(losses) == 6 and all(loss == loss for loss in losses)  # finite, no NaN
+    assert losses[-1] < losses[0]
+    report = evaluate(config, tmp_path / "qlora")
+    assert report["metrics"]["adapter_val_loss"] < report["metrics"]["base_val_loss"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpus_train_what_one_gpu_trains(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    settings = dict(lora_dropout=0.0, max_steps=4, device="cuda", dtype="float32", seed=7)
+    train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "one", batch_size=4,
+                                                gradient_accumulation_steps=1, **settings)))
+    flags = tiny_run_overrides(tiny_model_dir, *data, tmp_path / "two", batch_size=2,
+                               gradient_accumulation_steps=1, **settings)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "sft.train_sft",
+               *[arg for key, value in flags.items() for arg in (f"--{key.replace('_', '-')}", str(value))]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
