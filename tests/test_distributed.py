@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,12 +50,12 @@ def single(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path_factory: pyte
     return output_dir
 
 
-def _launch(launcher: list[str], tiny_model_dir: Path, data: tuple[Path, Path], output_dir: Path
-            ) -> subprocess.CompletedProcess:
+def _launch(launcher: list[str], tiny_model_dir: Path, data: tuple[Path, Path], output_dir: Path,
+            *extra: str) -> subprocess.CompletedProcess:
     settings = tiny_run_overrides(tiny_model_dir, *data, output_dir, batch_size=1, gradient_accumulation_steps=2,
                                   **SETTINGS)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([*launcher, "-m", "sft.train_sft", *_flags(settings)], capture_output=True, text=True,
+    return subprocess.run([*launcher, "-m", "sft.train_sft", *_flags(settings), *extra], capture_output=True, text=True,
                           timeout=600, env=env, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -114,6 +115,23 @@ def test_two_processes_train_what_one_process_trains(launcher: str, single: Path
     assert adapter.keys() == reference.keys()
     for name, tensor in reference.items():
         torch.testing.assert_close(adapter[name], tensor, rtol=1e-3, atol=1e-4)
+
+
+def test_two_processes_resume_where_they_stopped(single: Path, tiny_model_dir: Path, data: tuple[Path, Path],
+                                                tmp_path: Path) -> None:
+    """A two-process run resumed from checkpoint-2 (one RNG state per process) ends where an
+    uninterrupted run ends: the single-process reference, as the test above shows they agree."""
+    first = tmp_path / "first"
+    assert _launch(LAUNCHERS["torchrun"](_free_port()), tiny_model_dir, data, first).returncode == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(first / "checkpoint-2", resumed / "checkpoint-2")
+    result = _launch(LAUNCHERS["torchrun"](_free_port()), tiny_model_dir, data, resumed, "--resume")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert _history(resumed) == _history(first)  # the same losses, and no second evaluation at step 2
+    adapter = load_file(resumed / "adapter_model.safetensors")
+    for name, tensor in load_file(first / "adapter_model.safetensors").items():
+        torch.testing.assert_close(adapter[name], tensor, rtol=1e-5, atol=1e-7)
 
 
 def test_a_different_global_batch_trains_something_else(tiny_model_dir: Path, data: tuple[Path, Path],
