@@ -164,3 +164,55 @@ def test_an_interrupt_of_one_process_stops_all_of_them_at_the_same_step() -> Non
         mp.spawn(_interrupt_worker, args=(_free_port(), results), nprocs=2)
         assert results[0] == (True, True, "an interrupt of another process")
         assert results[1] == (True, True, "SIGTERM")
+
+
+def _fsdp_worker(rank: int, port: int, model_dir: str, results: dict) -> None:
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.dataset import PackingCollator, encode_records
+    from sft.loss import supervised_forward
+    from tests.tiny import alpaca_records
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples, _ = encode_records(tokenizer, alpaca_records(8), 96, None, progress=False)
+    batch = PackingCollator()(examples)
+
+    def lora_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.config.use_cache = False
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+                                                target_modules=["q_proj", "v_proj", "down_proj"]))
+
+    reference = lora_model()
+    nll, _, _ = supervised_forward(reference, batch)
+    nll.backward()
+    expected = {name: p.grad for name, p in reference.named_parameters() if p.requires_grad}
+
+    sharded = lora_model()
+    for layer in sharded.base_model.model.model.layers:  # as the preset's TRANSFORMER_BASED_WRAP
+        fully_shard(layer)
+    fully_shard(sharded)
+    sharded_nll, _, _ = supervised_forward(sharded, batch, logits_in_forward=True)
+    sharded_nll.backward()
+    errors = [float((p.grad.full_tensor() - expected[name]).abs().max())
+              for name, p in sharded.named_parameters() if p.requires_grad]
+    with torch.no_grad():
+        eval_nll, _, _ = supervised_forward(sharded.eval(), batch, logits_in_forward=True)
+    results[rank] = (float(nll), float(sharded_nll), float(eval_nll), max(errors), len(errors) == len(expected))
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_model_gives_the_unsharded_loss_and_lora_gradients(tiny_model_dir: Path) -> None:
+    """The loss path the trainer takes under FSDP, on a model sharded by torch's fully_shard over
+    two CPU processes (accelerate's FSDP launcher itself needs GPUs)."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_fsdp_worker, args=(_free_port(), str(tiny_model_dir), results), nprocs=2)
+        for rank in (0, 1):
+            nll, sharded_nll, eval_nll, max_error, all_lora = results[rank]
+            assert sharded_nll == pytest.approx(nll, rel=1e-6) and eval_nll == pytest.approx(nll, rel=1e-6)
+            assert all_lora and max_error < 1e-5
