@@ -111,8 +111,9 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 def check_4bit_supported(device: str) -> None:
     """QLoRA needs bitsandbytes and a CUDA GPU: say so before any model is loaded."""
     if not device.startswith("cuda"):
-        raise ConfigError(f"load_in_4bit: 4-bit quantization (bitsandbytes) runs on CUDA GPUs only, and this run is on "
-                          f"{device}. Set load_in_4bit: false to train LoRA on the full-precision model "
+        raise ConfigError(f"load_in_4bit: QLoRA runs on CUDA GPUs only (bitsandbytes has no MPS kernels, and on CPU "
+                          f"it is slower than plain LoRA in float32), and this run is on {device}. Set "
+                          f"load_in_4bit: false to train LoRA on the full-precision model "
                           f"(configs/tinyllama-mps.yaml on Apple Silicon).")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("load_in_4bit: bitsandbytes is not installed; run `pip install -e '.[cuda]'`")
@@ -130,15 +131,17 @@ def quantization_config(compute_dtype: torch.dtype) -> Any:
 
 
 def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
-               trust_remote_code: bool = False, load_in_4bit_compute: torch.dtype | None = None) -> PreTrainedModel:
+               trust_remote_code: bool = False, load_in_4bit_compute: torch.dtype | None = None,
+               device: str = "cuda") -> PreTrainedModel:
     """A causal LM in ``dtype``; with ``load_in_4bit_compute``, its linear layers quantized to NF4
-    on this process's GPU, computing in that dtype."""
+    on ``device`` (cuda: this process's GPU), computing in that dtype."""
     quantized: dict[str, Any] = {}
     if load_in_4bit_compute is not None:
-        from accelerate import PartialState
+        if device == "cuda":
+            from accelerate import PartialState
 
-        quantized = {"quantization_config": quantization_config(load_in_4bit_compute),
-                     "device_map": {"": PartialState().local_process_index}}
+            device = f"cuda:{PartialState().local_process_index}"
+        quantized = {"quantization_config": quantization_config(load_in_4bit_compute), "device_map": {"": device}}
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,

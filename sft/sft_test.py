@@ -112,7 +112,8 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
         check_4bit_supported(policy.device)
     base = load_model(resolve_model_path(config.model.model), policy.load_dtype,
                       resolve_attention(config.model.attn_implementation, policy.device),
-                      config.model.trust_remote_code, load_in_4bit_compute=policy.compute_dtype if quantized else None)
+                      config.model.trust_remote_code, load_in_4bit_compute=policy.compute_dtype if quantized else None,
+                      device=policy.device)
     model = load_adapter(base, str(adapter_dir))
     model = (model if quantized else model.to(policy.device)).eval()  # a 4-bit model is placed when loaded
 

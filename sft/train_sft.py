@@ -168,7 +168,8 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
 
     attention = resolve_attention(config.model.attn_implementation, policy.device)
     model = load_model(model_path, policy.load_dtype, attention, config.model.trust_remote_code,
-                       load_in_4bit_compute=policy.compute_dtype if config.model.load_in_4bit else None)
+                       load_in_4bit_compute=policy.compute_dtype if config.model.load_in_4bit else None,
+                       device=policy.device)
     model.config.use_cache = False
     if config.model.load_in_4bit:
         # QLoRA's preparation: norms and head in float32, and gradient checkpointing if asked.

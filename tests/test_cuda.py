@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def test_4bit_on_cpu_is_refused_before_anything_is_loaded_or_deleted(
     output_dir.mkdir()
     (output_dir / "trainer_state.json").write_text("{}")  # a previous run that --overwrite would delete
     config = build_config(None, tiny_run_overrides(tiny_model_dir, *data, output_dir, load_in_4bit=True))
-    with pytest.raises(ConfigError, match="load_in_4bit: .*CUDA GPUs only.*this run is on cpu"):
+    with pytest.raises(ConfigError, match="load_in_4bit: QLoRA runs on CUDA GPUs only.*this run is on cpu"):
         train(config, overwrite_output_dir=True)
     assert (output_dir / "trainer_state.json").is_file()
 
@@ -105,6 +106,34 @@ def test_chunked_head_loss_under_bf16_autocast(hidden_dtype: torch.dtype) -> Non
     assert ours.dtype == torch.float32 and ours_grad.dtype == hidden_dtype
     torch.testing.assert_close(ours, reference, rtol=2e-3, atol=1e-2)
     torch.testing.assert_close(ours_grad.float(), hidden.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_bitsandbytes
+def test_qlora_path_trains_end_to_end_with_bitsandbytes_on_cpu(data: tuple[Path, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The QLoRA code path (NF4 base, QLoRA preparation, LoRA on 4-bit layers, the supervised
+    loss, saving, evaluating), run where CI can: bitsandbytes' slow CPU path, with the CUDA-only
+    check lifted. Layers need 64 inputs or more for its CPU kernels."""
+    from bitsandbytes.nn import Linear4bit
+
+    import sft.train_sft
+    from sft.sft_test import evaluate
+    from tests.tiny import build_tiny_model_dir, build_tokenizer
+
+    monkeypatch.setattr(sft.train_sft, "check_4bit_supported", lambda device: None)
+    model_dir = build_tiny_model_dir(tmp_path / "model", build_tokenizer("chatml"), hidden_size=64)
+    config = build_config(None, tiny_run_overrides(model_dir, *data, tmp_path / "qlora", load_in_4bit=True,
+                                                   max_steps=6, lora_dropout=0.0, num_generations=1,
+                                                   max_new_tokens=4))
+    run = train(config)
+    base = run.trainer.accelerator.unwrap_model(run.trainer.model).get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, Linear4bit)
+    assert base.model.norm.weight.dtype == torch.float32  # QLoRA's preparation
+    losses = _losses(tmp_path / "qlora")
+    assert len(losses) == 6 and all(loss == loss for loss in losses) and min(losses[3:]) < losses[0]
+    # An adapter trained on the 4-bit base loads on the full-precision one (evaluation off the GPU).
+    metrics = evaluate(config, tmp_path / "qlora")["metrics"]
+    assert math.isfinite(metrics["adapter_val_loss"]) and metrics["answers"] == 1
 
 
 # --- on a CUDA GPU -------------------------------------------------------------------------------
