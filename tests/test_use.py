@@ -176,12 +176,16 @@ def test_sentencepiece_tokenizer_exports_with_scores_that_reproduce_its_merges(t
                 model.generate(ids, max_new_tokens=8, do_sample=False).tolist()
 
 
-@pytest.mark.parametrize("kind", ["chatml", "llama-spm"])
+ZEPHYR_PROMPT = "<|user|>\nDescribe the ocean.</s>\n<|assistant|>\n"
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama-spm", "llama-spm-legacy"])
 def test_llama_cpp_runs_the_exported_file(tmp_path: Path, kind: str) -> None:
     """llama.cpp itself (through llama-cpp-python, where it is installed) reads the file: same
-    token ids and the same logits as transformers. Two probes are left out for SentencePiece:
-    llama.cpp follows SentencePiece in prepending a space to text that starts with one and to
-    text after a special token, where the Hugging Face tokenizer (legacy=False) does not."""
+    token ids and the same logits as transformers. llama.cpp tokenizes a SentencePiece vocabulary
+    as SentencePiece does, prepending a space to every piece of text, also to text that starts
+    with one or follows a special token: so does a Llama-2-style tokenizer.json (legacy), while
+    the newer Metaspace layout prepends it only at the start, and those probes are left out."""
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
 
@@ -192,8 +196,9 @@ def test_llama_cpp_runs_the_exported_file(tmp_path: Path, kind: str) -> None:
     model_dir = build_tiny_model_dir(tmp_path / kind, tokenizer)
     gguf_file = export_gguf(model_dir, tmp_path / f"{kind}.gguf", "f32")
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
-    probes = TOKENIZER_PROBES if kind == "chatml" else [
-        text for text in TOKENIZER_PROBES if not text.startswith(" ") and "<s>" not in text]
+    probes = [*TOKENIZER_PROBES, ZEPHYR_PROMPT]
+    if kind == "llama-spm":
+        probes = [text for text in probes if not text.startswith(" ") and "</s>" not in text]
     for text in probes:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tokenizer(text).input_ids, text
     ids = tokenizer(TOKENIZER_PROBES[0]).input_ids

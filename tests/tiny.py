@@ -12,6 +12,9 @@ behaviour and chat templates of the models this package targets:
   ``tokenizer.json``: ``<unk>`` ``<s>`` ``</s>``, then the 256 byte-fallback tokens ``<0x00>``..
   ``<0xFF>``, then pieces spelled with ``▁`` for a space; a space is prepended to the text.
   Zephyr chat template as TinyLlama-Chat.
+- ``llama-spm-legacy``: the same vocabulary in the older tokenizer.json layout of Llama 2 era
+  files: a normalizer prepends the space to every piece of text (also after a special token)
+  instead of a Metaspace pre-tokenizer prepending it to the first.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 CHATML_TEMPLATE = (
@@ -46,6 +49,7 @@ _SPECIAL_TOKENS = {
     "zephyr": ["<unk>", "<s>", "</s>"],
     "plain": ["<unk>", "<s>", "</s>"],
     "llama-spm": ["<unk>", "<s>", "</s>"],
+    "llama-spm-legacy": ["<unk>", "<s>", "</s>"],
 }
 
 _CORPUS = [
@@ -121,15 +125,19 @@ def _trained_sentencepiece_backend() -> str:
 
 
 def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """A fresh tokenizer of ``kind`` ("chatml", "zephyr", "plain" or "llama-spm"); safe to mutate."""
+    """A fresh tokenizer of ``kind`` (chatml, zephyr, plain, llama-spm, llama-spm-legacy); safe to mutate."""
     if kind not in _SPECIAL_TOKENS:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    backend = Tokenizer.from_str(_trained_sentencepiece_backend() if kind == "llama-spm" else _trained_backend(kind))
+    backend = Tokenizer.from_str(_trained_sentencepiece_backend() if kind.startswith("llama-spm")
+                                 else _trained_backend(kind))
+    if kind == "llama-spm-legacy":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = None
     if kind == "chatml":
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, unk_token="<|endoftext|>", bos_token="<|im_start|>",
             eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template=CHATML_TEMPLATE)
-    elif kind in ("zephyr", "llama-spm"):
+    elif kind in ("zephyr", "llama-spm", "llama-spm-legacy"):
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
             pad_token="</s>", chat_template=ZEPHYR_TEMPLATE)
