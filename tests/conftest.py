@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from tests.tiny import build_tiny_model_dir, build_tokenizer
+from tests.tiny import build_tiny_model_dir, build_tokenizer, write_prepared_split
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +37,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with a random 2-layer LlamaForCausalLM and the chatml tokenizer, loadable with
     AutoModelForCausalLM / AutoTokenizer.from_pretrained."""
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"), build_tokenizer("chatml"))
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Prepared train (32) and validation (8) JSONL files of tests.tiny.alpaca_records (read-only)."""
+    return write_prepared_split(tmp_path_factory.mktemp("data"))

@@ -7,7 +7,6 @@ without bitsandbytes, and DDP without two GPUs).
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import subprocess
 import sys
@@ -21,16 +20,11 @@ from sft.loss import linear_cross_entropy_sum
 from sft.models import check_4bit_supported
 from sft.sft_config import ConfigError, build_config
 from sft.train_sft import train
-from tests.tiny import tiny_run_overrides, write_prepared_split
+from tests.tiny import logged, tiny_run_overrides
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                         reason="bitsandbytes not installed (pip install -e '.[cuda]')")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_prepared_split(tmp_path_factory.mktemp("data"))
 
 
 @pytest.mark.parametrize(("bf16_supported", "load_dtype", "bf16", "fp16", "compute"), [
@@ -140,8 +134,7 @@ def test_qlora_path_trains_end_to_end_with_bitsandbytes_on_cpu(data: tuple[Path,
 
 
 def _losses(output_dir: Path) -> list[float]:
-    log = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return [entry["loss"] for entry in log if "loss" in entry]
+    return list(logged(output_dir).values())
 
 
 @needs_cuda

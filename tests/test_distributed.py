@@ -9,7 +9,6 @@ with repeated examples, as every Trainer-based tool does.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -27,7 +26,7 @@ from transformers import TrainerControl
 from sft.interrupt import GracefulInterrupt
 from sft.sft_config import build_config
 from sft.train_sft import train
-from tests.tiny import tiny_run_overrides, write_prepared_split
+from tests.tiny import logged, tiny_run_overrides
 
 STEPS = 4
 SETTINGS = {"max_steps": STEPS, "lora_dropout": 0.0, "eval_steps": 2, "save_steps": 2, "seed": 7}
@@ -35,11 +34,6 @@ SETTINGS = {"max_steps": STEPS, "lora_dropout": 0.0, "eval_steps": 2, "save_step
 
 def _flags(settings: dict) -> list[str]:
     return [arg for key, value in settings.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_prepared_split(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +54,7 @@ def _launch(launcher: list[str], tiny_model_dir: Path, data: tuple[Path, Path], 
 
 
 def _history(output_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
-    log = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    return ({e["step"]: e["loss"] for e in log if "loss" in e},
-            {e["step"]: e["eval_loss"] for e in log if "eval_loss" in e})
+    return logged(output_dir), logged(output_dir, "eval_loss")
 
 
 def _files(output_dir: Path) -> set[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,12 +21,7 @@ from sft.models import ModelNotFoundError, load_adapter
 from sft.sft_config import ConfigError, build_config
 from sft.train_sft import latest_complete_checkpoint, main, train
 from sft.trainer import STAGING_DIR, NonFiniteLossError, SupervisedTrainer
-from tests.tiny import build_tiny_model_dir, build_tokenizer, tiny_run_overrides, write_prepared_split
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return write_prepared_split(tmp_path_factory.mktemp("data"))
+from tests.tiny import build_tiny_model_dir, build_tokenizer, logged, tiny_run_overrides
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +42,6 @@ class SignalAtStep(TrainerCallback):
             os.kill(os.getpid(), self.signum)
 
 
-def _losses(output_dir: Path) -> dict[int, float]:
-    state = json.loads((output_dir / "trainer_state.json").read_text())
-    return {entry["step"]: entry["loss"] for entry in state["log_history"] if "loss" in entry}
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(
         tiny_model_dir: Path, data: tuple[Path, Path], uninterrupted: Path, tmp_path: Path, signum: int) -> None:
@@ -64,7 +53,7 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()  # not mistaken for a finished run
 
     train(config, resume="latest")
-    resumed, reference = _losses(tmp_path / "out"), _losses(uninterrupted)
+    resumed, reference = logged(tmp_path / "out"), logged(uninterrupted)
     assert resumed.keys() == reference.keys() == set(range(1, 7))
     assert resumed == pytest.approx(reference, rel=1e-5)
     final = load_file(tmp_path / "out" / "adapter_model.safetensors")

@@ -213,6 +213,12 @@ def write_prepared_split(directory: str | Path, n_train: int = 32, n_val: int = 
             write_jsonl(directory / "sft_val.jsonl", records[n_train:]))
 
 
+def logged(output_dir: str | Path, key: str = "loss") -> dict[int, float]:
+    """{step: value} of one key ("loss", "eval_loss") in a run's trainer_state.json log."""
+    state = json.loads((Path(output_dir) / "trainer_state.json").read_text(encoding="utf-8"))
+    return {entry["step"]: entry[key] for entry in state["log_history"] if key in entry}
+
+
 def tiny_run_overrides(model_dir: Path, train_file: Path, val_file: Path, output_dir: Path,
                        **changes: Any) -> dict[str, Any]:
     """Config overrides for a fast CPU run of the tiny model (flat field names, as CLI flags)."""
