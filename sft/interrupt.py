@@ -6,9 +6,9 @@ exits at once (exit status 130), for when saving is not wanted or hangs.
 
 With several processes (torchrun, accelerate launch) the decision to stop is taken together at the
 end of every step, so all processes save the same checkpoint and stop even when only one of them
-got the signal. A launcher forwards the terminal's Ctrl-C to its workers as SIGTERM, so a worker
-sees two signals for one key press: a second signal within SAME_INTERRUPT_SECONDS of the first
-counts as the same interrupt.
+got the signal. torchrun passes the terminal's Ctrl-C on to its workers, which the terminal has
+signalled too, so a worker sees two signals for one key press: a second signal within
+SAME_INTERRUPT_SECONDS of the first counts as the same interrupt.
 """
 
 from __future__ import annotations

@@ -257,7 +257,7 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     trainer.save_state()
     trainer.log_metrics("final", metrics)
     if main_process:
-        say(f"Loss plot: {plot_losses(output_dir)}")
+        print(f"Loss plot: {plot_losses(output_dir)}")
     say(f"Adapter saved to {output_dir}. Evaluate it with: python -m sft.sft_test --output-dir {output_dir}")
     return TrainingRun(trainer, metrics)
 

@@ -69,7 +69,7 @@ def test_second_interrupt_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None
     interrupt = GracefulInterrupt()
     interrupt.handle(signal.SIGINT, None)
     assert exits == [] and interrupt.signal_name == "SIGINT"
-    clock[0] += 0.5  # torchrun forwarding the same Ctrl-C as SIGTERM: still one interrupt
+    clock[0] += 0.5  # torchrun passing the same Ctrl-C on: still one interrupt
     interrupt.handle(signal.SIGTERM, None)
     assert exits == [] and interrupt.signal_name == "SIGINT"
     clock[0] += SAME_INTERRUPT_SECONDS
