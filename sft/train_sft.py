@@ -165,6 +165,11 @@ def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bo
     say(f"train: {train_stats.kept} examples ({train_stats.supervised_tokens} supervised tokens, "
           f"{train_stats.truncated} truncated, {train_stats.dropped_no_supervised_tokens} dropped with no "
           f"response token left); val: {val_stats.kept} examples")
+    n = state.num_processes
+    say(f"{n} process{'es' if n > 1 else ''} on {policy.device} in {str(policy.compute_dtype).removeprefix('torch.')}"
+        f"{' (4-bit base)' if config.model.load_in_4bit else ''}; global batch = {t.batch_size} per process x "
+        f"{t.gradient_accumulation_steps} accumulation steps x {n} = "
+        f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step")
 
     attention = resolve_attention(config.model.attn_implementation, policy.device)
     model = load_model(model_path, policy.load_dtype, attention, config.model.trust_remote_code,

@@ -91,6 +91,8 @@ def test_two_processes_train_what_one_process_trains(launcher: str, single: Path
     # Only the main process prints and writes.
     assert result.stdout.count("Adapter saved to") == 1
     assert result.stdout.count("train: ") == 1
+    assert "2 processes on cpu in float32; global batch = 1 per process x 2 accumulation steps x 2 = 4 examples" \
+        in result.stdout
     assert (output_dir / "checkpoint-2" / "rng_state_1.pth").is_file()  # each process's RNG, for --resume
     assert _files(output_dir) == _files(single)
 
