@@ -7,7 +7,7 @@
     sft plot DIR          a run's training and validation loss as a PNG
     sft merge             adapter + base -> one standalone Hugging Face model directory
     sft chat              interactive chat with base + adapter, streaming, multi-turn
-    sft export --gguf F   a merged model as one GGUF file (f16, q8_0)
+    sft export --gguf F   a merged model as one GGUF file (f32, f16, q8_0, q4_0)
 
 Each subcommand takes the same flags as the module it runs; `sft SUBCOMMAND --help` lists them.
 """

@@ -1,11 +1,12 @@
 """`sft export --gguf`: write a merged Llama-architecture model as one GGUF file.
 
-GGUF is the format llama.cpp, Ollama and LM Studio run. The file carries the weights (f32, f16
-or q8_0; norms always f32), the model's hyper-parameters, its byte-level BPE tokenizer and its
-chat template, so those tools render prompts as training did. Two tokenizer kinds are written:
-byte-level BPE (SmolLM2, GPT-2 style) and SentencePiece BPE with byte fallback (TinyLlama, Llama
-2 style), the latter as llama.cpp's converter does, with scores that reproduce the merge order. Merge the adapter first
-(`sft merge`), then export the merged directory.
+GGUF is the format llama.cpp, Ollama and LM Studio run. The file carries the weights (f32, f16,
+q8_0, or q4_0 with the embedding and output layer at q8_0; norms always f32), the model's
+hyper-parameters, its tokenizer and its chat template, so those tools render prompts as training
+did. Two tokenizer kinds are written: byte-level BPE (SmolLM2, GPT-2 style) and SentencePiece
+BPE with byte fallback (TinyLlama, Llama 2 style), the latter as llama.cpp's converter does, with
+scores that reproduce the merge order. Merge the adapter first (`sft merge`), then export the
+merged directory.
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from sft.models import load_tokenizer
 from sft.sft_config import ConfigError, StrictArgumentParser
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-         "q8_0": gguf.GGMLQuantizationType.Q8_0}
+         "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
 FILE_TYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}
+BLOCK_QUANTIZED = {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0}
+EMBEDDING_TENSORS = {"model.embed_tokens.weight", "lm_head.weight"}
+"""Kept at 8 bits in a q4_0 file, as llama.cpp keeps its output tensor at higher precision: with
+tied embeddings (SmolLM2) the token embedding is also the output layer."""
 LAYER_TENSORS = {
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -178,8 +183,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
         elif name.endswith("k_proj.weight"):
             data = _rotary_permute(data, config.num_key_value_heads)
         kind = TYPES[precision] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
-            kind = gguf.GGMLQuantizationType.F16  # q8_0 needs rows in blocks of 32
+        if kind == gguf.GGMLQuantizationType.Q4_0 and name in EMBEDDING_TENSORS:
+            kind = gguf.GGMLQuantizationType.Q8_0
+        if kind in BLOCK_QUANTIZED and data.shape[-1] % 32:
+            kind = gguf.GGMLQuantizationType.F16  # block types need rows in blocks of 32
         quantized = gguf.quants.quantize(data.astype(np.float32), kind)
         writer.add_tensor(_gguf_name(name), quantized, raw_dtype=kind)
     writer.write_header_to_file()

@@ -207,3 +207,40 @@ def test_llama_cpp_runs_the_exported_file(tmp_path: Path, kind: str) -> None:
     llm.eval(ids)
     np.testing.assert_allclose(np.asarray(llm.scores[:len(ids)]), expected, atol=1e-3, rtol=0)
     llm.close()
+
+
+def test_q4_0_export_keeps_weights_within_a_quantization_step(tmp_path: Path) -> None:
+    """q4_0: every 2-D weight read back from the file is within one 4-bit step of the model's
+    (the side opposite a block's largest magnitude reaches only 7 of 8 steps), and the embedding,
+    kept at q8_0, within half an 8-bit step; norms stay exact; transformers loads the file."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    from sft.export import export_gguf
+    from tests.tiny import build_tiny_model_dir, build_tokenizer
+
+    tokenizer = build_tokenizer("chatml")
+    model_dir = build_tiny_model_dir(tmp_path / "model", tokenizer, hidden_size=64)
+    gguf_file = export_gguf(model_dir, tmp_path / "model-q4_0.gguf", "q4_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_file).tensors}
+    original = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+
+    embedding = tensors["token_embd.weight"]
+    assert embedding.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    for hf_name, gguf_name, levels, steps in (
+            ("model.layers.0.mlp.down_proj.weight", "blk.0.ffn_down.weight", 8, 1.0),
+            ("model.layers.1.mlp.gate_proj.weight", "blk.1.ffn_gate.weight", 8, 1.0),
+            ("model.embed_tokens.weight", "token_embd.weight", 127, 0.5)):
+        weight = original[hf_name].numpy()
+        read = quants.dequantize(tensors[gguf_name].data, tensors[gguf_name].tensor_type).reshape(weight.shape)
+        blocks = np.abs(weight).reshape(weight.shape[0], -1, 32).max(axis=-1, keepdims=True)
+        step = np.repeat(blocks / levels, 32, axis=-1).reshape(weight.shape)  # one quantization step per block
+        # + 1e-3 relative: the block scale is stored as float16
+        assert np.all(np.abs(read - weight) <= steps * step + 1e-3 * np.abs(weight) + 1e-7), hf_name
+        assert np.abs(read - weight).max() > 0  # it was quantized
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    ids = tokenizer("Describe the ocean.", return_tensors="pt").input_ids
+    assert exported.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
