@@ -96,7 +96,9 @@ def _sentencepiece_scores(tokens: list[str], merges: list) -> list[float]:
     return [-float(rank_of[token]) if token in rank_of else floor - index for index, token in enumerate(tokens)]
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, backend: dict, kind: str) -> None:
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, backend: dict, kind: str, rows: int) -> None:
+    """The tokenizer, padded to the embedding's ``rows`` with unused [PADi] tokens (as llama.cpp's
+    converter does), since llama.cpp wants one token per row."""
     vocab = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(vocab)))
     special = set(tokenizer.all_special_ids)
@@ -114,6 +116,9 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, backend: dict, kind: str)
             types.append(gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
+    scores = _sentencepiece_scores(tokens, merges) + [-1000.0] * (rows - vocab)
+    tokens += [f"[PAD{index}]" for index in range(vocab, rows)]
+    types += [gguf.TokenType.UNUSED] * (rows - vocab)
     writer.add_tokenizer_model(kind)
     if kind == "gpt2":
         writer.add_tokenizer_pre("default")
@@ -122,7 +127,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, backend: dict, kind: str)
     else:
         # As llama.cpp's converter writes a SentencePiece vocabulary: scores, no merges.
         writer.add_token_list(tokens)
-        writer.add_token_scores(_sentencepiece_scores(tokens, merges))
+        writer.add_token_scores(scores)
         writer.add_add_space_prefix(_adds_space_prefix(backend))
     writer.add_token_types(types)
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),
@@ -152,6 +157,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
     if tokenizer_kind is None:
         raise ConfigError(f"{model_dir}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) and "
                           f"SentencePiece BPE tokenizers with byte fallback (Llama style, as TinyLlama's) are exported")
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                          f"{config.vocab_size} rows; resize the embedding (model.resize_token_embeddings) first")
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer = gguf.GGUFWriter(str(out), "llama")
@@ -169,7 +177,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(FILE_TYPES[precision])
 
-    _add_tokenizer(writer, tokenizer, backend, tokenizer_kind)
+    _add_tokenizer(writer, tokenizer, backend, tokenizer_kind, config.vocab_size)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

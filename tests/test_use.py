@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sft.merge import main as merge_main
 from sft.models import load_adapter
 from sft.plots import main as plot_main
-from sft.sft_config import build_config
+from sft.sft_config import ConfigError, build_config
 from sft.train_sft import train
 from tests.tiny import tiny_run_overrides, write_prepared_split
 
@@ -51,7 +51,6 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(run_dir: Path, tiny_
 def test_tensorboard_without_the_package_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
     import importlib.util
 
-    from sft.sft_config import ConfigError
 
     if importlib.util.find_spec("tensorboard") is not None:
         pytest.skip("tensorboard is installed")
@@ -244,3 +243,39 @@ def test_q4_0_export_keeps_weights_within_a_quantization_step(tmp_path: Path) ->
     exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name)
     ids = tokenizer("Describe the ocean.", return_tensors="pt").input_ids
     assert exported.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, ids.shape[1] + 4)
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama-spm"])
+def test_an_embedding_padded_beyond_the_tokenizer_gets_unused_pad_tokens(tmp_path: Path, kind: str) -> None:
+    """Models often pad their embedding to a round number of rows; the file then lists one token
+    per row, the extra ones unused, and reads back with the same tokenization and logits."""
+    import gguf
+
+    from sft.export import export_gguf
+    from tests.tiny import build_tiny_model_dir, build_tokenizer
+
+    tokenizer = build_tokenizer(kind)
+    model_dir = build_tiny_model_dir(tmp_path / "model", tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = len(tokenizer) + 13
+    model.resize_token_embeddings(rows)
+    model.save_pretrained(model_dir)
+    gguf_file = export_gguf(model_dir, tmp_path / "padded.gguf", "f32")
+
+    reader = gguf.GGUFReader(gguf_file)
+    token_types = reader.fields["tokenizer.ggml.token_type"]
+    types = [int(token_types.parts[i][0]) for i in token_types.data]
+    assert len(types) == rows and types[-13:] == [gguf.TokenType.UNUSED] * 13
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name)
+    ids = tokenizer(TOKENIZER_PROBES[0], return_tensors="pt").input_ids
+    assert exported_tokenizer(TOKENIZER_PROBES[0]).input_ids == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+    small = tmp_path / "small"
+    model.resize_token_embeddings(len(tokenizer) - 1)
+    model.save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    with pytest.raises(ConfigError, match="tokenizer has .* tokens but the model's embedding only"):
+        export_gguf(small, tmp_path / "small.gguf")
