@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from transformers import TrainerControl
 
 from sft.interrupt import GracefulInterrupt
 from sft.sft_config import build_config
-from sft.train_sft import train
+from sft.train_sft import latest_complete_checkpoint, train
 from tests.tiny import logged, tiny_run_overrides
 
 STEPS = 4
@@ -126,6 +128,31 @@ def test_two_processes_resume_where_they_stopped(single: Path, tiny_model_dir: P
     adapter = load_file(resumed / "adapter_model.safetensors")
     for name, tensor in load_file(first / "adapter_model.safetensors").items():
         torch.testing.assert_close(adapter[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_ctrl_c_on_a_torchrun_group_saves_one_checkpoint_for_all_processes(
+        tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as Ctrl-C in a terminal sends it (torchrun passes it on
+    as well, which the grace window of sft.interrupt absorbs when it lands during a long save):
+    both workers save the same step's checkpoint and stop."""
+    output_dir = tmp_path / "out"
+    settings = tiny_run_overrides(tiny_model_dir, *data, output_dir, batch_size=1, max_steps=100_000,
+                                  save_steps=2, eval_steps=100_000, logging_steps=1000, lora_dropout=0.0)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    with subprocess.Popen([*LAUNCHERS["torchrun"](_free_port()), "-m", "sft.train_sft", *_flags(settings)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1], start_new_session=True) as launcher:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "checkpoint-2" / "trainer_state.json").is_file():
+            assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.killpg(launcher.pid, signal.SIGINT)
+        output, _ = launcher.communicate(timeout=120)
+    assert "stopped by SIGINT" in output and "Second interrupt" not in output, output[-3000:]
+    last = latest_complete_checkpoint(output_dir)
+    assert last is not None and int(last.name.split("-")[1]) > 2
+    assert {p.name for p in last.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not (output_dir / "adapter_model.safetensors").exists()  # not mistaken for a finished run
 
 
 def test_a_different_global_batch_trains_something_else(tiny_model_dir: Path, data: tuple[Path, Path],
