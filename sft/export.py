@@ -67,7 +67,7 @@ def _tokenizer_kind(backend: dict) -> str | None:
         return None
     if "ByteLevel" in json.dumps(backend.get("pre_tokenizer")):
         return "gpt2"
-    if model.get("byte_fallback") and "\u2581" in json.dumps(backend, ensure_ascii=False):
+    if model.get("byte_fallback") and any("\u2581" in token for token in model["vocab"]):
         return "llama"
     return None
 
@@ -116,7 +116,6 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, backend: dict, kind: str,
             types.append(gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
-    scores = _sentencepiece_scores(tokens, merges) + [-1000.0] * (rows - vocab)
     tokens += [f"[PAD{index}]" for index in range(vocab, rows)]
     types += [gguf.TokenType.UNUSED] * (rows - vocab)
     writer.add_tokenizer_model(kind)
@@ -127,7 +126,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer, backend: dict, kind: str,
     else:
         # As llama.cpp's converter writes a SentencePiece vocabulary: scores, no merges.
         writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
+        writer.add_token_scores(_sentencepiece_scores(tokens[:vocab], merges) + [-1000.0] * (rows - vocab))
         writer.add_add_space_prefix(_adds_space_prefix(backend))
     writer.add_token_types(types)
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),

@@ -7,8 +7,8 @@ exits at once (exit status 130), for when saving is not wanted or hangs.
 With several processes (torchrun, accelerate launch) the decision to stop is taken together at the
 end of every step, so all processes save the same checkpoint and stop even when only one of them
 got the signal. torchrun passes the terminal's Ctrl-C on to its workers, which the terminal has
-signalled too, so a worker sees two signals for one key press: a second signal within
-SAME_INTERRUPT_SECONDS of the first counts as the same interrupt.
+signalled too, so a worker sees two signals for one key press: under a launcher (LOCAL_RANK set),
+a second signal within SAME_INTERRUPT_SECONDS of the first counts as the same interrupt.
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ class GracefulInterrupt(TrainerCallback):
 
     def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name is not None:
-            if time.monotonic() - self._first_signal_at < SAME_INTERRUPT_SECONDS:
-                return  # the launcher forwarding the same Ctrl-C
+            launched = "LOCAL_RANK" in os.environ
+            if launched and time.monotonic() - self._first_signal_at < SAME_INTERRUPT_SECONDS:
+                return  # the launcher passing the same Ctrl-C on
             print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
             os._exit(130)
         self.signal_name = signal.Signals(signum).name

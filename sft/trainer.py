@@ -47,7 +47,7 @@ class SupervisedTrainer(Trainer):
                      num_items_in_batch: torch.Tensor | int | None = None):
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         nll_sum, n_supervised, outputs = supervised_forward(model, inputs, head, self.is_fsdp_enabled)
-        if num_items_in_batch is None:  # evaluation: this batch alone
+        if num_items_in_batch is None:  # outside training (Trainer.predict): this batch alone
             loss = nll_sum / n_supervised.clamp(min=1)
         else:
             loss = nll_sum / num_items_in_batch

@@ -20,7 +20,7 @@ from sft.loss import linear_cross_entropy_sum
 from sft.models import check_4bit_supported
 from sft.sft_config import ConfigError, build_config
 from sft.train_sft import train
-from tests.tiny import logged, tiny_run_overrides
+from tests.tiny import as_flags, logged, tiny_run_overrides
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
@@ -179,7 +179,7 @@ def test_two_gpus_train_what_one_gpu_trains(tiny_model_dir: Path, data: tuple[Pa
     flags = tiny_run_overrides(tiny_model_dir, *data, tmp_path / "two", batch_size=2,
                                gradient_accumulation_steps=1, **settings)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "sft.train_sft",
-               *[arg for key, value in flags.items() for arg in (f"--{key.replace('_', '-')}", str(value))]]
+               *as_flags(flags)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]

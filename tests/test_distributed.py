@@ -28,14 +28,10 @@ from transformers import TrainerControl
 from sft.interrupt import GracefulInterrupt
 from sft.sft_config import build_config
 from sft.train_sft import latest_complete_checkpoint, train
-from tests.tiny import logged, tiny_run_overrides
+from tests.tiny import as_flags, logged, tiny_run_overrides
 
 STEPS = 4
 SETTINGS = {"max_steps": STEPS, "lora_dropout": 0.0, "eval_steps": 2, "save_steps": 2, "seed": 7}
-
-
-def _flags(settings: dict) -> list[str]:
-    return [arg for key, value in settings.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +47,8 @@ def _launch(launcher: list[str], tiny_model_dir: Path, data: tuple[Path, Path], 
     settings = tiny_run_overrides(tiny_model_dir, *data, output_dir, batch_size=1, gradient_accumulation_steps=2,
                                   **SETTINGS)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([*launcher, "-m", "sft.train_sft", *_flags(settings), *extra], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.run([*launcher, "-m", "sft.train_sft", *as_flags(settings), *extra], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=Path(__file__).resolve().parents[1])
 
 
 def _history(output_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -141,7 +137,7 @@ def test_ctrl_c_on_a_torchrun_group_saves_one_checkpoint_for_all_processes(
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     log = tmp_path / "log.txt"
     with log.open("w") as sink, subprocess.Popen(
-            [*LAUNCHERS["torchrun"](_free_port()), "-m", "sft.train_sft", *_flags(settings)], stdout=sink,
+            [*LAUNCHERS["torchrun"](_free_port()), "-m", "sft.train_sft", *as_flags(settings)], stdout=sink,
             stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1],
             start_new_session=True) as launcher:
         try:

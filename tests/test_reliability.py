@@ -63,9 +63,21 @@ def test_interrupt_saves_a_checkpoint_and_resume_continues_exactly(
 
 def test_second_interrupt_exits_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     exits = []
+    monkeypatch.setattr(os, "_exit", lambda status: exits.append(status))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)  # started directly: no launcher passes signals on
+    interrupt = GracefulInterrupt()
+    interrupt.handle(signal.SIGINT, None)
+    assert exits == [] and interrupt.signal_name == "SIGINT"
+    interrupt.handle(signal.SIGINT, None)
+    assert exits == [130]
+
+
+def test_under_a_launcher_the_passed_on_ctrl_c_is_the_same_interrupt(monkeypatch: pytest.MonkeyPatch) -> None:
+    exits = []
     clock = [100.0]
     monkeypatch.setattr(os, "_exit", lambda status: exits.append(status))
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("LOCAL_RANK", "0")  # as torchrun and accelerate launch set it
     interrupt = GracefulInterrupt()
     interrupt.handle(signal.SIGINT, None)
     assert exits == [] and interrupt.signal_name == "SIGINT"

@@ -213,6 +213,11 @@ def write_prepared_split(directory: str | Path, n_train: int = 32, n_val: int = 
             write_jsonl(directory / "sft_val.jsonl", records[n_train:]))
 
 
+def as_flags(overrides: dict[str, Any]) -> list[str]:
+    """Config overrides as the train command's flags: {"max_steps": 4} -> ["--max-steps", "4"]."""
+    return [arg for key, value in overrides.items() for arg in (f"--{key.replace('_', '-')}", str(value))]
+
+
 def logged(output_dir: str | Path, key: str = "loss") -> dict[int, float]:
     """{step: value} of one key ("loss", "eval_loss") in a run's trainer_state.json log."""
     state = json.loads((Path(output_dir) / "trainer_state.json").read_text(encoding="utf-8"))
