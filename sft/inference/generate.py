@@ -1,0 +1,93 @@
+"""Greedy answers to many prompts at once: the one generation loop of evaluation, chat and benchmarks.
+
+Prompts of different lengths are left-padded into one batch, so every row's next token lands in
+the same column and one forward pass extends all rows by a token; a KV cache keeps each step to
+that one new token. Position ids count only real tokens, so a left-padded prompt is seen exactly
+as it would be alone. A row that ends its turn leaves the batch at once (its cache rows are
+dropped), so the short answers stop paying for the steps of the long ones. Prompts are batched
+in order of length, which keeps padding small. The logits are computed for the last position
+only: the full [tokens, vocabulary] matrix of a long prompt would dwarf the model's own
+activations.
+
+``batch_size=1`` is the one-at-a-time path, kept for measuring what batching buys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    """The decoded new tokens, special tokens and the end-of-turn marker left out, outer
+    whitespace stripped."""
+    finished: bool
+    """Whether the answer ended its turn (an end-of-turn id) within the token budget."""
+    new_tokens: int
+    """Tokens generated, the end-of-turn token included."""
+
+
+def generate_greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+                    max_new_tokens: int, stop_ids: Sequence[int], batch_size: int = 8,
+                    on_answer: Callable[[int, Answer], None] | None = None) -> list[Answer]:
+    """Greedy answers to token-id prompts, in the prompts' order.
+
+    ``on_answer(index, answer)`` is called as each answer completes (in completion order), so a
+    caller can save answers as they come and resume after an interruption.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("max_new_tokens and batch_size must be >= 1")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    answers: list[Answer | None] = [None] * len(prompts)
+
+    with torch.inference_mode():
+        for start in range(0, len(by_length), batch_size):
+            batch = by_length[start:start + batch_size]
+            for row, tokens in _decode_batch(model, [prompts[i] for i in batch], max_new_tokens, set(stop_ids),
+                                             pad_id, device):
+                ended = tokens[-1] in stop_ids
+                text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
+                answer = answers[batch[row]] = Answer(text, ended, len(tokens))
+                if on_answer is not None:
+                    on_answer(batch[row], answer)
+    return answers  # type: ignore[return-value]
+
+
+def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
+                  pad_id: int, device: torch.device) -> Iterator[tuple[int, list[int]]]:
+    """Greedy-decode one left-padded batch, yielding (row, new tokens) as each row completes."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    rows = list(range(len(prompts)))  # the prompt row of each live batch slot
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_ids = logits.argmax(-1)
+        live = []
+        for slot, (row, token) in enumerate(zip(rows, next_ids.tolist())):
+            tokens[row].append(token)
+            if token in stop_ids or step == max_new_tokens - 1:
+                yield row, tokens[row]
+            else:
+                live.append(slot)
+        if not live:
+            return
+        if len(live) < len(rows):
+            keep = torch.tensor(live, device=device)
+            cache.batch_select_indices(keep)
+            next_ids, attention_mask, position_ids = next_ids[keep], attention_mask[keep], position_ids[keep]
+            rows = [rows[slot] for slot in live]
+        input_ids = next_ids[:, None]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1

@@ -1,0 +1,62 @@
+"""The batched greedy loop gives the answers of one-at-a-time decoding and of transformers' generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sft.inference.generate import Answer, generate_greedy
+
+PROMPTS = ["the quick brown fox", "a", "jumps over the lazy dog while birds sing in the warm evening light",
+           "river runs past the old mill", "sea"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir: Path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def reference_tokens(model, prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> list[int]:
+    """transformers' own greedy generate, one prompt, cut after the first stop id."""
+    output = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids, pad_token_id=0)
+    new = output[0, len(prompt_ids):].tolist()
+    for position, token in enumerate(new):
+        if token in stop_ids:
+            return new[:position + 1]
+    return new
+
+
+def test_batched_equals_one_at_a_time_and_transformers_generate(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    free_run = [reference_tokens(model, p, 12, stop_ids=[-1]) for p in prompts]
+    # Stop ids the random model really emits, at different steps for different prompts, so rows
+    # leave the batch at different times and some run to the token budget.
+    stop_ids = sorted({free_run[0][3], free_run[2][6]})
+    expected = [reference_tokens(model, p, 12, stop_ids) for p in prompts]
+    assert len({len(tokens) for tokens in expected}) > 1
+
+    batched = generate_greedy(model, tokenizer, prompts, 12, stop_ids, batch_size=4)
+    one_at_a_time = generate_greedy(model, tokenizer, prompts, 12, stop_ids, batch_size=1)
+
+    assert batched == one_at_a_time
+    for answer, tokens in zip(batched, expected):
+        ended = tokens[-1] in stop_ids
+        assert answer == Answer(tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip(),
+                                finished=ended, new_tokens=len(tokens))
+
+
+def test_each_answer_is_reported_once_as_it_completes(model_and_tokenizer) -> None:
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    reported: list[tuple[int, Answer]] = []
+    answers = generate_greedy(model, tokenizer, prompts, 5, [tokenizer.eos_token_id], batch_size=2,
+                              on_answer=lambda index, answer: reported.append((index, answer)))
+    assert sorted(index for index, _ in reported) == list(range(len(PROMPTS)))
+    assert all(answers[index] == answer for index, answer in reported)
+    assert all(answer.new_tokens == 5 and not answer.finished for answer in answers)
