@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("sft.merge", "fold the adapter into the base model: a standalone model directory"),
     "chat": ("sft.chat", "talk to base + adapter in the terminal (or --prompt for one answer)"),
     "export": ("sft.export", "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"),
+    "ifeval": ("sft.inference.ifeval.command", "instruction-following scores (IFEval), base vs adapter"),
+    "fetch-eval-data": ("sft.inference.ifeval.data", "download IFEval's prompts into data/ifeval/"),
 }
 
 
