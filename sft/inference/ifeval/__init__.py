@@ -1,0 +1,1 @@
+"""IFEval: judge-free instruction-following evaluation (prompts, checkers, scoring, the command)."""

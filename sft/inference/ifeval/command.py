@@ -1,0 +1,228 @@
+"""`sft ifeval`: judge-free instruction-following scores (IFEval), base model vs adapter.
+
+    sft ifeval --responses answers.jsonl --out DIR         score given answers
+    sft ifeval --adapter models/sft_output                 answer and score, base vs base + adapter
+    sft ifeval --model smollm2-135m-instruct --out DIR     answer and score with a base model alone
+    sft ifeval --adapter models/sft_output --limit 20      a quick look at the first 20 prompts
+
+IFEval (Zhou et al. 2023) asks 541 prompts with 25 kinds of instruction a program can check ("no
+commas", "at least 300 words", "wrap the answer in JSON", ...) and reports the share of prompts
+whose instructions are all followed (prompt level) and of instructions followed (instruction
+level), strict and loose. Scoring writes the reference implementation's files:
+eval_results_strict.jsonl, eval_results_loose.jsonl, plus scores.json.
+
+Answers are generated greedily with the run's own prompt code (chat template, system prompt),
+in batches, and appended to responses.jsonl as they come: run the same command again after an
+interruption and it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sft.config import ConfigError, StrictArgumentParser, build_config, saved_run_config
+from sft.data.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, record_messages, render_prompt
+from sft.errors import run_command
+from sft.inference.generate import Answer, generate_greedy
+from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
+from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
+from sft.modeling.attention import resolve_attention
+from sft.modeling.devices import device_policy
+from sft.modeling.models import load_adapter, load_model, load_tokenizer, resolve_model_path
+
+REFERENCE_MAX_NEW_TOKENS = 1280
+"""The answer length the reference evaluation allows."""
+
+ANSWERS_FILE = "responses.jsonl"
+GENERATION_FILE = "generation.json"
+REPORT_SECTION = ("<!-- ifeval -->", "<!-- /ifeval -->")
+"""Markers of the IFEval section in a run's eval/report.md, so a rerun replaces it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = StrictArgumentParser(prog="sft ifeval", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--responses", metavar="FILE", help="score these answers (JSONL of prompt, response)")
+    source.add_argument("--adapter", metavar="RUN_DIR", help="a training output directory: score base and adapter")
+    source.add_argument("--model", help="a base model name or directory: score it alone")
+    parser.add_argument("--out", metavar="DIR", help="output directory (default with --adapter: RUN_DIR/eval/ifeval)")
+    parser.add_argument("--input-data", metavar="PATH", default=str(DEFAULT_INPUT_DATA),
+                        help="the prompts, IFEval's input_data.jsonl (default: %(default)s, from `sft fetch-eval-data`)")
+    parser.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
+                        help="longest answer, in tokens (default: %(default)s, as the reference)")
+    parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts, for a quick look")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts answered together (default: %(default)s)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.responses and not args.out or args.model and not args.out:
+        parser.error("--out DIR is required with --responses and --model")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
+        parser.error("--max-new-tokens, --batch-size and --limit must be >= 1")
+    return run_command(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    prompts = read_prompts(args.input_data)[:args.limit]
+    if args.responses:
+        responses = read_responses(args.responses, prompts)
+        unanswered = [p for p in prompts if p.prompt not in responses]
+        if unanswered:
+            print(f"note: {len(unanswered)} of {len(prompts)} prompts have no response in {args.responses} "
+                  f"and are not scored", file=sys.stderr)
+        scores = score_responses([p for p in prompts if p.prompt in responses], responses, Path(args.out))
+        print(format_scores({Path(args.responses).name: scores}))
+        return
+    out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
+    model, tokenizer, system_prompt, model_name = load_for_generation(args.adapter, args.model, args.device)
+    variants = {"base": model_name, **({"adapter": f"{model_name} + {args.adapter}"} if args.adapter else {})}
+    named_scores, generation = {}, {}
+    for variant, label in variants.items():
+        with contextlib.nullcontext() if variant == "adapter" or not args.adapter else model.disable_adapter():
+            settings = {"model": label, "system_prompt": system_prompt, "max_new_tokens": args.max_new_tokens}
+            responses, generation[label] = answer_prompts(model, tokenizer, prompts, settings, args.batch_size,
+                                                          out / variant)
+        named_scores[label] = score_responses(prompts, responses, out / variant)
+    report = render_report(named_scores, generation, len(prompts), system_prompt, args.max_new_tokens)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    if args.adapter:
+        add_to_run_report(Path(args.adapter, "eval", "report.md"), report)
+    print(format_scores(named_scores))
+    print(f"Report: {out / 'report.md'}")
+
+
+def load_for_generation(adapter: str | None, model_name: str | None,
+                        device: str) -> tuple[torch.nn.Module, Any, str | None, str]:
+    """The model (with the run's adapter, if any), its tokenizer with the chat template training
+    used, the run's system prompt, and the base model's name."""
+    config = build_config(saved_run_config(adapter) if adapter else None)
+    if adapter and not Path(adapter, "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter}: no adapter_config.json here; pass a training output directory")
+    name = model_name or config.model.model
+    policy = device_policy(device, config.model.dtype)
+    model_path = resolve_model_path(name)
+    tokenizer = load_tokenizer(adapter or model_path, config.model.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    model = load_model(model_path, policy.load_dtype, resolve_attention("auto", policy.device),
+                       config.model.trust_remote_code)
+    if adapter:
+        model = load_adapter(model, adapter)
+    return model.to(policy.device).eval(), tokenizer, config.data.system_prompt, name
+
+
+def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalPrompt], settings: dict[str, Any],
+                   batch_size: int, out_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
+    """Every prompt's answer, generating only those not yet in ``out_dir/responses.jsonl``, and
+    the generation's totals (answers, new tokens, and seconds over all runs that wrote the file).
+
+    ``generation.json`` records the settings before the first answer, so a rerun with other
+    settings cannot mix its answers into the file, and the seconds after each answer, so an
+    interrupted run's time still counts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    answers_file, generation_file = out_dir / ANSWERS_FILE, out_dir / GENERATION_FILE
+    generation = json.loads(generation_file.read_text(encoding="utf-8")) if generation_file.is_file() else {}
+    if generation.get("settings", settings) != settings:
+        raise ConfigError(f"{answers_file} holds answers generated with {generation['settings']}, not {settings}; "
+                          f"pass another --out or delete {out_dir}")
+    generation = {"settings": settings, "seconds": generation.get("seconds", 0.0)}
+    generation_file.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    done = read_saved_answers(answers_file)
+    todo = [p for p in prompts if p.prompt not in done]
+    if todo:
+        ids = [encode_prompt(tokenizer, render_prompt(tokenizer, record_messages(
+            {"instruction": p.prompt, "output": ""}, settings["system_prompt"])[:-1])) for p in todo]
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"answering ({settings['model']})",
+                   unit="answer", disable=None)
+        started, seconds_before, new_tokens = time.perf_counter(), generation["seconds"], 0
+        with answers_file.open("a", encoding="utf-8") as handle:
+            def save(index: int, answer: Answer) -> None:
+                nonlocal new_tokens
+                record = {"key": todo[index].key, "prompt": todo[index].prompt, "response": answer.text,
+                          "finished": answer.finished, "new_tokens": answer.new_tokens}
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                handle.flush()
+                done[todo[index].prompt] = record
+                elapsed = time.perf_counter() - started
+                generation["seconds"] = seconds_before + elapsed
+                generation_file.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+                new_tokens += answer.new_tokens
+                bar.set_postfix(new_tokens_per_s=f"{new_tokens / elapsed:.1f}")
+                bar.update()
+
+            generate_greedy(model, tokenizer, ids, settings["max_new_tokens"], end_of_turn_ids(tokenizer),
+                            batch_size, on_answer=save)
+        bar.close()
+    answered = [done[p.prompt] for p in prompts]
+    totals = {**generation, "answers": len(answered), "new_tokens": sum(r["new_tokens"] for r in answered),
+              "finished": sum(r["finished"] for r in answered)}
+    return {p.prompt: done[p.prompt]["response"] for p in prompts}, totals
+
+
+def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
+    """Prompt -> saved answer record. A last line cut short by an interruption is dropped (its
+    prompt is answered again); anything else unreadable is an error."""
+    if not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1]:
+        path.write_text("\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""), encoding="utf-8")
+    saved = {}
+    for number, line in enumerate(lines[:-1], start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: line {number} is not JSON ({exc.msg}); delete the file to start over") from None
+        saved[record["prompt"]] = record
+    return saved
+
+
+def render_report(named_scores: dict[str, dict[str, Any]], generation: dict[str, dict[str, Any]], prompts: int,
+                  system_prompt: str | None, max_new_tokens: int) -> str:
+    system = "(template default)" if system_prompt is None else repr(system_prompt)
+    lines = [
+        "## Instruction following (IFEval)", "",
+        (f"{prompts} prompts, greedy answers of at most {max_new_tokens} new tokens, system prompt "
+         f"{system}. Accuracy in %: strict judges the answer as it is; loose also accepts it without its first "
+         f"or last line or without Markdown `*`."), "",
+        format_scores(named_scores), "",
+        "| model | answers that ended their turn | new tokens | generation seconds | answers/s | new tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, totals in generation.items():
+        seconds = totals["seconds"]
+        rates = [f"{count / seconds:.2f}" if seconds else "-" for count in (totals["answers"], totals["new_tokens"])]
+        lines.append(f"| {label} | {totals['finished']}/{totals['answers']} | {totals['new_tokens']} | "
+                     f"{seconds:.0f} | {rates[0]} | {rates[1]} |")
+    lines += ["", "### Per instruction type (strict / loose accuracy, %)", "", format_by_instruction(named_scores)]
+    return "\n".join(lines) + "\n"
+
+
+def add_to_run_report(report_path: Path, section: str) -> None:
+    """Put the IFEval section into the run's evaluation report, replacing an earlier one."""
+    start, end = REPORT_SECTION
+    block = f"{start}\n{section}{end}\n"
+    text = report_path.read_text(encoding="utf-8") if report_path.is_file() else ""
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end) + 1:]
+    else:
+        text += ("\n" if text else "") + block
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
