@@ -60,9 +60,9 @@ def benchmark_examples(count: int, max_length: int, seed: int) -> list[dict[str,
     """Tokenized AlpacaEval demo examples (the real Alpaca-like length mix), in a fixed order."""
     import random
 
-    from sft.dataset import encode_records
-    from sft.demo_data import DEFAULT_OUT, fetch
-    from sft.models import load_tokenizer, resolve_model_path
+    from sft.data.demo import DEFAULT_OUT, fetch
+    from sft.data.tokenize import encode_records
+    from sft.modeling.models import load_tokenizer, resolve_model_path
 
     raw = ROOT / DEFAULT_OUT
     if not raw.is_file():
@@ -77,7 +77,7 @@ def benchmark_examples(count: int, max_length: int, seed: int) -> list[dict[str,
 
 
 def model_path(name: str) -> str:
-    from sft.models import cache_root, resolve_model_path
+    from sft.modeling.models import cache_root, resolve_model_path
 
     if name == "smollm2-135m":
         return resolve_model_path("smollm2-135m-instruct")
@@ -89,7 +89,7 @@ def model_path(name: str) -> str:
         LlamaForCausalLM(LlamaConfig(**TINYLLAMA_ARCH)).save_pretrained(target)
     if not (target / "tokenizer_config.json").is_file():
         # TRL wants a tokenizer beside the model; the data arrive tokenized, so any will do.
-        from sft.models import load_tokenizer
+        from sft.modeling.models import load_tokenizer
 
         load_tokenizer(resolve_model_path("smollm2-135m-instruct")).save_pretrained(target)
     return str(target)
@@ -138,11 +138,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
-    import sft.attention  # noqa: F401  (registers varlen_sdpa)
-    from sft.dataset import IGNORE_INDEX, PackingCollator, PaddingCollator
-    from sft.devices import device_policy
-    from sft.lora import add_lora
-    from sft.trainer import SupervisedTrainer
+    import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
+    from sft.data.tokenize import IGNORE_INDEX, PackingCollator, PaddingCollator
+    from sft.modeling.devices import device_policy
+    from sft.modeling.lora import add_lora
+    from sft.training.trainer import SupervisedTrainer
 
     policy = device_policy(args.device, "auto")
     total_steps = args.warmup + args.steps
@@ -315,7 +315,7 @@ def main() -> int:
     contenders = args.contenders.split(",")
     if "trl" not in contenders:
         raise SystemExit("the trl contender is the reference of the ratios; keep it in --contenders")
-    from sft.devices import device_policy
+    from sft.modeling.devices import device_policy
 
     policy = device_policy(args.device, "auto")
     peak = matmul_peak_gflops(policy.device, policy.load_dtype if not policy.bf16 else torch.bfloat16)

@@ -19,14 +19,14 @@ from collections.abc import Callable
 from importlib import import_module
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "fetch-demo-data": ("sft.demo_data", "download the demo instruction set into data/raw/"),
+    "fetch-demo-data": ("sft.data.demo", "download the demo instruction set into data/raw/"),
     "prepare": ("sft.data.prepare", "merge, clean and split Alpaca-format sources into JSONL"),
-    "train": ("sft.train_sft", "train LoRA adapters on the prepared data"),
-    "eval": ("sft.sft_test", "compare base model and adapter: validation loss, generations"),
-    "plot": ("sft.plots", "draw a run's training and validation loss (loss.png)"),
-    "merge": ("sft.merge", "fold the adapter into the base model: a standalone model directory"),
-    "chat": ("sft.chat", "talk to base + adapter in the terminal (or --prompt for one answer)"),
-    "export": ("sft.export", "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"),
+    "train": ("sft.recipes.sft", "train LoRA adapters on the prepared data"),
+    "eval": ("sft.inference.evaluate", "compare base model and adapter: validation loss, generations"),
+    "plot": ("sft.training.plots", "draw a run's training and validation loss (loss.png)"),
+    "merge": ("sft.export.merge", "fold the adapter into the base model: a standalone model directory"),
+    "chat": ("sft.inference.chat", "talk to base + adapter in the terminal (or --prompt for one answer)"),
+    "export": ("sft.export.gguf", "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"),
     "ifeval": ("sft.inference.ifeval.command", "instruction-following scores (IFEval), base vs adapter"),
     "fetch-eval-data": ("sft.inference.ifeval.data", "download IFEval's prompts into data/ifeval/"),
 }

@@ -9,11 +9,11 @@ import pytest
 import torch
 from peft import PeftModel
 
-from sft.dataset import encode_records
-from sft.models import load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import build_config
-from sft.sft_test import mean_supervised_loss
-from sft.train_sft import train
+from sft.config import build_config
+from sft.data.tokenize import encode_records
+from sft.inference.evaluate import mean_supervised_loss
+from sft.modeling.models import load_model, load_tokenizer, resolve_model_path
+from sft.recipes.sft import train
 from tests.tiny import alpaca_records, write_jsonl
 
 pytestmark = [

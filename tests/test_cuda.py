@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sft.devices import device_policy
-from sft.loss import linear_cross_entropy_sum
-from sft.models import check_4bit_supported
-from sft.sft_config import ConfigError, build_config
-from sft.train_sft import train
+from sft.config import ConfigError, build_config
+from sft.modeling.devices import device_policy
+from sft.modeling.models import check_4bit_supported
+from sft.recipes.sft import train
+from sft.training.loss import linear_cross_entropy_sum
 from tests.tiny import as_flags, logged, tiny_run_overrides
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -110,11 +110,11 @@ def test_qlora_path_trains_end_to_end_with_bitsandbytes_on_cpu(data: tuple[Path,
     check lifted. Layers need 64 inputs or more for its CPU kernels."""
     from bitsandbytes.nn import Linear4bit
 
-    import sft.train_sft
-    from sft.sft_test import evaluate
+    import sft.recipes.sft
+    from sft.inference.evaluate import evaluate
     from tests.tiny import build_tiny_model_dir, build_tokenizer
 
-    monkeypatch.setattr(sft.train_sft, "check_4bit_supported", lambda device: None)
+    monkeypatch.setattr(sft.recipes.sft, "check_4bit_supported", lambda device: None)
     model_dir = build_tiny_model_dir(tmp_path / "model", build_tokenizer("chatml"), hidden_size=64)
     config = build_config(None, tiny_run_overrides(model_dir, *data, tmp_path / "qlora", load_in_4bit=True,
                                                    max_steps=6, lora_dropout=0.0, num_generations=1,
@@ -156,7 +156,7 @@ def test_cuda_training_in_the_policy_precision_tracks_float32_on_cpu(tiny_model_
 def test_qlora_trains_and_evaluates_on_cuda(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     from bitsandbytes.nn import Linear4bit
 
-    from sft.sft_test import evaluate
+    from sft.inference.evaluate import evaluate
 
     config = build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "qlora", device="cuda",
                                                    load_in_4bit=True, max_steps=6, num_generations=1,

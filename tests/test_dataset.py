@@ -1,4 +1,4 @@
-"""sft.dataset: exact label masks, truncation, dropping, JSONL reading, padding; sft.loss."""
+"""sft.data.tokenize: exact label masks, truncation, dropping, JSONL reading, padding; sft.loss."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from sft.data.sources import DataError
-from sft.dataset import IGNORE_INDEX, PaddingCollator, encode_record, encode_records, read_jsonl
-from sft.loss import supervised_nll_sum
+from sft.data.tokenize import IGNORE_INDEX, PaddingCollator, encode_record, encode_records, read_jsonl
+from sft.training.loss import supervised_nll_sum
 from tests.tiny import alpaca_records, write_jsonl
 
 SMOLLM_SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "

@@ -25,9 +25,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from transformers import TrainerControl
 
-from sft.interrupt import GracefulInterrupt
-from sft.sft_config import build_config
-from sft.train_sft import latest_complete_checkpoint, train
+from sft.config import build_config
+from sft.recipes.sft import latest_complete_checkpoint, train
+from sft.training.interrupt import GracefulInterrupt
 from tests.tiny import as_flags, logged, tiny_run_overrides
 
 STEPS = 4
@@ -129,7 +129,7 @@ def test_two_processes_resume_where_they_stopped(single: Path, tiny_model_dir: P
 def test_ctrl_c_on_a_torchrun_group_saves_one_checkpoint_for_all_processes(
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
     """SIGINT to the whole process group, as Ctrl-C in a terminal sends it (torchrun passes it on
-    as well, which the grace window of sft.interrupt absorbs when it lands during a long save):
+    as well, which the grace window of sft.training.interrupt absorbs when it lands during a long save):
     both workers save the same step's checkpoint and stop."""
     output_dir = tmp_path / "out"
     settings = tiny_run_overrides(tiny_model_dir, *data, output_dir, batch_size=1, max_steps=100_000,
@@ -196,8 +196,8 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, results: dict) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.dataset import PackingCollator, encode_records
-    from sft.loss import supervised_forward
+    from sft.data.tokenize import PackingCollator, encode_records
+    from sft.training.loss import supervised_forward
     from tests.tiny import alpaca_records
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

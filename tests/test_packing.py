@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-import sft.attention  # registers varlen_sdpa
-from sft.dataset import IGNORE_INDEX, PackingCollator, PaddingCollator, encode_records
-from sft.loss import linear_cross_entropy_sum, supervised_forward
-from sft.trainer import SupervisedTrainer
+import sft.modeling.attention  # registers varlen_sdpa
+from sft.data.tokenize import IGNORE_INDEX, PackingCollator, PaddingCollator, encode_records
+from sft.training.loss import linear_cross_entropy_sum, supervised_forward
+from sft.training.trainer import SupervisedTrainer
 from tests.tiny import alpaca_records
 
 MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
@@ -50,7 +50,7 @@ ON_DEVICES = [
     *(pytest.param(attention, "cuda", id=f"{attention}-cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="no CUDA device")) for attention in ("varlen_sdpa", "sdpa")),
     pytest.param("flash_attention_2", "cuda", id="flash_attention_2-cuda", marks=pytest.mark.skipif(
-        not sft.attention.flash_attention_available("cuda") or not torch.cuda.is_available(),
+        not sft.modeling.attention.flash_attention_available("cuda") or not torch.cuda.is_available(),
         reason="needs CUDA and flash-attn")),
 ]
 
@@ -198,7 +198,7 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir: Path, exam
 
 
 def test_fast_dropout_drops_the_right_fraction_and_scales_gradients() -> None:
-    from sft.lora import FastDropout
+    from sft.modeling.lora import FastDropout
 
     torch.manual_seed(0)
     dropout = FastDropout(0.05).train()
@@ -213,7 +213,7 @@ def test_fast_dropout_drops_the_right_fraction_and_scales_gradients() -> None:
 
 
 def test_add_lora_uses_fast_dropout_on_cpu_and_keeps_peft_layout(tiny_model_dir: Path) -> None:
-    from sft.lora import FastDropout, add_lora
+    from sft.modeling.lora import FastDropout, add_lora
 
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])
     fast = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, "cpu")
@@ -225,7 +225,7 @@ def test_add_lora_uses_fast_dropout_on_cpu_and_keeps_peft_layout(tiny_model_dir:
 
 
 def test_adapters_reading_one_input_share_one_dropout_mask(tiny_model_dir: Path) -> None:
-    from sft.lora import add_lora
+    from sft.modeling.lora import add_lora
 
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                      LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5,

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from sft.data.prepare import main as prepare_main
-from sft.sft_test import main as eval_main
-from sft.train_sft import main as train_main
+from sft.inference.evaluate import main as eval_main
+from sft.recipes.sft import main as train_main
 from tests.tiny import alpaca_records, write_jsonl
 
 

@@ -15,12 +15,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from sft.errors import TrainingInterrupted, report_user_errors
-from sft.interrupt import SAME_INTERRUPT_SECONDS, GracefulInterrupt
-from sft.models import ModelNotFoundError, load_adapter
-from sft.sft_config import ConfigError, build_config
-from sft.train_sft import latest_complete_checkpoint, main, train
-from sft.trainer import STAGING_DIR, NonFiniteLossError, SupervisedTrainer
+from sft.config import ConfigError, build_config
+from sft.errors import TrainingInterrupted, run_command
+from sft.modeling.models import ModelNotFoundError, load_adapter
+from sft.recipes.sft import latest_complete_checkpoint, main, train
+from sft.training.interrupt import SAME_INTERRUPT_SECONDS, GracefulInterrupt
+from sft.training.trainer import STAGING_DIR, NonFiniteLossError, SupervisedTrainer
 from tests.tiny import build_tiny_model_dir, build_tokenizer, logged, tiny_run_overrides
 
 
@@ -93,7 +93,7 @@ def test_interrupted_command_exits_130_with_the_resume_hint(capsys: pytest.Captu
     def interrupted() -> None:
         raise TrainingInterrupted("stopped by SIGINT at step 3; continue with --resume")
 
-    assert report_user_errors(interrupted) == 130
+    assert run_command(interrupted) == 130
     assert "--resume" in capsys.readouterr().err
 
 

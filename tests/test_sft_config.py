@@ -1,4 +1,4 @@
-"""sft.sft_config: defaults, YAML presets, CLI overrides, validation messages, round trip."""
+"""sft.config: defaults, YAML presets, CLI overrides, validation messages, round trip."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sft.sft_config import (
+from sft.config import (
     ConfigError,
     SFTConfig,
     add_config_arguments,
@@ -229,7 +229,7 @@ def test_every_shipped_preset_builds(path: Path, tmp_path: Path) -> None:
 
 
 def test_flags_are_never_abbreviated_and_unknown_flags_get_a_suggestion(capsys: pytest.CaptureFixture) -> None:
-    from sft.sft_config import StrictArgumentParser
+    from sft.config import StrictArgumentParser
 
     parser = StrictArgumentParser(prog="train")
     add_config_arguments(parser)

@@ -1,11 +1,11 @@
-"""sft.templates: prompt/response split, fallback template, BOS handling, end-of-turn ids."""
+"""sft.data.templates: prompt/response split, fallback template, BOS handling, end-of-turn ids."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from sft.templates import (
+from sft.data.templates import (
     FALLBACK_CHAT_TEMPLATE,
     TemplateError,
     encode_prompt,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft.merge import main as merge_main
-from sft.models import load_adapter
-from sft.plots import main as plot_main
-from sft.sft_config import ConfigError, build_config
-from sft.train_sft import train
+from sft.config import ConfigError, build_config
+from sft.export.merge import main as merge_main
+from sft.modeling.models import load_adapter
+from sft.recipes.sft import train
+from sft.training.plots import main as plot_main
 from tests.tiny import tiny_run_overrides, write_prepared_split
 
 
@@ -64,8 +64,8 @@ def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monke
                                                             capsys: pytest.CaptureFixture) -> None:
     import argparse
 
-    from sft import chat
-    from sft.templates import render_prompt
+    from sft.data.templates import render_prompt
+    from sft.inference import chat
 
     args = argparse.Namespace(adapter=str(run_dir), model=None, system_prompt="Be brief.", temperature=0.0,
                               top_p=1.0, max_new_tokens=5, device="cpu")
@@ -89,7 +89,7 @@ def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monke
 
 
 def test_chat_prompt_prints_one_answer(run_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    from sft.chat import main as chat_main
+    from sft.inference.chat import main as chat_main
 
     assert chat_main(["--adapter", str(run_dir), "--prompt", "Hi", "--temperature", "0",
                       "--max-new-tokens", "4", "--device", "cpu"]) == 0
@@ -100,7 +100,7 @@ def test_chat_prompt_prints_one_answer(run_dir: Path, capsys: pytest.CaptureFixt
 @pytest.mark.parametrize("precision", ["f16", "q8_0"])
 def test_exported_gguf_loads_in_transformers_with_the_same_greedy_answer(run_dir: Path, tmp_path: Path,
                                                                         precision: str) -> None:
-    from sft.export import main as export_main
+    from sft.export.gguf import main as export_main
 
     merged_dir = tmp_path / "merged"
     assert merge_main(["--adapter", str(run_dir), "--out", str(merged_dir)]) == 0
@@ -139,7 +139,7 @@ def test_sentencepiece_tokenizer_exports_with_scores_that_reproduce_its_merges(t
     exactly as the original does, bytes included, and the model must give the same greedy answer."""
     import gguf
 
-    from sft.export import main as export_main
+    from sft.export.gguf import main as export_main
     from tests.tiny import build_tiny_model_dir, build_tokenizer
 
     tokenizer = build_tokenizer("llama-spm")
@@ -188,7 +188,7 @@ def test_llama_cpp_runs_the_exported_file(tmp_path: Path, kind: str) -> None:
     llama_cpp = pytest.importorskip("llama_cpp")
     import numpy as np
 
-    from sft.export import export_gguf
+    from sft.export.gguf import export_gguf
     from tests.tiny import build_tiny_model_dir, build_tokenizer
 
     tokenizer = build_tokenizer(kind)
@@ -216,7 +216,7 @@ def test_q4_0_export_keeps_weights_within_a_quantization_step(tmp_path: Path) ->
     import numpy as np
     from gguf import quants
 
-    from sft.export import export_gguf
+    from sft.export.gguf import export_gguf
     from tests.tiny import build_tiny_model_dir, build_tokenizer
 
     tokenizer = build_tokenizer("chatml")
@@ -251,7 +251,7 @@ def test_an_embedding_padded_beyond_the_tokenizer_gets_unused_pad_tokens(tmp_pat
     per row, the extra ones unused, and reads back with the same tokenization and logits."""
     import gguf
 
-    from sft.export import export_gguf
+    from sft.export.gguf import export_gguf
     from tests.tiny import build_tiny_model_dir, build_tokenizer
 
     tokenizer = build_tokenizer(kind)

@@ -21,14 +21,14 @@ from typing import Any
 
 import yaml
 
+from sft.errors import ConfigError
+
 ATTENTION_IMPLEMENTATIONS = ("auto", "varlen_sdpa", "sdpa", "eager", "flash_attention_2")
 
 RUN_CONFIG_FILE = "sft_config.yaml"
 """Name of the full configuration that training saves beside its adapter."""
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be run; the message says which field and why."""
 
 
 def _require(condition: bool, message: str) -> None:

@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from sft.sft_config import StrictArgumentParser
+from sft.config import StrictArgumentParser
 
 PACKAGE = "alpaca-eval==0.6.6"
 MEMBER = "alpaca_eval-0.6.6/example/outputs.json"

@@ -22,6 +22,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from sft.errors import TemplateError
+
 FALLBACK_CHAT_TEMPLATE = (
     # Turns are separated by a blank line placed before each turn, so an answer ends at its EOS
     # and nothing after the EOS is trained.
@@ -36,8 +38,6 @@ FALLBACK_CHAT_TEMPLATE = (
 Message = dict[str, str]
 
 
-class TemplateError(ValueError):
-    """A chat template that cannot separate prompt from response."""
 
 
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from sft.data.sources import DataError, describe_json_type
-from sft.templates import encode_prompt, encode_text, record_messages, split_prompt_response
+from sft.data.templates import encode_prompt, encode_text, record_messages, split_prompt_response
 
 IGNORE_INDEX = -100
 
@@ -181,7 +181,7 @@ class PackingCollator:
 
     Position ids restart at 0 for each example, and the example boundaries travel with the batch
     both as tensors (``cu_seq_lens_q/k``, ``max_length_q/k``: FlashAttention's varlen API) and as
-    a Python list (``packed_boundaries``, read by sft.attention without a device sync).
+    a Python list (``packed_boundaries``, read by sft.modeling.attention without a device sync).
     """
 
     def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from sft.errors import report_user_errors
-from sft.models import load_tokenizer
-from sft.sft_config import ConfigError, StrictArgumentParser
+from sft.config import ConfigError, StrictArgumentParser
+from sft.errors import run_command
+from sft.modeling.models import load_tokenizer
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="merged model directory (from sft merge)")
     parser.add_argument("--precision", choices=sorted(TYPES), default="f16", help="weight type (default: f16)")
     args = parser.parse_args(argv)
-    return report_user_errors(lambda: print(f"wrote {export_gguf(args.model, args.gguf, args.precision)}"))
+    return run_command(lambda: print(f"wrote {export_gguf(args.model, args.gguf, args.precision)}"))
 
 
 if __name__ == "__main__":

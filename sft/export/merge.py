@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from sft.errors import report_user_errors
-from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import ConfigError, StrictArgumentParser, build_config, saved_run_config
-from sft.templates import end_of_turn_ids
+from sft.config import ConfigError, StrictArgumentParser, build_config, saved_run_config
+from sft.data.templates import end_of_turn_ids
+from sft.errors import run_command
+from sft.modeling.models import load_adapter, load_model, load_tokenizer, resolve_model_path
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None) -> Path:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="new directory for the merged model")
     parser.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     args = parser.parse_args(argv)
-    return report_user_errors(lambda: print(f"merged model written to {merge(args.adapter, args.out, args.model)}"))
+    return run_command(lambda: print(f"merged model written to {merge(args.adapter, args.out, args.model)}"))
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from transformers import TextStreamer
 
-from sft.attention import resolve_attention
-from sft.devices import device_policy
-from sft.errors import report_user_errors
-from sft.models import load_adapter, load_model, load_tokenizer, resolve_model_path
-from sft.sft_config import ConfigError, StrictArgumentParser, build_config, saved_run_config
-from sft.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, render_prompt
+from sft.config import ConfigError, StrictArgumentParser, build_config, saved_run_config
+from sft.data.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, render_prompt
+from sft.errors import run_command
+from sft.modeling.attention import resolve_attention
+from sft.modeling.devices import device_policy
+from sft.modeling.models import load_adapter, load_model, load_tokenizer, resolve_model_path
 
 Message = dict[str, str]
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             interact(session)
 
-    return report_user_errors(run)
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -21,14 +21,7 @@ import torch
 from peft import PeftModel
 from tqdm.auto import tqdm
 
-from sft.attention import resolve_attention
-from sft.dataset import PaddingCollator, encode_records, read_jsonl
-from sft.devices import device_policy
-from sft.errors import report_user_errors
-from sft.loss import supervised_nll_sum
-from sft.models import check_4bit_supported, load_adapter, load_model, load_tokenizer, resolve_model_path
-from sft.plots import PLOT_FILE
-from sft.sft_config import (
+from sft.config import (
     RUN_CONFIG_FILE,
     ConfigError,
     SFTConfig,
@@ -36,7 +29,14 @@ from sft.sft_config import (
     add_config_arguments,
     build_config,
 )
-from sft.templates import encode_prompt, end_of_turn_ids, record_messages, render_prompt
+from sft.data.templates import encode_prompt, end_of_turn_ids, record_messages, render_prompt
+from sft.data.tokenize import PaddingCollator, encode_records, read_jsonl
+from sft.errors import run_command
+from sft.modeling.attention import resolve_attention
+from sft.modeling.devices import device_policy
+from sft.modeling.models import check_4bit_supported, load_adapter, load_model, load_tokenizer, resolve_model_path
+from sft.training.loss import supervised_nll_sum
+from sft.training.plots import PLOT_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_metrics(report["metrics"]))
         print(f"Report: {report['report_path']}")
 
-    return report_user_errors(run)
+    return run_command(run)
 
 
 def mean_supervised_loss(model: torch.nn.Module, examples: list[dict], batch_size: int, pad_token_id: int,

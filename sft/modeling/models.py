@@ -27,7 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from sft.sft_config import ConfigError
+from sft.config import ConfigError
+from sft.errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,6 @@ BUNDLED_MODELS = {
 }
 
 
-class ModelNotFoundError(RuntimeError):
-    """A model name that resolves to nothing loadable; the message says what to do."""
 
 
 def cache_root() -> Path:

@@ -28,16 +28,7 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft.attention import resolve_attention
-from sft.data.sources import DataError
-from sft.dataset import PackingCollator, PaddingCollator, encode_records, read_jsonl
-from sft.devices import device_policy
-from sft.errors import ResourceError, TrainingInterrupted, report_user_errors
-from sft.interrupt import GracefulInterrupt
-from sft.lora import add_lora
-from sft.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
-from sft.plots import plot_losses
-from sft.sft_config import (
+from sft.config import (
     RUN_CONFIG_FILE,
     ConfigError,
     SFTConfig,
@@ -45,8 +36,17 @@ from sft.sft_config import (
     add_config_arguments,
     config_from_args,
 )
-from sft.templates import ensure_chat_template
-from sft.trainer import SupervisedTrainer
+from sft.data.sources import DataError
+from sft.data.templates import ensure_chat_template
+from sft.data.tokenize import PackingCollator, PaddingCollator, encode_records, read_jsonl
+from sft.errors import ResourceError, TrainingInterrupted, run_command
+from sft.modeling.attention import resolve_attention
+from sft.modeling.devices import device_policy
+from sft.modeling.lora import add_lora
+from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
+from sft.training.interrupt import GracefulInterrupt
+from sft.training.plots import plot_losses
+from sft.training.trainer import SupervisedTrainer
 
 DATA_REPORT_FILE = "data_report.json"
 
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return report_user_errors(lambda: train(config_from_args(args), resume=args.resume,
+    return run_command(lambda: train(config_from_args(args), resume=args.resume,
                                             overwrite_output_dir=args.overwrite_output_dir))
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from sft.dataset import IGNORE_INDEX
+from sft.data.tokenize import IGNORE_INDEX
 
 CHUNK_TOKENS = 512
 """Supervised positions per head matmul: bounds the logits alive at once to CHUNK_TOKENS x vocab."""

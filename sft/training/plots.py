@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from sft.sft_config import StrictArgumentParser
+from sft.config import StrictArgumentParser
 
 PLOT_FILE = "loss.png"
 

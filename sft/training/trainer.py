@@ -26,13 +26,12 @@ from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from sft.loss import supervised_forward
+from sft.errors import NonFiniteLossError
+from sft.training.loss import supervised_forward
 
 STAGING_DIR = ".checkpoint-staging"
 
 
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step and likely causes."""
 
 
 class SupervisedTrainer(Trainer):

@@ -1,0 +1,1 @@
+"""Leaving sft: a merged model directory, a GGUF file."""

@@ -1,0 +1,1 @@
+"""Using a trained run: loading, generation, evaluation and chat."""

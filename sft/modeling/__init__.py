@@ -1,0 +1,1 @@
+"""Devices and precision, model loading, attention kernels and LoRA adapters."""

@@ -1,0 +1,1 @@
+"""Training methods, each a short sequence of the shared stages."""

@@ -1,0 +1,1 @@
+"""The shared training stages: arguments, loss, trainer, interrupts, checkpoints and plots."""
