@@ -6,6 +6,6 @@ from pathlib import Path
 # Make ``import sft`` work when run from a checkout without installing.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sft.data.prepare import main  # noqa: E402
+from sft.data.prepare import main
 
 raise SystemExit(main())

@@ -1,6 +1,7 @@
-"""Data preparation: read Alpaca-format sources and write train/val JSONL."""
+"""Data preparation: read raw sources of any common shape, write train/val JSONL, read it back."""
 
-from sft.data.prepare import normalize_text, prepare
-from sft.data.sources import DataError
+from sft.data.formats import normalize_text
+from sft.data.prepare import prepare
+from sft.errors import DataError
 
 __all__ = ["DataError", "normalize_text", "prepare"]

@@ -1,11 +1,11 @@
-"""Merge Alpaca-format sources into deterministic train/val JSONL files.
+"""Merge raw sources into deterministic train/val JSONL files, for SFT or for DPO.
 
-Pipeline: read each source in the order given, normalize every record,
-de-duplicate on the normalized ``(instruction, input)`` with the *later*
-record winning (a cleaned set listed after the original corrects it), assign
-each kept record a content-derived id, split by hashing that id, and write
-``sft_train.jsonl``, ``sft_val.jsonl``, ``rejects.jsonl`` and
-``prepare_report.json``.
+Pipeline: read each source in the order given, find its shape (:mod:`sft.data.formats`), convert
+and normalize every record, de-duplicate on the record's key (a conversation's non-assistant turns,
+a preference pair's prompt) with the *later* record winning (a cleaned set listed after the
+original corrects it), split by hashing each kept record's content id, and write the train and
+validation files, ``rejects.jsonl`` and ``prepare_report.json``. Nothing here knows a shape: SFT
+and DPO differ only in their :class:`Method` (which shapes, which file names).
 
 Every step is a pure function of the input bytes, the seed and the val
 fraction, so running twice gives byte-identical files, and a record's split
@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,54 +28,67 @@ from typing import Any
 
 from tqdm import tqdm
 
-from sft.data.sources import DataError, iter_records
+from sft.data.formats import (
+    AUTO,
+    CONVERSATION,
+    PREFERENCE,
+    Prepared,
+    RecordRejected,
+    Shape,
+    choose_shape,
+    format_choices,
+    shapes,
+)
+from sft.data.sources import read_source
+from sft.errors import DataError
 
-DEFAULT_SOURCES = ("data/raw/alpaca_data.json", "data/raw/cleaned_data.json")
-DEFAULT_OUT_DIR = "data/processed"
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SEED = 42
 
-TRAIN_FILE = "sft_train.jsonl"
-VAL_FILE = "sft_val.jsonl"
 REJECTS_FILE = "rejects.jsonl"
 REPORT_FILE = "prepare_report.json"
 
 DUPLICATE_REPLACED = "duplicate_replaced"
 
-# Separates instruction from input in the id hash; it cannot be confused with
-# ordinary text, so ("ab", "c") and ("a", "bc") get different ids.
-_KEY_SEPARATOR = "\x1f"
+
+@dataclass(frozen=True)
+class Method:
+    """What one training method prepares: which kind of record, and where it goes by default."""
+
+    kind: str
+    prog: str
+    train_file: str
+    val_file: str
+    default_sources: tuple[str, ...]
+    default_out_dir: str
+    summary: str
 
 
-class RecordRejected(Exception):
-    """A record cannot be used; ``reason`` is the short code that is reported."""
+SFT = Method(CONVERSATION, "prepare_sft_data.py", "sft_train.jsonl", "sft_val.jsonl",
+             ("data/raw/alpaca_data.json", "data/raw/cleaned_data.json"), "data/processed",
+             "Merge conversation sources (Alpaca, ShareGPT, OpenAI messages or prompt/completion records in JSON, "
+             "JSONL, CSV or Parquet files), normalize and de-duplicate them, and write a deterministic train/val "
+             "split of conversations as JSONL, plus rejects.jsonl and prepare_report.json.")
+DPO = Method(PREFERENCE, "prepare_dpo_data.py", "dpo_train.jsonl", "dpo_val.jsonl",
+             ("data/raw/dpo_en_demo.json",), "data/processed_dpo",
+             "Merge preference sources (prompt/chosen/rejected as text, as TRL's conversational message lists, or "
+             "as LLaMA-Factory's ShareGPT layout, in JSON, JSONL, CSV or Parquet files), normalize and "
+             "de-duplicate them, and write a deterministic train/val split of pairs as JSONL, plus rejects.jsonl "
+             "and prepare_report.json.")
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+TRAIN_FILE = SFT.train_file
+VAL_FILE = SFT.val_file
 
 
 @dataclass(frozen=True)
 class Example:
-    """A normalized record that survived validation, with where it came from."""
+    """A converted record that survived validation, with where it came from."""
 
-    instruction: str
-    input: str
-    output: str
+    prepared: Prepared
     source: str
     source_index: int
     position: int
     raw: Any
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """The de-duplication key: two records with equal keys are one example."""
-        return (self.instruction, self.input)
-
-    @property
-    def id(self) -> str:
-        """The content id: it depends only on the de-duplication key."""
-        return record_id(self.instruction, self.input)
 
 
 @dataclass
@@ -84,14 +96,15 @@ class SourceCounts:
     """Per-source bookkeeping; ``read == kept + sum(rejected) + replaced``."""
 
     path: str
+    format: str | None = None
     read: int = 0
     kept: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     replaced: int = 0
 
-    def as_dict(self, *, with_path: bool = True) -> dict[str, Any]:
+    def as_dict(self, *, with_source: bool = True) -> dict[str, Any]:
         """Render for the report, with reasons sorted so the JSON is stable."""
-        data: dict[str, Any] = {"path": self.path} if with_path else {}
+        data: dict[str, Any] = {"path": self.path, "format": self.format} if with_source else {}
         data.update(
             read=self.read,
             kept=self.kept,
@@ -108,25 +121,6 @@ class SourceCounts:
         )
 
 
-def normalize_text(text: str) -> str:
-    """Return ``text`` in NFC with ``\\n`` line endings and no outer whitespace.
-
-    NFC makes visually identical strings compare equal, so duplicates that
-    differ only in how an accent was encoded are caught; line endings are
-    unified so Windows-edited records dedupe against the rest. Inner
-    whitespace is kept because it can be meaningful (code, poems, lists).
-    The function is idempotent.
-    """
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return unicodedata.normalize("NFC", text).strip()
-
-
-def record_id(instruction: str, input_text: str) -> str:
-    """Return the 16-hex-char id of a normalized ``(instruction, input)`` pair."""
-    key = f"{instruction}{_KEY_SEPARATOR}{input_text}".encode("utf-8")
-    return hashlib.sha256(key).hexdigest()[:16]
-
-
 def is_val(rid: str, seed: int, val_fraction: float) -> bool:
     """Decide a record's split from its id and the seed alone.
 
@@ -134,96 +128,38 @@ def is_val(rid: str, seed: int, val_fraction: float) -> bool:
     depends on the other records, so adding data never moves a record
     between train and val (which would leak val examples into training).
     """
-    digest = hashlib.sha256(f"{seed}:{rid}".encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(f"{seed}:{rid}".encode()).hexdigest()
     return int(digest[:16], 16) / 2**64 < val_fraction
-
-
-def normalize_record(item: Any) -> tuple[str, str, str]:
-    """Validate and normalize one raw item into ``(instruction, input, output)``.
-
-    Fields are checked in the order instruction, input, output, and the first
-    problem found is the reason given. Extra fields are ignored. Raises
-    :class:`RecordRejected` with one of: ``not_an_object``,
-    ``<field>_duplicate_key`` (the object repeats the field's key, see
-    :class:`sft.data.sources.DuplicateKeysObject`), ``missing_<field>``,
-    ``<field>_not_string`` (also for a number, boolean, array, object, null,
-    NaN or Infinity), ``<field>_invalid_unicode`` (a lone surrogate such as
-    ``"\\ud800"``, which cannot be written as UTF-8) or ``empty_instruction``
-    / ``empty_output`` (empty or whitespace only). A missing or null
-    ``input`` means no input; a null instruction or output is
-    ``<field>_not_string``. Control characters other than ``\\r`` are kept
-    as they are, and there is no length limit: a 10 MB instruction is kept
-    (training truncates, or drops a record left with no answer tokens).
-    """
-    if not isinstance(item, dict):
-        raise RecordRejected("not_an_object")
-    instruction = _required_text(item, "instruction")
-    input_text = _optional_text(item, "input")
-    output = _required_text(item, "output")
-    return instruction, input_text, output
-
-
-def _required_text(item: dict[str, Any], name: str) -> str:
-    """Return the normalized, non-empty string field ``name``."""
-    _check_unique(item, name)
-    if name not in item:
-        raise RecordRejected(f"missing_{name}")
-    text = _normalized_string(item[name], name)
-    if not text:
-        raise RecordRejected(f"empty_{name}")
-    return text
-
-
-def _optional_text(item: dict[str, Any], name: str) -> str:
-    """Return the normalized string field ``name``, or "" if absent or null."""
-    _check_unique(item, name)
-    value = item.get(name)
-    return "" if value is None else _normalized_string(value, name)
-
-
-def _check_unique(item: dict[str, Any], name: str) -> None:
-    """Reject an object that gives field ``name`` more than once."""
-    if name in getattr(item, "duplicate_keys", ()):
-        raise RecordRejected(f"{name}_duplicate_key")
-
-
-def _normalized_string(value: Any, name: str) -> str:
-    """Normalize ``value`` if it is a string that can be encoded as UTF-8."""
-    if not isinstance(value, str):
-        raise RecordRejected(f"{name}_not_string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RecordRejected(f"{name}_invalid_unicode") from None
-    return normalize_text(value)
 
 
 @dataclass
 class _Merge:
     """State of the merge across sources: winners, rejects and counts."""
 
-    kept: dict[tuple[str, str], Example] = field(default_factory=dict)
+    kept: dict[Any, Example] = field(default_factory=dict)
     rejects: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)
     counts: list[SourceCounts] = field(default_factory=list)
 
-    def add_source(self, path: str, items: Iterable[tuple[int, Any]]) -> None:
-        """Merge every item of one source, in order, into the state."""
+    def add_source(self, path: str, shape: Shape | None, items: Iterable[tuple[int, Any]]) -> None:
+        """Merge every item of one source, converted as ``shape``, in order, into the state."""
         index = len(self.counts)
-        counts = SourceCounts(path)
+        counts = SourceCounts(path, None if shape is None else shape.name)
         self.counts.append(counts)
         for position, item in items:
             counts.read += 1
+            assert shape is not None  # a source with an item always has a shape
             try:
-                fields = normalize_record(item)
+                prepared = shape.convert(item)
             except RecordRejected as exc:
                 counts.rejected[exc.reason] += 1
-                self._reject(index, path, position, exc.reason, item)
+                detail = {} if exc.detail is None else {"detail": exc.detail}
+                self._reject(index, path, position, exc.reason, item, **detail)
                 continue
-            self._keep(Example(*fields, path, index, position, raw=item))
+            self._keep(Example(prepared, path, index, position, raw=item))
 
     def _keep(self, example: Example) -> None:
         """Keep ``example``; an earlier record with the same key is replaced."""
-        earlier = self.kept.pop(example.key, None)
+        earlier = self.kept.pop(example.prepared.key, None)
         if earlier is not None:
             self.counts[earlier.source_index].replaced += 1
             self._reject(
@@ -234,14 +170,12 @@ class _Merge:
                 earlier.raw,
                 replaced_by={"source": example.source, "position": example.position},
             )
-        self.kept[example.key] = example
+        self.kept[example.prepared.key] = example
 
-    def _reject(
-        self, index: int, path: str, position: int, reason: str, item: Any, **extra: Any
-    ) -> None:
-        """Record a dropped item for ``rejects.jsonl``."""
-        entry = {"source": path, "position": position, "reason": reason, "record": item}
-        self.rejects.append((index, position, entry | extra))
+    def _reject(self, index: int, path: str, position: int, reason: str, item: Any, **extra: Any) -> None:
+        """Record a dropped item for ``rejects.jsonl``; ``extra`` goes between reason and record."""
+        entry = {"source": path, "position": position, "reason": reason, **extra, "record": item}
+        self.rejects.append((index, position, entry))
 
     def finish(self) -> list[Example]:
         """Tally kept counts and return the kept examples sorted by id."""
@@ -249,7 +183,7 @@ class _Merge:
             self.counts[example.source_index].kept += 1
         for counts in self.counts:
             counts.check_balance()
-        return sorted(self.kept.values(), key=lambda e: (e.id, e.key))
+        return sorted(self.kept.values(), key=lambda e: (e.prepared.id, e.prepared.key))
 
     def sorted_rejects(self) -> list[dict[str, Any]]:
         """Rejects in source order, then by position within the source."""
@@ -261,32 +195,39 @@ def prepare(
     out_dir: str | os.PathLike[str],
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = DEFAULT_SEED,
+    format_name: str = AUTO,
+    method: Method = SFT,
 ) -> dict[str, Any]:
     """Merge ``sources`` into train/val files under ``out_dir``; return the report.
 
+    ``format_name`` is a shape of ``method``'s kind, or ``auto`` to detect each source's shape.
     Raises :class:`DataError` for unusable input (missing or malformed
-    source, a source listed twice, no usable record at all) before anything
-    is written, and :class:`ValueError` if ``val_fraction`` is not strictly
-    between 0 and 1.
+    source, a source listed twice, a source of mixed or unknown shape, no
+    usable record at all) before anything is written, and :class:`ValueError`
+    if ``val_fraction`` is not strictly between 0 and 1 or ``format_name``
+    is not a shape of that kind.
     """
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+    if format_name not in format_choices(method.kind):
+        raise ValueError(f"format must be one of {', '.join(format_choices(method.kind))}, got {format_name!r}")
     paths = [os.fspath(source) for source in sources]
     _check_distinct(paths)
     merge = _Merge()
     for path in paths:
-        items = list(iter_records(path))
-        merge.add_source(path, tqdm(items, desc=path, unit="rec", disable=None))
+        source = read_source(path)
+        shape = choose_shape(source, method.kind, format_name)
+        merge.add_source(path, shape, tqdm(source.items, desc=path, unit="rec", disable=None))
     examples = merge.finish()
     if not examples:
-        raise DataError(_no_usable_records(merge.counts))
+        raise DataError(_no_usable_records(merge.counts, method.kind))
     train, val = _split(examples, seed, val_fraction)
     report = _build_report(merge.counts, len(train), len(val), val_fraction, seed)
-    _write_outputs(Path(out_dir), train, val, merge.sorted_rejects(), report)
+    _write_outputs(Path(out_dir), method, train, val, merge.sorted_rejects(), report)
     return report
 
 
-def _no_usable_records(counts: list[SourceCounts]) -> str:
+def _no_usable_records(counts: list[SourceCounts], kind: str) -> str:
     """Explain, per source, why nothing could be kept (no rejects file is written)."""
     parts = []
     for source in counts:
@@ -294,21 +235,18 @@ def _no_usable_records(counts: list[SourceCounts]) -> str:
             parts.append(f"{source.path} (no records: empty file or empty array)")
         else:
             reasons = ", ".join(f"{r} {n}" for r, n in sorted(source.rejected.items()))
-            parts.append(f"{source.path} ({source.read} read, all rejected: {reasons})")
-    return (
-        "no usable records in " + "; ".join(parts) + ". Expected objects with non-empty "
-        'string "instruction" and "output" fields (and an optional string "input")'
-    )
+            expects = shapes(kind)[source.format].expects  # a source with records has a shape
+            parts.append(f"{source.path} ({source.read} read, all rejected: {reasons}; "
+                         f"{source.format} records need {expects})")
+    return "no usable records in " + "; ".join(parts)
 
 
-def _split(
-    examples: list[Example], seed: int, val_fraction: float
-) -> tuple[list[Example], list[Example]]:
+def _split(examples: list[Example], seed: int, val_fraction: float) -> tuple[list[Example], list[Example]]:
     """Partition examples into (train, val), preserving their order."""
     train: list[Example] = []
     val: list[Example] = []
     for example in examples:
-        (val if is_val(example.id, seed, val_fraction) else train).append(example)
+        (val if is_val(example.prepared.id, seed, val_fraction) else train).append(example)
     return train, val
 
 
@@ -338,7 +276,7 @@ def _build_report(
     total.check_balance()
     return {
         "sources": [source.as_dict() for source in counts],
-        "total": total.as_dict(with_path=False),
+        "total": total.as_dict(with_source=False),
         "train": train,
         "val": val,
         "val_fraction": val_fraction,
@@ -346,15 +284,9 @@ def _build_report(
     }
 
 
-def _example_json(example: Example) -> dict[str, str]:
+def _example_json(example: Example) -> dict[str, Any]:
     """The output record; key order is part of the file format."""
-    return {
-        "id": example.id,
-        "instruction": example.instruction,
-        "input": example.input,
-        "output": example.output,
-        "source": example.source,
-    }
+    return {"id": example.prepared.id, "source": example.source, **example.prepared.fields}
 
 
 def _json_line(obj: Any) -> str:
@@ -364,22 +296,24 @@ def _json_line(obj: Any) -> str:
     bytes), which UTF-8 cannot encode; those lines fall back to ASCII escapes
     so the file stays valid. They may also hold NaN or Infinity, which
     strict JSON cannot express, or nesting too deep to serialize: see
-    :func:`_strict_json_value`.
+    :func:`_strict_json_value`. Values that JSON has no type for (a
+    Parquet source's bytes, dates or decimals) are written as their ``str``.
     """
     return _json_text(obj) + "\n"
 
 
 def _json_text(obj: Any, indent: int | None = None) -> str:
     """``json.dumps`` that always produces strict JSON encodable as UTF-8."""
+    options: dict[str, Any] = {"allow_nan": False, "indent": indent, "default": str}
     try:
-        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=indent)
+        text = json.dumps(obj, ensure_ascii=False, **options)
     except (ValueError, RecursionError):
         obj = _strict_json_value(obj)
-        text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=indent)
+        text = json.dumps(obj, ensure_ascii=False, **options)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        text = json.dumps(obj, ensure_ascii=True, allow_nan=False, indent=indent)
+        text = json.dumps(obj, ensure_ascii=True, **options)
     return text
 
 
@@ -409,6 +343,7 @@ def _strict_json_value(value: Any, depth: int = 0) -> Any:
 
 def _write_outputs(
     out_dir: Path,
+    method: Method,
     train: list[Example],
     val: list[Example],
     rejects: list[dict[str, Any]],
@@ -416,8 +351,8 @@ def _write_outputs(
 ) -> None:
     """Write all four output files, each atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / TRAIN_FILE, (_json_line(_example_json(e)) for e in train))
-    _write_atomic(out_dir / VAL_FILE, (_json_line(_example_json(e)) for e in val))
+    _write_atomic(out_dir / method.train_file, (_json_line(_example_json(e)) for e in train))
+    _write_atomic(out_dir / method.val_file, (_json_line(_example_json(e)) for e in val))
     _write_atomic(out_dir / REJECTS_FILE, (_json_line(r) for r in rejects))
     report_text = _json_text(report, indent=2) + "\n"
     _write_atomic(out_dir / REPORT_FILE, [report_text])
@@ -441,6 +376,7 @@ def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
         raise
 
 
+
 def _fraction(text: str) -> float:
     """Parse ``--val-fraction``: a number strictly between 0 and 1."""
     try:
@@ -454,19 +390,16 @@ def _fraction(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser for ``prepare_sft_data.py``."""
+
+
+def build_parser(method: Method = SFT) -> argparse.ArgumentParser:
+    """Return the command-line parser of ``method``'s prepare script."""
     parser = argparse.ArgumentParser(
-        prog="prepare_sft_data.py",
+        prog=method.prog,
         allow_abbrev=False,
-        description=(
-            "Merge Alpaca-format sources (JSON array or JSONL with instruction/"
-            "input/output fields), normalize and de-duplicate them, and write a "
-            "deterministic train/val split as JSONL, plus rejects.jsonl and "
-            "prepare_report.json."
-        ),
+        description=method.summary,
         epilog=(
-            "Duplicates are matched on normalized (instruction, input); a record "
+            "Duplicates are matched on the normalized prompt (every turn but the answers); a record "
             "in a later source replaces an earlier one, so list the cleaned set "
             "last. Outputs are byte-identical across runs with the same inputs."
         ),
@@ -476,16 +409,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PATH",
         help=(
-            "source file, JSON array or JSONL; repeat for several, in priority "
-            "order (later wins on duplicates). Default: "
-            + " then ".join(DEFAULT_SOURCES)
+            "source file: JSON array, JSONL, CSV or Parquet, optionally gzip-compressed (.gz); repeat for "
+            "several, in priority order (later wins on duplicates). Default: "
+            + " then ".join(method.default_sources)
+        ),
+    )
+    parser.add_argument(
+        "--format",
+        choices=format_choices(method.kind),
+        default=AUTO,
+        dest="format_name",
+        help=(
+            "the shape of every source's records (default: auto, detected per file from its first "
+            "records; a file that mixes shapes is an error)"
         ),
     )
     parser.add_argument(
         "--out-dir",
-        default=DEFAULT_OUT_DIR,
+        default=method.default_out_dir,
         metavar="DIR",
-        help=f"directory for the output files, created if needed (default: {DEFAULT_OUT_DIR})",
+        help=f"directory for the output files, created if needed (default: {method.default_out_dir})",
     )
     parser.add_argument(
         "--val-fraction",
@@ -507,9 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_summary(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> list[str]:
+def format_summary(report: dict[str, Any], out_dir: str | os.PathLike[str], method: Method = SFT) -> list[str]:
     """Render the report as short human-readable lines, warnings included."""
-    lines = [_counts_line(s["path"], s) for s in report["sources"]]
+    lines = [_counts_line(f"{s['path']} ({s['format']})" if s["format"] else s["path"], s) for s in report["sources"]]
     lines.append(_counts_line("total", report["total"]))
     lines.append(
         f"split: train {report['train']}, val {report['val']} "
@@ -525,7 +468,7 @@ def format_summary(report: dict[str, Any], out_dir: str | os.PathLike[str]) -> l
                 f"warning: the {name} split is empty; with {kept} records, try "
                 "another --val-fraction or --seed"
             )
-    for name in (TRAIN_FILE, VAL_FILE, REJECTS_FILE, REPORT_FILE):
+    for name in (method.train_file, method.val_file, REJECTS_FILE, REPORT_FILE):
         lines.append(f"wrote {Path(out_dir) / name}")
     return lines
 
@@ -541,19 +484,19 @@ def _counts_line(label: str, counts: dict[str, Any]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, method: Method = SFT) -> int:
     """Run the command line; return 0 on success and 2 on a user error."""
-    args = build_parser().parse_args(argv)
-    sources = args.source or list(DEFAULT_SOURCES)
+    args = build_parser(method).parse_args(argv)
+    sources = args.source or list(method.default_sources)
     try:
-        report = prepare(sources, args.out_dir, args.val_fraction, args.seed)
+        report = prepare(sources, args.out_dir, args.val_fraction, args.seed, args.format_name, method)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"error: cannot write to {args.out_dir}: {exc}", file=sys.stderr)
         return 2
-    _print_safely("\n".join(format_summary(report, args.out_dir)))
+    _print_safely("\n".join(format_summary(report, args.out_dir, method)))
     return 0
 
 

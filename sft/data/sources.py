@@ -1,17 +1,18 @@
-"""Read Alpaca-format source files (a JSON array of objects, or JSONL).
+"""Read source files: a JSON array, JSONL, CSV or Parquet, each optionally gzip-compressed.
 
-The format is detected from the content, not the file name, because Alpaca
-dumps circulate under both ``.json`` and ``.jsonl`` names in either format:
-if the first non-whitespace character is ``[`` the file is a JSON array,
-otherwise it is JSONL (one JSON value per line, blank lines skipped).
+CSV and Parquet are told by the file name (``.csv``, ``.parquet``, before an optional ``.gz``).
+JSON and JSONL are told apart by the content, not the name, because dumps circulate under both
+``.json`` and ``.jsonl`` names in either layout: if the first non-whitespace character is ``[``
+the file is a JSON array, otherwise it is JSONL (one JSON value per line, blank lines skipped).
+What the records mean (which fields, which shape) is :mod:`sft.data.formats`' business.
 
-Everything that makes a whole file unusable (missing, a directory,
-unreadable, not UTF-8, not JSON, wrong top-level shape, nested too deeply to
-parse) raises :class:`DataError`, whose message names the file and, where
-there is one, the line (and column); nothing escapes as a bare
-``RecursionError`` or ``UnicodeDecodeError``. Single items that are not
-objects are *not* fatal here: they are yielded like any other item so that
-the caller can count and report them as rejects.
+Everything that makes a whole file unusable (missing, a directory, unreadable, not gzip where the
+name says so, not UTF-8, not JSON, wrong top-level shape, nested too deeply to parse, a CSV row
+with more or fewer values than the header, a broken Parquet file) raises :class:`DataError`, whose
+message names the file and, where there is one, the line (and column); nothing escapes as a bare
+``RecursionError`` or ``UnicodeDecodeError``. Single items that are not objects are *not* fatal
+here: they are yielded like any other item so that the caller can count and report them as
+rejects.
 
 Decisions for input that JSON allows but that is almost always a mistake:
 
@@ -20,9 +21,9 @@ Decisions for input that JSON allows but that is almost always a mistake:
   the object is still built last-wins, but it is yielded as a
   :class:`DuplicateKeysObject` (a ``dict`` subclass) whose ``duplicate_keys``
   names the repeated keys, so that the caller can reject it;
-  :func:`sft.data.prepare.normalize_record` rejects a record that repeats
-  ``instruction``, ``input`` or ``output`` (reason ``<field>_duplicate_key``)
-  and ignores a repeated extra field like any extra field.
+  :mod:`sft.data.formats` rejects a record that repeats a field it reads
+  (reason ``<field>_duplicate_key``) and ignores a repeated extra field like
+  any extra field.
 * **NaN, Infinity, -Infinity** and number literals too large for a float
   (``1e999``) are parsed, as Python's ``json`` does, into float values; a
   record whose text field holds one is rejected as ``<field>_not_string``.
@@ -34,18 +35,28 @@ Decisions for input that JSON allows but that is almost always a mistake:
   (Python refuses to convert them) likewise make the file unusable.
 * A UTF-8 byte-order mark is accepted; a UTF-16/UTF-32 one, NUL bytes and
   invalid UTF-8 are errors naming the line.
+
+CSV has no types: every value is text, an empty cell is the empty string, and a field that holds a
+list (a conversation) holds it as JSON text, read by :meth:`CsvRecord.structured`.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
+import gzip
+import io
 import json
 import os
 import re
 import sys
+import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from sft.errors import DataError
 
 # Whitespace as JSON defines it; ``str.strip()`` would also accept characters
 # such as U+00A0 that ``json.loads`` rejects, hiding a broken line.
@@ -53,17 +64,15 @@ _JSON_WHITESPACE = " \t\r\n"
 _WHITESPACE_RUN = re.compile(r"[ \t\r\n]*")
 
 _OBTAIN_HINT = (
-    "Put the Alpaca data there (alpaca_data.json from the Stanford Alpaca "
-    "repository, cleaned_data.json from alpaca-cleaned), pass --source PATH, "
+    "Put the data there (the SFT defaults are alpaca_data.json from the Stanford Alpaca "
+    "repository and cleaned_data.json from alpaca-cleaned), pass --source PATH, "
     "or try the demo set: `sft fetch-demo-data` writes data/raw/alpaca_eval_demo.json "
     "(then --source data/raw/alpaca_eval_demo.json)."
 )
 
+_A_DATA_FILE = "a JSON, JSONL, CSV or Parquet file"
+
 _EXPECTED_SHAPE = "expected an array of objects, or JSONL with one object per line"
-
-
-class DataError(ValueError):
-    """A source or the data as a whole cannot be used; the message says why."""
 
 
 class DuplicateKeysObject(dict):  # type: ignore[type-arg]
@@ -97,43 +106,155 @@ def _object_from_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 _DECODER = json.JSONDecoder(object_pairs_hook=_object_from_pairs)
 
 
-def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
-    """Yield ``(position, item)`` for every item in the source at ``path``.
+class CsvRecord(dict):  # type: ignore[type-arg]
+    """A CSV row as ``{column: text}``; CSV has no lists, so a list-valued field holds JSON text."""
 
-    ``position`` is the 1-based line number for JSONL files (so it matches
-    what an editor shows) and the 0-based array index for JSON arrays (so it
-    matches ``data[position]``). Items are yielded as parsed, whatever their
-    type.
+    def structured(self, name: str) -> Any:
+        """The field ``name`` parsed as JSON where it holds a JSON array or object, else as is.
 
-    The whole file is read and parsed before the first item is yielded, so
-    a syntax error anywhere raises :class:`DataError` before any item is
-    seen.
+        Text that parses to anything else (``"42"``, ``"null"``) stays text: only lists and
+        objects need JSON in a CSV cell, and an answer that reads "42" is text.
+        """
+        value = self.get(name)
+        if not isinstance(value, str):
+            return value
+        try:
+            parsed = _DECODER.decode(value)
+        except (ValueError, RecursionError):
+            return value
+        return parsed if isinstance(parsed, (list, dict)) else value
+
+
+@dataclass(frozen=True)
+class Source:
+    """The items of one source file and what their positions count.
+
+    ``unit`` says what a position is, so that messages can name a record the way an editor or a
+    program would find it: ``"line"`` (1-based line number, for JSONL and CSV), ``"item"``
+    (0-based index of a JSON array) or ``"row"`` (0-based row of a Parquet table).
     """
-    text = _read_text(Path(path))
+
+    path: str
+    items: list[tuple[int, Any]]
+    unit: str
+
+    def where(self, position: int) -> str:
+        """Name the record at ``position``, e.g. ``"line 3"``."""
+        return f"{self.unit} {position}"
+
+
+def iter_records(path: str | os.PathLike[str]) -> Iterator[tuple[int, Any]]:
+    """Yield ``(position, item)`` for every item in the source at ``path``; see :func:`read_source`."""
+    yield from read_source(path).items
+
+
+def read_source(path: str | os.PathLike[str]) -> Source:
+    """Read every item of the source at ``path``, whatever its type.
+
+    ``position`` is the 1-based line number for JSONL and CSV files (so it matches what an editor
+    shows; for CSV the line where the row starts), the 0-based array index for JSON arrays (so it
+    matches ``data[position]``) and the 0-based row for Parquet. The whole file is read and parsed
+    first, so a syntax error anywhere raises :class:`DataError` before any item is used.
+    """
+    file_path = Path(path)
+    name = file_path.name.lower()
+    compressed = name.endswith(".gz")
+    name = name.removesuffix(".gz")
+    data = _read_bytes(file_path)
+    if compressed:
+        data = _gunzip(file_path, data)
+    if name.endswith(".parquet"):
+        return Source(os.fspath(path), _parse_parquet(file_path, data), "row")
+    text = _decode(file_path, data)
+    if name.endswith(".csv"):
+        return Source(os.fspath(path), _parse_csv(file_path, text), "line")
     if text.lstrip(_JSON_WHITESPACE).startswith("["):
-        items = _parse_array(path, text)
-    else:
-        _reject_single_document(path, text)
-        items = _parse_jsonl(path, text)
-    yield from items
+        return Source(os.fspath(path), _parse_array(path, text), "item")
+    _reject_single_document(path, text, json_named=name.endswith(".json"))
+    return Source(os.fspath(path), _parse_jsonl(path, text), "line")
 
 
-def _read_text(path: Path) -> str:
-    """Return the file's text, decoded as UTF-8 with an optional BOM."""
+def _read_bytes(path: Path) -> bytes:
+    """Return the file's bytes, or raise naming what is wrong with the path."""
     if not path.exists():
         if path.is_symlink():
-            raise DataError(
-                f"{path} is a symbolic link to a missing file (or a link loop); "
-                "expected a JSON or JSONL file"
-            )
+            raise DataError(f"{path} is a symbolic link to a missing file (or a link loop); expected {_A_DATA_FILE}")
         raise DataError(f"{path} not found. {_OBTAIN_HINT}")
     if path.is_dir():
-        raise DataError(f"{path} is a directory; expected a JSON or JSONL file")
+        raise DataError(f"{path} is a directory; expected {_A_DATA_FILE}")
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
-    return _decode(path, data)
+
+
+def _gunzip(path: Path, data: bytes) -> bytes:
+    """Decompress a ``.gz`` source, or raise: the name promised gzip."""
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: not valid gzip data ({exc}); a name ending in .gz promises a gzip file") from None
+
+
+def _parse_parquet(path: Path, data: bytes) -> list[tuple[int, Any]]:
+    """Rows of a Parquet table as ``(row, {column: value})``; nested columns become lists and dicts."""
+    import pyarrow as pa  # imported here: only Parquet sources pay for loading pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as exc:
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
+    return list(enumerate(table.to_pylist()))
+
+
+# Python's csv module refuses fields over 128 KiB by default; a long answer is not an error here
+# (JSON sources have no such limit), so the limit is raised while a CSV file is parsed.
+_CSV_FIELD_LIMIT = 2**31 - 1
+
+
+def _parse_csv(path: Path, text: str) -> list[tuple[int, CsvRecord]]:
+    """Rows of a CSV file with a header line, as ``(first line of the row, CsvRecord)``.
+
+    Blank lines are skipped. Quoting is strict, and a row with more or fewer values than the header
+    is an error naming its line: such a row is almost always an unquoted comma, and guessing which
+    value went where would train on shifted fields.
+    """
+    previous_limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[int, CsvRecord]] = []
+    header: list[str] | None = None
+    header_line = start = 1
+    try:
+        for row in reader:
+            if not row:
+                start = reader.line_num + 1
+                continue
+            if header is None:
+                header, header_line = row, start
+                _check_header(path, header, header_line)
+            elif len(row) != len(header):
+                raise DataError(
+                    f"{path}: line {start} has {len(row)} values but the header (line {header_line}) has "
+                    f"{len(header)} columns; expected one value per column (quote values that hold commas)")
+            else:
+                rows.append((start, CsvRecord(zip(header, row))))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        row_start = "" if start == reader.line_num else f" (in the row that starts at line {start})"
+        raise DataError(f"{path}: invalid CSV at line {reader.line_num}{row_start}: {exc}") from None
+    finally:
+        csv.field_size_limit(previous_limit)
+    return rows
+
+
+def _check_header(path: Path, header: list[str], line: int) -> None:
+    """Refuse a header that names one column twice: which value would a field be?"""
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}: line {line}: the header names column {name!r} twice; expected distinct names")
+        seen.add(name)
 
 
 def _decode(path: Path, data: bytes) -> str:
@@ -237,7 +358,7 @@ def _explain(msg: str) -> str:
     return msg
 
 
-def _reject_single_document(path: str | os.PathLike[str], text: str) -> None:
+def _reject_single_document(path: str | os.PathLike[str], text: str, *, json_named: bool) -> None:
     """Raise if the file is one non-array JSON document rather than JSONL.
 
     A pretty-printed object (``{"data": [...]}`` over several lines) would
@@ -251,7 +372,7 @@ def _reject_single_document(path: str | os.PathLike[str], text: str) -> None:
     except (ValueError, RecursionError):
         return  # JSONL, or broken: the line-by-line parse names the line
     spans_lines = "\n" in text.strip(_JSON_WHITESPACE)
-    if spans_lines or Path(path).suffix.lower() == ".json":
+    if spans_lines or json_named:
         raise DataError(
             f"{path}: top-level JSON value is {_describe(value)}; {_EXPECTED_SHAPE}"
         )

@@ -10,16 +10,22 @@ Every case must end in exactly one of two ways:
   rejected or replaced record.
 
 The table says which, and what exactly is expected. Decisions this corpus
-pins down (documented in ``sft/data/sources.py`` and
-``sft.data.prepare.normalize_record``): a record repeating ``instruction``,
+pins down (documented in ``sft/data/sources.py`` and ``sft/data/formats.py``):
+a record repeating ``instruction``,
 ``input`` or ``output`` is rejected as ``<field>_duplicate_key``; NaN and
 Infinity are numbers, so ``<field>_not_string``; nesting too deep to parse
 is a file-level error naming the line; a 10 MB instruction is kept; escaped
-control characters are kept, raw ones are a syntax error.
+control characters are kept, raw ones are a syntax error; a file mixing
+shapes, or of no known shape, is an error naming the records; a conversation
+that breaks the turn order or uses a tool role is a reject; a CSV row with a
+value too many is an error naming its line.
 """
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import os
 from collections import Counter
@@ -28,10 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from sft.data.prepare import REJECTS_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE, _json_line, main
-from sft.data.sources import DataError, DuplicateKeysObject, iter_records
+from sft.data.prepared import read_conversations
+from sft.data.sources import DuplicateKeysObject, iter_records
+from sft.errors import DataError
 
 GOOD = {"instruction": "Name a colour.", "output": "Blue."}
 GOOD2 = {"instruction": "Name a fruit.", "input": "", "output": "Apple."}
@@ -68,6 +78,31 @@ def array(*items: Any) -> bytes:
     """A pretty JSON array, one item per line from line 2 on; ``str`` items are raw."""
     rows = [item if isinstance(item, str) else dumps(item) for item in items]
     return ("[\n" + ",\n".join(rows) + "\n]\n").encode("utf-8")
+
+
+def parquet(*rows: dict[str, Any]) -> bytes:
+    """A Parquet table of ``rows`` (nested lists and objects become list and struct columns)."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(list(rows)), buffer)
+    return buffer.getvalue()
+
+
+def csv_bytes(*rows: list[str]) -> bytes:
+    """CSV text of ``rows`` (the first is the header), quoted as Python's csv module does."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def turns(*pairs: str, key: str = "messages", role: str = "role", content: str = "content") -> dict[str, Any]:
+    """A conversation record from alternating ``role, text`` arguments."""
+    return {key: [{role: r, content: c} for r, c in zip(pairs[::2], pairs[1::2])]}
+
+
+CHAT = turns("user", "Name a colour.", "assistant", "Blue.")
+CHAT2 = turns("system", "Be brief.", "user", "Name a fruit.", "assistant", "Apple.")
+SHARE = turns("human", "Hi", "gpt", "Hello!", "human", "Bye", "gpt", "Bye!", key="conversations", role="from",
+              content="value")
 
 
 @dataclass(frozen=True)
@@ -107,18 +142,23 @@ def kept_records(out_dir: Path) -> list[dict[str, Any]]:
 # --- per-case extra checks -------------------------------------------------
 
 
+def user_texts(out_dir: Path) -> set[str]:
+    return {m["content"] for r in kept_records(out_dir) for m in r["messages"] if m["role"] == "user"}
+
+
 def check_control_chars_kept(out_dir: Path) -> None:
-    texts = {r["instruction"] for r in kept_records(out_dir)}
+    texts = user_texts(out_dir)
     assert "nul\x00here" in texts and "esc \x1b[31mred" in texts
 
 
 def check_crlf_normalized(out_dir: Path) -> None:
     [row] = kept_records(out_dir)
-    assert row["instruction"] == "line one\nline two" and row["output"] == "a\nb"
+    assert row["messages"] == [{"role": "user", "content": "line one\nline two"},
+                               {"role": "assistant", "content": "a\nb"}]
 
 
 def check_ten_mb_kept(out_dir: Path) -> None:
-    lengths = sorted(len(r["instruction"]) for r in kept_records(out_dir))
+    lengths = sorted(len(text) for text in user_texts(out_dir))
     assert lengths[-1] == TEN_MB
 
 
@@ -137,7 +177,7 @@ def check_surrogate_reject_escaped(out_dir: Path) -> None:
 
 def check_later_duplicate_wins(out_dir: Path) -> None:
     [row] = kept_records(out_dir)
-    assert row["output"] == "third"
+    assert row["messages"][-1]["content"] == "third"
     assert [r["position"] for r in written(out_dir, REJECTS_FILE)] == [1, 2]
 
 
@@ -148,7 +188,22 @@ def check_duplicate_key_reject(out_dir: Path) -> None:
 
 
 def check_unicode_line_separator_kept(out_dir: Path) -> None:
-    assert {r["instruction"] for r in kept_records(out_dir)} >= {"a\u2028b"}
+    assert user_texts(out_dir) >= {"a\u2028b"}
+
+
+def check_broken_turns(out_dir: Path) -> None:
+    found = [(r["position"], r["reason"], r.get("detail")) for r in written(out_dir, REJECTS_FILE)]
+    assert found == [(line, reason, detail) for line, (_, reason, detail) in enumerate(_BROKEN_TURNS, start=2)]
+
+
+def check_csv_cells(out_dir: Path) -> None:
+    assert user_texts(out_dir) == {"Sort a, b and c.\n\nc, a, b", "Say \"hi\"\non two lines."}
+
+
+def check_roles_mapped(out_dir: Path) -> None:
+    roles = {tuple(m["role"] for m in r["messages"]) for r in kept_records(out_dir)}
+    assert roles == {("user", "assistant", "user", "assistant"), ("user", "assistant"),
+                     ("system", "user", "assistant")}
 
 
 # --- the corpus ------------------------------------------------------------
@@ -180,6 +235,38 @@ def _non_string_cases() -> list[Case]:
 
 
 _DEEP_ARRAY = "[" * DEEP + "]" * DEEP
+
+# Each broken conversation of a messages file, its reason and its detail, in file order (after
+# one good record on line 1).
+_BROKEN_TURNS: list[tuple[Any, str, str | None]] = [
+    (turns("user", "q", "assistant", "a", "user", "more?"), "last_turn_not_assistant", "messages[2]"),
+    (turns("user", "q", "user", "again", "assistant", "a"), "repeated_role", "messages[1]"),
+    (turns("user", "q", "assistant", "a", "assistant", "b"), "repeated_role", "messages[2]"),
+    (turns("assistant", "a", "user", "q", "assistant", "b"), "first_turn_not_user", "messages[0]"),
+    (turns("system", "s", "assistant", "a"), "first_turn_not_user", "messages[1]"),
+    (turns("user", "q", "system", "s", "assistant", "a"), "misplaced_system", "messages[1]"),
+    (turns("system", "s"), "last_turn_not_assistant", "messages[0]"),
+    (turns("user", " \r\n", "assistant", "a"), "empty_turn", "messages[0]"),
+    (turns("user", "q", "assistant", "\t"), "empty_turn", "messages[1]"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}]},
+     "content_not_string", "messages[0]"),
+    ({"messages": [{"role": "user", "content": None}]}, "content_not_string", "messages[0]"),
+    (turns("user", "q", "tool", "{}", "assistant", "a"), "tool_role", "messages[1]: role 'tool'"),
+    (turns("user", "q", "bot", "a"), "unknown_role", "messages[1]: role 'bot'"),
+    (turns("User", "q", "Assistant", "a"), "unknown_role", "messages[0]: role 'User'"),
+    ({"messages": [{"role": None, "content": "q"}]}, "unknown_role", "messages[0]: role None"),
+    ({"messages": [{"content": "q"}]}, "missing_role", "messages[0]: no 'role'"),
+    ({"messages": [{"role": "user", "text": "q"}]}, "missing_content", "messages[0]: no 'content'"),
+    ({"messages": ["user: q"]}, "turn_not_object", "messages[0] is a string"),
+    ({"messages": "user: q"}, "messages_not_list", "messages is a string"),
+    ({"messages": None}, "messages_not_list", "messages is null"),
+    ({"messages": []}, "empty_conversation", None),
+    ('{"messages": [{"role": "user", "content": "q\\ud800"}]}', "content_invalid_unicode", "messages[0]"),
+    ('{"messages": [{"role": "user", "role": "assistant", "content": "q"}]}', "turn_duplicate_key",
+     "messages[0]: 'role' given twice"),
+    ('{"messages": [], "messages": []}', "messages_duplicate_key", None),
+    ("7", "not_an_object", None),
+]
 
 CASES: list[Case] = [
     # -- syntax errors: file-level, named with the line ---------------------
@@ -585,6 +672,134 @@ CASES: list[Case] = [
         kept=1,
         rejected={"not_an_object": 1},
     ),
+    # -- shapes: detection per file ------------------------------------------
+    Case(
+        "mixed_shapes_alpaca_then_messages",
+        {"a.jsonl": jsonl(GOOD, GOOD2, CHAT)},
+        error=("line 3 has the messages (messages) shape but line 1 has the alpaca (instruction, input, output)",
+               "one shape per file", "--format"),
+    ),
+    Case(
+        "mixed_shapes_in_array",
+        {"a.json": array(CHAT, SHARE)},
+        error=("item 1 has the sharegpt (conversations) shape but item 0 has the messages",),
+    ),
+    Case(
+        "no_known_shape",
+        {"a.jsonl": jsonl({"question": "q", "answer": "a"}, {"text": "t"})},
+        error=("no record has a known shape (line 1 is an object with fields ['question', 'answer'])",
+               ("expected one of: alpaca (instruction, input, output), sharegpt (conversations), messages "
+                "(messages), prompt_completion (prompt, completion)")),
+    ),
+    Case("only_non_objects", {"a.jsonl": jsonl("3", "null")}, error=("no record has a known shape (line 1 is a number)",)),
+    Case(
+        "first_record_fits_two_shapes",
+        {"a.jsonl": jsonl({**GOOD, **CHAT}, GOOD2)},
+        error=("line 1 fits several shapes, alpaca (instruction, input, output) and messages (messages)",
+               "pass --format"),
+    ),
+    Case("later_record_fitting_two_shapes_is_read_as_the_first", {"a.jsonl": jsonl(GOOD, {**GOOD2, **CHAT})}, kept=2),
+    Case("second_source_mixes_shapes", {"a.jsonl": jsonl(CHAT), "b.json": array(SHARE, GOOD)}, names="b.json",
+         error=("item 1 has the alpaca",)),
+    Case("same_prompt_in_two_shapes_is_a_duplicate", {"a.jsonl": jsonl(GOOD), "b.jsonl": jsonl(CHAT, CHAT2)}, kept=2,
+         replaced=1),
+    # -- conversations ---------------------------------------------------------
+    Case(
+        "messages_every_broken_turn",
+        {"a.jsonl": jsonl(CHAT, *(record for record, _, _ in _BROKEN_TURNS))},
+        kept=1,
+        rejected=dict(Counter(reason for _, reason, _ in _BROKEN_TURNS)),
+        check=check_broken_turns,
+    ),
+    Case(
+        "sharegpt_tool_roles_rejected",
+        {"a.json": array(SHARE, turns("human", "q", "function_call", "{}", "observation", "{}", "gpt", "a",
+                                      key="conversations", role="from", content="value"))},
+        kept=1,
+        rejected={"tool_role": 1},
+    ),
+    Case(
+        "sharegpt_roles_mapped",
+        {"a.jsonl": jsonl(SHARE, turns("user", "q", "assistant", "a", key="conversations", role="from", content="value"),
+                          turns("system", "s", "human", "q", "gpt", "a", key="conversations", role="from",
+                                content="value"))},
+        kept=3,
+        check=check_roles_mapped,
+    ),
+    Case(
+        "sharegpt_openai_keys_are_missing_fields",
+        {"a.jsonl": jsonl(SHARE, turns("user", "q", "assistant", "a", key="conversations"))},
+        kept=1,
+        rejected={"missing_role": 1},
+    ),
+    Case(
+        "same_prompt_other_answer_is_a_duplicate",
+        {"a.jsonl": jsonl(CHAT2, turns("system", "Be brief.", "user", "Name a fruit.", "assistant", "Pear."))},
+        kept=1,
+        replaced=1,
+    ),
+    Case(
+        "prompt_completion_records",
+        {"a.jsonl": jsonl({"prompt": "p", "completion": "c"}, {"prompt": "p2", "completion": " "},
+                          {"prompt": ["x"], "completion": "c"}, {"completion": "c"})},
+        kept=1,
+        rejected={"empty_completion": 1, "prompt_not_string": 1, "missing_prompt": 1},
+    ),
+    # -- CSV, Parquet and gzip ----------------------------------------------------
+    Case(
+        "csv_alpaca_quoted_cells",
+        {"a.csv": b'instruction,input,output\r\n"Sort a, b and c.","c, a, b",a b c\r\n\r\n'
+                  b'"Say ""hi""\non two lines.",,Hi\r\n'},
+        kept=2,
+        check=check_csv_cells,
+    ),
+    Case(
+        "csv_messages_as_json_cells",
+        {"a.csv": csv_bytes(["id", "messages"], ["1", dumps(CHAT["messages"])], ["2", "user: hi"])},
+        kept=1,
+        rejected={"messages_not_list": 1},
+    ),
+    Case(
+        "csv_row_with_a_value_too_many",
+        {"a.csv": b"instruction,output\na,b\nc,d,e\n"},
+        error=("line 3 has 3 values but the header (line 1) has 2 columns",),
+    ),
+    Case(
+        "csv_unclosed_quote",
+        {"a.csv": b'instruction,output\na,"b\n\n'},
+        error=("invalid CSV at line 3 (in the row that starts at line 2)",),
+    ),
+    Case(
+        "csv_duplicate_column",
+        {"a.csv": b"instruction,output,output\na,b,c\n"},
+        error=("line 1: the header names column 'output' twice",),
+    ),
+    Case("csv_header_only", {"a.csv": b"instruction,output\n"}, error=("no records",)),
+    Case(
+        "csv_latin1",
+        {"a.csv": "instruction,output\ncaf\u00e9,o\n".encode("latin-1")},
+        error=("not valid UTF-8 at line 2",),
+    ),
+    Case(
+        "parquet_sharegpt",
+        {"a.parquet": parquet(SHARE, turns("system", "s", "human", "q", "gpt", "a", key="conversations", role="from",
+                                           content="value"))},
+        kept=2,
+    ),
+    Case(
+        "parquet_alpaca_nulls_and_bytes",
+        {"a.parquet": parquet({"instruction": " ", "output": "o", "blob": b"\xff\x00"},
+                              {"instruction": "i", "input": None, "output": None, "blob": None}, GOOD)},
+        kept=1,
+        rejected={"empty_instruction": 1, "output_not_string": 1},
+        check=lambda out_dir: written(out_dir, REJECTS_FILE)[0]["record"]["blob"] == "b'\\xff\\x00'",
+    ),
+    Case("parquet_not_parquet", {"a.parquet": jsonl(GOOD)}, error=("not a readable Parquet file",)),
+    Case("parquet_empty_file", {"a.parquet": b""}, error=("not a readable Parquet file",)),
+    Case("gzip_jsonl", {"a.jsonl.gz": gzip.compress(jsonl(GOOD, GOOD2))}, kept=2),
+    Case("gzip_csv", {"a.csv.gz": gzip.compress(b"prompt,completion\np,c\n")}, kept=1),
+    Case("gzip_truncated", {"a.json.gz": gzip.compress(array(GOOD))[:-10]}, error=("not valid gzip data",)),
+    Case("gzip_name_plain_content", {"a.jsonl.gz": jsonl(GOOD)}, error=("not valid gzip data",)),
     Case(
         "empty_source_next_to_good_one",
         {"a.jsonl": b"", "b.jsonl": jsonl(GOOD)},
@@ -665,7 +880,7 @@ def assert_report_adds_up(case: Case, out_dir: Path) -> None:
     assert Counter(r["reason"] for r in rejects) == expected_reasons
     kept = kept_records(out_dir)
     assert len(kept) == total["kept"] == report["train"] + report["val"]
-    assert all(set(r) == {"id", "instruction", "input", "output", "source"} for r in kept)
+    assert all(list(r) == ["id", "source", "messages"] for r in kept)
 
 
 # --- specific behaviours ---------------------------------------------------
@@ -728,12 +943,15 @@ def test_empty_and_rejected_sources_are_each_explained(tmp_path: Path) -> None:
         prepare([empty, bad], tmp_path / "out")
     message = str(info.value)
     assert f"{empty} (no records" in message
-    assert f"{bad} (2 read, all rejected: missing_output 1, not_an_object 1)" in message
+    assert f"{bad} (2 read, all rejected: missing_output 1, not_an_object 1; alpaca records need non-empty" in message
 
 
-# --- read_jsonl on hostile prepared files ----------------------------------
+# --- read_conversations on hostile prepared files -------------------------
 
-PREPARED_OK = '{"id": "1", "instruction": "a", "input": "", "output": "b", "source": "s"}'
+PREPARED_OK = '{"id": "1", "source": "s", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+OLD_LAYOUT_OK = '{"id": "1", "instruction": "a", "input": "", "output": "b", "source": "s"}'
+_USER = '{"role": "user", "content": "q"}'
+_ASSISTANT = '{"role": "assistant", "content": "a"}'
 
 
 @pytest.mark.parametrize(
@@ -752,6 +970,24 @@ PREPARED_OK = '{"id": "1", "instruction": "a", "input": "", "output": "b", "sour
         (r'{"instruction": "a\ud800", "output": "b"}', None, (":2: field 'instruction'", "lone surrogate")),
         ('{"instruction": ' + _DEEP_ARRAY + "}", None, (":2:", "nested too deeply")),
         ('{"instruction": "a", "output": "b", "n": ' + BIG_DIGITS + "}", None, (":2:", "digits")),
+        ("{}", None, (":2: field 'messages' must be a list of {\"role\", \"content\"} objects", "but it is missing")),
+        ('{"messages": "q"}', None, (":2: field 'messages' must be a list", "got a string")),
+        ('{"messages": []}', None, (":2: field 'messages' must be a list", "but it is empty")),
+        ('{"messages": ["q"]}', None, (":2: field 'messages'[0] must be an object with 'role' and 'content', got a string",)),
+        ('{"messages": [{"role": "tool", "content": "q"}]}', None,
+         (":2: field 'messages'[0].role must be one of system, user, assistant, got \"tool\"",)),
+        ('{"messages": [{"content": "q"}]}', None, (":2: field 'messages'[0].role must be one of", "got null")),
+        ('{"messages": [{"role": "user", "content": 3}]}', None,
+         (":2: field 'messages'[0].content must be a string, got a number",)),
+        ('{"messages": [{"role": "user"}]}', None, (":2: field 'messages'[0].content must be a string, but it is missing",)),
+        (r'{"messages": [{"role": "user", "content": "\udfff"}]}', None, (":2: field 'messages'[0].content", "lone surrogate")),
+        (f'{{"messages": [{_USER}]}}', None,
+         (":2: field 'messages' has a last turn that is not the assistant's (at [0])", "ending with a assistant turn")),
+        (f'{{"messages": [{_USER}, {_USER}, {_ASSISTANT}]}}', None, (":2: field 'messages' has two turns of one role in a row (at [1])",)),
+        (f'{{"messages": [{_ASSISTANT}]}}', None, (":2: field 'messages' has a first turn", "(at [0])")),
+        (f'{{"messages": [{_USER}, {{"role": "system", "content": "s"}}, {_ASSISTANT}]}}', None, ("a system turn that is not the first turn (at [1])",)),
+        (f'{{"id": 5, "messages": [{_USER}, {_ASSISTANT}]}}', None, (":2: field 'id' must be a string, got a number",)),
+        (f'{{"source": ["s"], "messages": [{_USER}, {_ASSISTANT}]}}', None, (":2: field 'source' must be a string, got an array",)),
     ],
     ids=[
         "array_line",
@@ -767,35 +1003,45 @@ PREPARED_OK = '{"id": "1", "instruction": "a", "input": "", "output": "b", "sour
         "lone_surrogate",
         "deep_nesting",
         "huge_integer",
+        "empty_object",
+        "messages_string",
+        "messages_empty",
+        "turn_string",
+        "tool_role",
+        "missing_role",
+        "number_content",
+        "missing_content",
+        "lone_surrogate_content",
+        "trailing_user_turn",
+        "repeated_role",
+        "assistant_first",
+        "system_in_the_middle",
+        "number_id",
+        "list_source",
     ],
 )
-def test_read_jsonl_hostile_prepared_file(
+def test_read_conversations_hostile_prepared_file(
     tmp_path: Path, line: str | None, raw: bytes | None, fragments: tuple[str, ...]
 ) -> None:
-    from sft.dataset import read_jsonl
-
     path = tmp_path / "sft_train.jsonl"
     path.write_bytes((PREPARED_OK + "\n").encode() + (raw if raw is not None else (line + "\n").encode()))
     with pytest.raises(DataError) as info:
-        read_jsonl(path)
+        read_conversations(path)
     message = str(info.value)
     assert message.startswith(f"{path}:2")
     for fragment in fragments:
         assert fragment in message, (fragment, message)
 
 
-def test_read_jsonl_accepts_bom_crlf_null_input_and_line_separators(tmp_path: Path) -> None:
-    from sft.dataset import read_jsonl
-
+def test_read_conversations_accepts_bom_crlf_null_input_and_line_separators(tmp_path: Path) -> None:
     path = tmp_path / "sft_val.jsonl"
     second = '{"instruction": "a\u2028b", "input": null, "output": "c"}'
-    path.write_bytes(b"\xef\xbb\xbf" + (PREPARED_OK + "\r\n\r\n" + second + "\r\n").encode())
-    records = read_jsonl(path)
-    assert [r["instruction"] for r in records] == ["a", "a\u2028b"]
+    third = '{"messages": [{"role": "user", "content": "d\u2029e"}, {"role": "assistant", "content": "f"}]}'
+    path.write_bytes(b"\xef\xbb\xbf" + f"{OLD_LAYOUT_OK}\r\n\r\n{second}\r\n{PREPARED_OK}\r\n{third}\r\n".encode())
+    records = read_conversations(path)
+    assert [r["messages"][0]["content"] for r in records] == ["a", "a\u2028b", "a", "d\u2029e"]
 
 
-def test_read_jsonl_directory_is_named(tmp_path: Path) -> None:
-    from sft.dataset import read_jsonl
-
+def test_read_conversations_directory_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="is a directory"):
-        read_jsonl(tmp_path)
+        read_conversations(tmp_path)

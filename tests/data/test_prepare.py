@@ -1,4 +1,4 @@
-"""Tests for normalizing, de-duplicating, splitting and writing SFT data."""
+"""Tests for normalizing, de-duplicating, splitting and writing SFT data (Alpaca sources)."""
 
 from __future__ import annotations
 
@@ -11,30 +11,34 @@ from typing import Any
 
 import pytest
 
-from sft.data.prepare import (
-    REJECTS_FILE,
-    REPORT_FILE,
-    TRAIN_FILE,
-    VAL_FILE,
-    RecordRejected,
-    is_val,
-    main,
-    normalize_record,
-    normalize_text,
-    prepare,
-    record_id,
-)
-from sft.data.sources import DataError
+from sft.data.formats import RecordRejected, alpaca_fields, normalize_text, record_id
+from sft.data.prepare import REJECTS_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE, is_val, main, prepare
+from sft.errors import DataError
 
 
 def rid(instruction: str, input_text: str = "") -> str:
     """Independent reimplementation of the documented id rule."""
-    key = f"{instruction}\x1f{input_text}".encode("utf-8")
+    key = f"{instruction}\x1f{input_text}".encode()
     return hashlib.sha256(key).hexdigest()[:16]
 
 
 def rec(instruction: Any, output: Any = "out", **extra: Any) -> dict[str, Any]:
     return {"instruction": instruction, "output": output, **extra}
+
+
+def messages(instruction: str, output: str = "out", input_text: str = "") -> list[dict[str, str]]:
+    """The prepared conversation of an Alpaca record, by the documented rule."""
+    user = f"{instruction}\n\n{input_text}" if input_text else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def prepared(instruction: str, source: Path, output: str = "out", input_text: str = "") -> dict[str, Any]:
+    return {"id": rid(instruction, input_text), "source": str(source),
+            "messages": messages(instruction, output, input_text)}
+
+
+def answer(row: dict[str, Any]) -> str:
+    return row["messages"][-1]["content"]
 
 
 def write_json(path: Path, items: list[Any]) -> Path:
@@ -93,13 +97,13 @@ def test_normalize_text_is_idempotent() -> None:
         assert unicodedata.is_normalized("NFC", once)
 
 
-# --- normalize_record -----------------------------------------------------
+# --- alpaca_fields ---------------------------------------------------------
 
 
-def test_normalize_record_defaults_input_and_ignores_extra_fields() -> None:
-    assert normalize_record(rec(" do \r\n it ", "done", extra=1)) == ("do \n it", "", "done")
-    assert normalize_record(rec("do", "done", input=None)) == ("do", "", "done")
-    assert normalize_record(rec("do", "done", input=" x ")) == ("do", "x", "done")
+def test_alpaca_fields_defaults_input_and_ignores_extra_fields() -> None:
+    assert alpaca_fields(rec(" do \r\n it ", "done", extra=1)) == ("do \n it", "", "done")
+    assert alpaca_fields(rec("do", "done", input=None)) == ("do", "", "done")
+    assert alpaca_fields(rec("do", "done", input=" x ")) == ("do", "x", "done")
 
 
 @pytest.mark.parametrize(
@@ -119,9 +123,9 @@ def test_normalize_record_defaults_input_and_ignores_extra_fields() -> None:
         (rec("", None), "empty_instruction"),
     ],
 )
-def test_normalize_record_rejects(item: Any, reason: str) -> None:
+def test_alpaca_fields_rejects(item: Any, reason: str) -> None:
     with pytest.raises(RecordRejected) as info:
-        normalize_record(item)
+        alpaca_fields(item)
     assert info.value.reason == reason
 
 
@@ -141,16 +145,12 @@ def test_json_and_jsonl_sources_are_merged(tmp_path: Path) -> None:
     files = outputs(tmp_path / "out")
     written = sorted(files["train"] + files["val"], key=lambda r: r["id"])
     rows = [("A1", "in", a), ("A2", "", a), ("B1", "", b)]
-    expected = sorted(
-        (
-            {"id": rid(i, x), "instruction": i, "input": x, "output": "out", "source": str(s)}
-            for i, x, s in rows
-        ),
-        key=lambda r: r["id"],
-    )
+    expected = sorted((prepared(i, s, input_text=x) for i, x, s in rows), key=lambda r: r["id"])
     assert written == expected
-    assert [list(r) for r in written] == [["id", "instruction", "input", "output", "source"]] * 3
+    assert [list(r) for r in written] == [["id", "source", "messages"]] * 3
+    assert written[[r["id"] for r in written].index(rid("A1", "in"))]["messages"][0]["content"] == "A1\n\nin"
     assert report["total"] == {"read": 3, "kept": 3, "rejected": {}, "replaced": 0}
+    assert [s["format"] for s in report["sources"]] == ["alpaca", "alpaca"]
     assert report["train"] + report["val"] == 3
 
 
@@ -163,13 +163,7 @@ def test_output_is_normalized_and_unicode_kept_readable(tmp_path: Path) -> None:
     assert "caf\u00e9\\nx" in text  # NFC, CRLF -> \n, stripped, not \u-escaped
     assert "\r" not in text and "\\r" not in text
     [row] = [json.loads(line) for line in text.splitlines()]
-    assert row == {
-        "id": rid("caf\u00e9\nx"),
-        "instruction": "caf\u00e9\nx",
-        "input": "",
-        "output": "r\u00e9ponse",
-        "source": str(src),
-    }
+    assert row == prepared("caf\u00e9\nx", src, "r\u00e9ponse")
 
 
 def test_rejects_are_counted_exactly_and_written(tmp_path: Path) -> None:
@@ -190,6 +184,7 @@ def test_rejects_are_counted_exactly_and_written(tmp_path: Path) -> None:
     assert report["sources"] == [
         {
             "path": str(src),
+            "format": "alpaca",
             "read": 10,
             "kept": 2,
             "rejected": {
@@ -236,16 +231,16 @@ def test_duplicate_across_sources_later_wins(tmp_path: Path) -> None:
     )
     report = prepare([original, cleaned], tmp_path / "out")
     assert report["sources"] == [
-        {"path": str(original), "read": 3, "kept": 1, "rejected": {}, "replaced": 2},
-        {"path": str(cleaned), "read": 3, "kept": 3, "rejected": {}, "replaced": 0},
+        {"path": str(original), "format": "alpaca", "read": 3, "kept": 1, "rejected": {}, "replaced": 2},
+        {"path": str(cleaned), "format": "alpaca", "read": 3, "kept": 3, "rejected": {}, "replaced": 0},
     ]
     assert report["total"] == {"read": 6, "kept": 4, "rejected": {}, "replaced": 2}
     files = outputs(tmp_path / "out")
     by_id = {r["id"]: r for r in files["train"] + files["val"]}
     assert set(by_id) == {rid("Q1"), rid("Q2"), rid("Q3", "in"), rid("Q4")}
-    assert by_id[rid("Q1")]["output"] == "new answer"
+    assert answer(by_id[rid("Q1")]) == "new answer"
     assert by_id[rid("Q1")]["source"] == str(cleaned)
-    assert by_id[rid("Q3", "in")]["output"] == "new"
+    assert answer(by_id[rid("Q3", "in")]) == "new"
     assert by_id[rid("Q2")]["source"] == str(original)
     assert files["rejects"] == [
         {
@@ -271,13 +266,14 @@ def test_duplicate_within_one_source_last_wins(tmp_path: Path) -> None:
     report = prepare([src], tmp_path / "out")
     assert report["sources"][0] == {
         "path": str(src),
+        "format": "alpaca",
         "read": 4,
         "kept": 2,
         "rejected": {},
         "replaced": 2,
     }
     files = outputs(tmp_path / "out")
-    assert {r["id"]: r["output"] for r in files["train"] + files["val"]} == {
+    assert {r["id"]: answer(r) for r in files["train"] + files["val"]} == {
         rid("Q"): "third",
         rid("other"): "out",
     }
@@ -444,10 +440,8 @@ def test_main_success_prints_summary(tmp_path: Path, capsys: pytest.CaptureFixtu
     captured = capsys.readouterr()
     assert captured.err == ""
     lines = captured.out.splitlines()
-    assert lines[0] == (
-        f"{a}: read 3, kept 1, rejected 1 (empty_instruction 1), replaced 1"
-    )
-    assert lines[1] == f"{b}: read 1, kept 1, rejected 0, replaced 0"
+    assert lines[0] == f"{a} (alpaca): read 3, kept 1, rejected 1 (empty_instruction 1), replaced 1"
+    assert lines[1] == f"{b} (alpaca): read 1, kept 1, rejected 0, replaced 0"
     assert lines[2] == "total: read 4, kept 2, rejected 1 (empty_instruction 1), replaced 1"
     assert lines[3].startswith("split: train ") and "(val fraction 0.5, seed 42)" in lines[3]
     assert f"wrote {out_dir / TRAIN_FILE}" in lines

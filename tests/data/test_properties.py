@@ -10,25 +10,25 @@ its own properties are checked here).
 
 from __future__ import annotations
 
+import csv
+import gzip
+import io
 import json
 import tempfile
 import unicodedata
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sft.data.prepare import (
-    REJECTS_FILE,
-    REPORT_FILE,
-    TRAIN_FILE,
-    VAL_FILE,
-    normalize_text,
-    prepare,
-)
-from sft.data.sources import DataError, iter_records
+from sft.data.formats import normalize_text
+from sft.data.prepare import REJECTS_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE, prepare
+from sft.data.sources import iter_records
+from sft.errors import DataError
 
 # Modest example counts keep these files well under the suite's time budget;
 # database=None keeps hypothesis from writing a .hypothesis/ folder.
@@ -81,8 +81,8 @@ _items_with_valid = st.tuples(_items, _valid_record, st.integers(0, 25)).map(
 )
 
 
-def model_key(item: Any) -> tuple[str, str] | None:
-    """The documented de-dup key of a valid record, or None if it must be rejected."""
+def model_key(item: Any) -> str | None:
+    """The documented de-dup key of a valid Alpaca record (its user turn), or None if rejected."""
     if not isinstance(item, dict):
         return None
     instruction, output, input_text = item.get("instruction"), item.get("output"), item.get("input")
@@ -92,7 +92,17 @@ def model_key(item: Any) -> tuple[str, str] | None:
         return None
     if not normalize_text(instruction) or not normalize_text(output):
         return None
-    return normalize_text(instruction), normalize_text(input_text or "")
+    input_text = normalize_text(input_text or "")
+    return normalize_text(instruction) + (f"\n\n{input_text}" if input_text else "")
+
+
+def fits_alpaca(items: list[Any]) -> bool:
+    """Whether any item has an Alpaca field: a file where none does has no known shape."""
+    return any(isinstance(item, dict) and ("instruction" in item or "output" in item) for item in items)
+
+
+def user_text(row: dict[str, Any]) -> str:
+    return "\n\n".join(m["content"] for m in row["messages"] if m["role"] == "user")
 
 
 def write_source(path: Path, items: list[Any], fmt: str) -> Path:
@@ -135,7 +145,8 @@ def test_prepare_is_deterministic_conserves_counts_and_keeps_one_per_key(
         root = Path(tmp)
         src = write_source(root / f"s.{fmt}", items, fmt)
         if not keys:
-            with pytest.raises(DataError, match="no usable records"):
+            expected = "no usable records" if fits_alpaca(items) or not items else "no record has a known shape"
+            with pytest.raises(DataError, match=expected):
                 prepare([src], root / "out1")
             return
         report = prepare([src], root / "out1", val_fraction=0.3, seed=5)
@@ -148,7 +159,7 @@ def test_prepare_is_deterministic_conserves_counts_and_keeps_one_per_key(
         assert total["read"] == len(items)
         assert total["kept"] == len(keys) == report["train"] + report["val"]
         rows = [row for rows in kept_rows(root / "out1").values() for row in rows]
-        assert {(row["instruction"], row["input"]) for row in rows} == keys
+        assert {user_text(row) for row in rows} == keys
         assert len(rows) == len(keys)
         rejects = read_lines(root / "out1" / REJECTS_FILE)
         assert len(rejects) == sum(total["rejected"].values()) + total["replaced"]
@@ -160,11 +171,12 @@ def test_prepare_is_deterministic_conserves_counts_and_keeps_one_per_key(
 def test_later_source_wins_and_adding_records_never_moves_a_split(
     first: list[Any], second: list[Any]
 ) -> None:
+    assume(fits_alpaca(second) or not second)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         src1 = write_source(root / "first.jsonl", first, "jsonl")
         src2 = write_source(root / "second.json", second, "json")
-        expected: dict[tuple[str, str], tuple[str, str]] = {}
+        expected: dict[str, tuple[str, str]] = {}
         for src, items in ((src1, first), (src2, second)):
             for item in items:
                 key = model_key(item)
@@ -176,7 +188,7 @@ def test_later_source_wins_and_adding_records_never_moves_a_split(
         check_balance(report)
 
         rows = [row for rows in kept_rows(root / "both").values() for row in rows]
-        winners = {(row["instruction"], row["input"]): (row["output"], row["source"]) for row in rows}
+        winners = {user_text(row): (row["messages"][-1]["content"], row["source"]) for row in rows}
         assert winners == expected
 
         before, after = split_of_ids(root / "alone"), split_of_ids(root / "both")
@@ -219,3 +231,79 @@ def test_iter_records_round_trips_any_json_items(
         path = Path(tmp) / f"items.{fmt}"
         path.write_text(data, encoding="utf-8", newline="")
         assert list(iter_records(path)) == expected
+
+
+# --- conversations -----------------------------------------------------------
+
+_ROLES = ["system", "user", "assistant", "user", "assistant", "tool", "User"]
+_turn = st.fixed_dictionaries(
+    {"role": st.sampled_from(_ROLES), "content": st.one_of(_text, _text, _text, st.sampled_from([*_BLANKS, None, 3]))}
+)
+_chat = st.fixed_dictionaries({"messages": st.lists(_turn, max_size=6)}, optional={"extra": st.integers()})
+
+
+def model_conversation(item: dict[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """The documented key of a valid conversation (its non-assistant turns), or None if rejected."""
+    turns = item["messages"]
+    if not turns or any(t["role"] not in ("system", "user", "assistant") for t in turns):
+        return None
+    if any(not isinstance(t["content"], str) or not normalize_text(t["content"]) for t in turns):
+        return None
+    roles = [t["role"] for t in turns]
+    body = roles[1:] if roles[0] == "system" else roles
+    if not body or body != ["user", "assistant"] * (len(body) // 2) or len(body) % 2:
+        return None
+    return tuple((t["role"], normalize_text(t["content"])) for t in turns if t["role"] != "assistant")
+
+
+@SETTINGS
+@given(first=st.lists(_chat, min_size=1, max_size=25), second=st.lists(_chat, max_size=10))
+def test_conversations_keep_exactly_the_valid_ones_and_the_later_wins(
+    first: list[dict[str, Any]], second: list[dict[str, Any]]
+) -> None:
+    expected: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        sources = [write_source(root / "a.jsonl", first, "jsonl"), write_source(root / "b.json", second, "json")]
+        for src, items in zip(sources, (first, second)):
+            for item in items:
+                key = model_conversation(item)
+                if key is not None:
+                    expected[key] = (normalize_text(item["messages"][-1]["content"]), str(src))
+        if not expected:
+            with pytest.raises(DataError, match="no usable records"):
+                prepare(sources, root / "out")
+            return
+        report = prepare(sources, root / "out", val_fraction=0.5, seed=3)
+        check_balance(report)
+        assert [s["format"] for s in report["sources"]] == ["messages", "messages" if second else None]
+        rows = [row for rows in kept_rows(root / "out").values() for row in rows]
+        winners = {
+            tuple((m["role"], m["content"]) for m in row["messages"] if m["role"] != "assistant"):
+            (row["messages"][-1]["content"], row["source"])
+            for row in rows
+        }
+        assert winners == expected and len(rows) == len(expected)
+
+
+# --- reading CSV and Parquet ------------------------------------------------------
+
+_cell = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+_rows = st.lists(st.fixed_dictionaries({"a": _cell, "b": _cell}), max_size=6)
+
+
+@SETTINGS
+@given(rows=_rows, compressed=st.booleans())
+def test_csv_and_parquet_round_trip_any_text(rows: list[dict[str, str]], compressed: bool) -> None:
+    text = io.StringIO()
+    writer = csv.DictWriter(text, ["a", "b"])
+    writer.writeheader()
+    writer.writerows(rows)
+    table = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("a", pa.string()), ("b", pa.string())])), table)
+    files = {"rows.csv": text.getvalue().encode("utf-8"), "rows.parquet": table.getvalue()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            path = Path(tmp) / (name + ".gz" if compressed else name)
+            path.write_bytes(gzip.compress(data) if compressed else data)
+            assert [row for _, row in iter_records(path)] == rows

@@ -1,13 +1,18 @@
-"""Tests for reading Alpaca-format source files."""
+"""Tests for reading source files: JSON, JSONL, CSV and Parquet, plain or gzip-compressed."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from sft.data.sources import DataError, iter_records
+from sft.data.sources import CsvRecord, iter_records, read_source
+from sft.errors import DataError
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -128,3 +133,44 @@ def test_invalid_utf8_is_an_error(tmp_path: Path) -> None:
 
 def test_data_error_is_a_value_error() -> None:
     assert issubclass(DataError, ValueError)
+
+
+# --- CSV, Parquet and gzip --------------------------------------------------------------------
+
+
+def test_csv_positions_are_the_lines_where_rows_start(tmp_path: Path) -> None:
+    path = write(tmp_path / "data.csv", 'instruction,output\n"two\nlines",a\n\nb,"c"\n')
+    source = read_source(path)
+    assert source.unit == "line"
+    assert source.items == [(2, {"instruction": "two\nlines", "output": "a"}), (5, {"instruction": "b", "output": "c"})]
+    assert all(isinstance(item, CsvRecord) for _, item in source.items)
+
+
+def test_csv_cells_holding_json_lists_or_objects_are_read_as_such() -> None:
+    row = CsvRecord({"messages": '[{"role": "user"}]', "meta": '{"a": 1}', "answer": "42", "text": "[not json"})
+    assert row.structured("messages") == [{"role": "user"}]
+    assert row.structured("meta") == {"a": 1}
+    assert row.structured("answer") == "42"
+    assert row.structured("text") == "[not json"
+    assert row.structured("missing") is None
+
+
+def test_parquet_positions_are_rows_and_nested_columns_are_lists(tmp_path: Path) -> None:
+    rows = [{"messages": [{"role": "user", "content": "q"}]}, {"messages": []}]
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    path = tmp_path / "data.parquet"
+    path.write_bytes(gzip.compress(buffer.getvalue()))
+    with pytest.raises(DataError, match="not a readable Parquet file"):  # the name does not say gzip
+        read_source(path)
+    path = path.rename(tmp_path / "data.parquet.gz")
+    source = read_source(path)
+    assert (source.unit, source.items) == ("row", [(0, rows[0]), (1, rows[1])])
+    assert source.where(1) == "row 1"
+
+
+def test_gzip_json_keeps_content_detection(tmp_path: Path) -> None:
+    path = tmp_path / "data.json.gz"
+    path.write_bytes(gzip.compress(b'{"a": 1}\n{"a": 2}\n'))
+    source = read_source(path)
+    assert (source.unit, source.items) == ("line", [(1, {"a": 1}), (2, {"a": 2})])

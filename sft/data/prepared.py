@@ -1,0 +1,174 @@
+"""The one reader of prepared files: conversations for SFT, preference pairs for DPO.
+
+Prepared files are what ``prepare_sft_data.py`` and ``prepare_dpo_data.py`` write, one JSON object
+a line; training and evaluation read them only through here, so a broken file is stopped with
+one message naming the file, the line and the field, before a model is loaded.
+
+A conversation line is ``{"id", "source", "messages": [{"role", "content"}, ...]}``; a line of the
+older Alpaca layout, ``{"id", "instruction", "input", "output", "source"}``, still reads, as the
+conversation of one user turn (the instruction, then the input after a blank line when there is
+one) and one assistant turn. A preference line is ``{"id", "source", "prompt": [messages ending
+with a user turn], "chosen": "text", "rejected": "text"}``. Roles are system, user and assistant:
+an optional system turn first, then user and assistant turns alternating.
+
+Text is returned as written: prepare has normalized it already, and a reader that changed text
+would make training differ from the file a person inspects. An ``id`` that is absent is the one
+prepare would have given the record; a ``source`` that is absent is None.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sft.data.formats import (
+    ROLES,
+    TURN_ORDER_PROBLEMS,
+    alpaca_user_text,
+    conversation_id,
+    record_id,
+    turn_order_problem,
+)
+from sft.data.sources import describe_json_type
+from sft.errors import DataError
+
+_ALPACA_FIELDS = ("instruction", "input", "output")
+
+
+def read_conversations(path: str | Path) -> list[dict[str, Any]]:
+    """The conversations of a prepared SFT file, as ``{"id", "source", "messages"}`` dicts.
+
+    Anything unusable raises DataError naming the file, the line and, for a bad field, the field
+    and what was expected: a missing file, invalid UTF-8, a line that is not JSON (or nests too
+    deeply to parse), a line that is not an object, a ``messages`` list whose turns are not
+    ``{"role", "content"}`` objects of a known role and string content or break the turn order
+    (ending with an assistant turn), an older-layout ``instruction`` or ``output`` that is not a
+    string or an ``input`` that is neither a string nor null, text holding a lone surrogate, or an
+    ``id`` or ``source`` that is not a string.
+    """
+    return [_conversation(where, record) for where, record in _lines(Path(path), "prepare_sft_data.py")]
+
+
+def read_preferences(path: str | Path) -> list[dict[str, Any]]:
+    """The pairs of a prepared DPO file, as ``{"id", "source", "prompt", "chosen", "rejected"}`` dicts.
+
+    ``prompt`` is a list of messages ending with a user turn; ``chosen`` and ``rejected`` are the
+    two answers' texts. Problems raise DataError as :func:`read_conversations` does.
+    """
+    return [_preference(where, record) for where, record in _lines(Path(path), "prepare_dpo_data.py")]
+
+
+def _lines(path: Path, script: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("<path>:<line>", object)`` for every non-blank line of a prepared JSONL file."""
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; expected a prepared JSONL file")
+    if not path.is_file():
+        raise DataError(f"{path} not found: run `python scripts/{script}` first (or set train_file / val_file)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line_number = exc.object.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line_number}: not valid UTF-8 ({exc.reason}); expected UTF-8 JSONL, "
+                        f"as {script} writes") from None
+    # Split on "\n" only: str.splitlines would also split on U+2028 inside strings.
+    for line_number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}:{exc.colno}: not valid JSON: {exc.msg}") from None
+        except RecursionError:
+            raise DataError(f"{where}: not valid JSON: nested too deeply to parse; "
+                            f"expected a JSON object of strings") from None
+        except ValueError as exc:  # e.g. an integer literal longer than Python converts
+            raise DataError(f"{where}: not valid JSON: {exc}") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {describe_json_type(record)}")
+        yield where, record
+
+
+def _conversation(where: str, record: dict[str, Any]) -> dict[str, Any]:
+    """One line of a prepared SFT file as a conversation, whichever layout it has."""
+    if "messages" not in record and any(name in record for name in _ALPACA_FIELDS):
+        return _alpaca_conversation(where, record)
+    messages = _messages(where, record, "messages", last="assistant")
+    key = tuple((m["role"], m["content"]) for m in messages if m["role"] != "assistant")
+    return _header(where, record, lambda: conversation_id(key)) | {"messages": messages}
+
+
+def _alpaca_conversation(where: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A line of the older Alpaca layout as the conversation it always stood for."""
+    for name in ("instruction", "output", "input"):
+        if name != "input" or record.get(name) is not None:
+            _text(where, record, name)
+    instruction, output = record["instruction"], record["output"]
+    input_text = record.get("input") or ""
+    messages = [{"role": "user", "content": alpaca_user_text(instruction, input_text)},
+                {"role": "assistant", "content": output}]
+    return _header(where, record, lambda: record_id(instruction, input_text)) | {"messages": messages}
+
+
+def _preference(where: str, record: dict[str, Any]) -> dict[str, Any]:
+    """One line of a prepared DPO file."""
+    prompt = _messages(where, record, "prompt", last="user")
+    answers = {side: _text(where, record, side) for side in ("chosen", "rejected")}
+    key = tuple((m["role"], m["content"]) for m in prompt)
+    return _header(where, record, lambda: conversation_id(key)) | {"prompt": prompt} | answers
+
+
+def _header(where: str, record: dict[str, Any], default_id: Callable[[], str]) -> dict[str, Any]:
+    """The ``id`` (computed as prepare would where absent) and ``source`` (None where absent)."""
+    record_id_ = _text(where, record, "id") if "id" in record else default_id()
+    source = None if record.get("source") is None else _text(where, record, "source")
+    return {"id": record_id_, "source": source}
+
+
+def _text(where: str, record: dict[str, Any], key: str, field: str | None = None) -> str:
+    """``record[key]`` if it is usable text, else DataError naming ``field`` (default: the key)."""
+    name = field or repr(key)
+    value = record.get(key)
+    if key not in record:
+        raise DataError(f"{where}: field {name} must be a string, but it is missing")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name} must be a string, got {describe_json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{where}: field {name} must be valid Unicode text, but holds a lone surrogate "
+                        f"(an unpaired \\ud800-\\udfff escape)") from None
+    return value
+
+
+def _messages(where: str, record: dict[str, Any], key: str, last: str) -> list[dict[str, str]]:
+    """``record[key]`` as a list of messages in conversation order, ending with a ``last`` turn."""
+    value = record.get(key)
+    expected = f'a list of {{"role", "content"}} objects with role {", ".join(ROLES)}'
+    if not isinstance(value, list):
+        found = "it is missing" if key not in record else f"got {describe_json_type(value)}"
+        raise DataError(f"{where}: field {key!r} must be {expected}, but {found}")
+    if not value:
+        raise DataError(f"{where}: field {key!r} must be {expected}, but it is empty")
+    messages = []
+    for index, turn in enumerate(value):
+        field = f"{key!r}[{index}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: field {field} must be an object with 'role' and 'content', "
+                            f"got {describe_json_type(turn)}")
+        role = turn.get("role")
+        if role not in ROLES:
+            raise DataError(f"{where}: field {field}.role must be one of {', '.join(ROLES)}, got "
+                            f"{json.dumps(role) if isinstance(role, str) else describe_json_type(role)}")
+        messages.append({"role": role, "content": _text(where, turn, "content", f"{field}.content")})
+    problem = turn_order_problem([m["role"] for m in messages], last)
+    if problem is not None:
+        reason, index = problem
+        raise DataError(f"{where}: field {key!r} has {TURN_ORDER_PROBLEMS[reason]} (at [{index}]); expected "
+                        f"an optional system turn, then user and assistant turns alternating, ending with "
+                        f"a {last} turn")
+    return messages

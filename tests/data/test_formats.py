@@ -1,0 +1,226 @@
+"""The shapes of raw conversation records: each in every file type, detection, and a real demo set."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sft.data.formats import CONVERSATION, RecordRejected, choose_shape, shapes
+from sft.data.prepare import REJECTS_FILE, TRAIN_FILE, VAL_FILE, main, prepare
+from sft.data.sources import Source, read_source
+from sft.errors import DataError
+
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def chat(*pairs: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": content} for role, content in zip(pairs[::2], pairs[1::2])]
+
+
+def sharegpt(*pairs: str) -> dict[str, Any]:
+    return {"conversations": [{"from": role, "value": text} for role, text in zip(pairs[::2], pairs[1::2])]}
+
+
+# Per shape: raw records (two good ones, a later copy of the first prompt with another answer,
+# two broken ones), the conversations kept, and the reasons of the rejects, in file order.
+CASES: dict[str, tuple[list[dict[str, Any]], list[list[dict[str, str]]], list[str]]] = {
+    "alpaca": (
+        [{"instruction": "Add 2 and 2.", "input": "", "output": "5"},
+         {"instruction": "Sort these.", "input": "b, a", "output": "a, b"},
+         {"instruction": " Add 2 and 2.\r\n", "input": "", "output": "4"},
+         {"instruction": " ", "input": "", "output": "x"},
+         {"instruction": "Say hi.", "input": "", "output": "\t"}],
+        [chat("user", "Add 2 and 2.", "assistant", "4"), chat("user", "Sort these.\n\nb, a", "assistant", "a, b")],
+        ["duplicate_replaced", "empty_instruction", "empty_output"],
+    ),
+    "sharegpt": (
+        [sharegpt("system", "Be brief.", "human", "Hi", "gpt", "Hello", "human", "Bye", "gpt", "Bye"),
+         sharegpt("user", "Add 2 and 2.", "assistant", "4"),
+         sharegpt("system", "Be brief.", "human", "Hi", "gpt", "Hey", "human", "Bye", "gpt", "See you"),
+         sharegpt("human", "Hi", "gpt", "Hello", "human", "And?"),
+         sharegpt("human", "Weather?", "function_call", "{}", "observation", "{}", "gpt", "Sunny")],
+        [chat("system", "Be brief.", "user", "Hi", "assistant", "Hey", "user", "Bye", "assistant", "See you"),
+         chat("user", "Add 2 and 2.", "assistant", "4")],
+        ["duplicate_replaced", "last_turn_not_assistant", "tool_role"],
+    ),
+    "messages": (
+        [{"messages": chat("user", "Hi", "assistant", "Hello")},
+         {"messages": chat("system", "Be brief.", "user", "Add 2 and 2.", "assistant", "4")},
+         {"messages": chat("user", "Hi\r\n", "assistant", "Hey")},
+         {"messages": chat("user", "Hi", "user", "Hello?", "assistant", "Yes")},
+         {"messages": chat("user", "Hi", "assistant", " ")}],
+        [chat("user", "Hi", "assistant", "Hey"), chat("system", "Be brief.", "user", "Add 2 and 2.", "assistant", "4")],
+        ["duplicate_replaced", "repeated_role", "empty_turn"],
+    ),
+    "prompt_completion": (
+        [{"prompt": "Add 2 and 2.", "completion": "5"},
+         {"prompt": "Name a colour.", "completion": "Blue."},
+         {"prompt": "Add 2 and 2.", "completion": "4"},
+         {"prompt": "\n", "completion": "x"},
+         {"prompt": "Say hi.", "completion": ""}],
+        [chat("user", "Add 2 and 2.", "assistant", "4"), chat("user", "Name a colour.", "assistant", "Blue.")],
+        ["duplicate_replaced", "empty_prompt", "empty_completion"],
+    ),
+}
+
+
+def as_json(records: list[dict[str, Any]]) -> bytes:
+    return json.dumps(records, indent=1).encode()
+
+
+def as_jsonl(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def as_csv(records: list[dict[str, Any]]) -> bytes:
+    """CSV with a header; lists go into their cells as JSON text."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, list(records[0]))
+    writer.writeheader()
+    writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
+    return text.getvalue().encode()
+
+
+def as_parquet(records: list[dict[str, Any]]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(records), buffer)
+    return buffer.getvalue()
+
+
+WRITERS: dict[str, Callable[[list[dict[str, Any]]], bytes]] = {
+    "json": as_json, "jsonl": as_jsonl, "csv": as_csv, "parquet": as_parquet}
+
+
+def kept_messages(out_dir: Path) -> list[list[dict[str, str]]]:
+    rows = [json.loads(line) for name in (TRAIN_FILE, VAL_FILE)
+            for line in (out_dir / name).read_text(encoding="utf-8").splitlines()]
+    return sorted((row["messages"] for row in rows), key=json.dumps)
+
+
+@pytest.mark.parametrize("suffix", list(WRITERS))
+@pytest.mark.parametrize("shape", list(CASES))
+def test_every_shape_in_every_file_type(tmp_path: Path, shape: str, suffix: str) -> None:
+    records, kept, reasons = CASES[shape]
+    src = tmp_path / f"raw.{suffix}"
+    src.write_bytes(WRITERS[suffix](records))
+    report = prepare([src], tmp_path / "out")
+    rejected = {reason: 1 for reason in reasons if reason != "duplicate_replaced"}
+    assert report["sources"] == [{"path": str(src), "format": shape, "read": 5, "kept": 2,
+                                  "rejected": dict(sorted(rejected.items())), "replaced": 1}]
+    assert kept_messages(tmp_path / "out") == sorted(kept, key=json.dumps)
+    rejects = [json.loads(line) for line in (tmp_path / "out" / REJECTS_FILE).read_text().splitlines()]
+    positions = [position for position, _ in read_source(src).items]  # lines, items or rows
+    assert [(r["position"], r["reason"]) for r in rejects] == [
+        (positions[0], reasons[0]), (positions[3], reasons[1]), (positions[4], reasons[2])]
+    assert rejects[0]["replaced_by"] == {"source": str(src), "position": positions[2]}
+
+
+@pytest.mark.parametrize("shape", list(CASES))
+def test_format_flag_reads_a_shape_without_detection(tmp_path: Path, shape: str) -> None:
+    src = tmp_path / "raw.jsonl.gz"
+    src.write_bytes(gzip.compress(as_jsonl(CASES[shape][0])))
+    out_dir = tmp_path / "out"
+    assert main(["--source", str(src), "--out-dir", str(out_dir), "--format", shape]) == 0
+    assert json.loads((out_dir / "prepare_report.json").read_text())["total"]["kept"] == 2
+
+
+def test_format_flag_rejects_records_of_another_shape(tmp_path: Path) -> None:
+    src = tmp_path / "raw.jsonl"
+    src.write_bytes(as_jsonl(CASES["alpaca"][0][:2] + CASES["messages"][0][:1]))
+    report = prepare([src], tmp_path / "out", format_name="alpaca")
+    assert report["total"] == {"read": 3, "kept": 2, "rejected": {"missing_instruction": 1}, "replaced": 0}
+
+
+def test_unknown_format_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--format", "oasst"])
+    assert "invalid choice: 'oasst'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="format must be one of auto, alpaca, sharegpt, messages, prompt_completion"):
+        prepare([], tmp_path, format_name="oasst")
+
+
+# --- detection -----------------------------------------------------------------------------------
+
+
+def detect(items: list[Any], unit: str = "line") -> str | None:
+    shape = choose_shape(Source("f.jsonl", list(enumerate(items, start=1)), unit), CONVERSATION)
+    return None if shape is None else shape.name
+
+
+@pytest.mark.parametrize(
+    ("items", "name"),
+    [
+        ([{"instruction": "i", "output": "o"}], "alpaca"),
+        ([{"output": "o"}], "alpaca"),
+        (["junk", {}, {"conversations": []}], "sharegpt"),
+        ([{"messages": "not even a list"}, {"instruction": "i", "messages": []}], "messages"),
+        ([{"prompt": "p", "completion": "c", "meta": {"instruction": 1}}], "prompt_completion"),
+        ([{"prompt": "p", "chosen": "c", "rejected": "r"}], "prompt_completion"),
+        ([], None),
+    ],
+)
+def test_detection_by_the_first_record_of_a_known_shape(items: list[Any], name: str | None) -> None:
+    assert detect(items) == name
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        ([{"instruction": "i", "output": "o"}, {"prompt": "p", "completion": "c"}],
+         ("f.jsonl: line 2 has the prompt_completion (prompt, completion) shape but line 1 has the alpaca "
+         "(instruction, input, output) shape; expected one shape per file (split the file, or pass --format to "
+         "read every record as one shape)")),
+        ([{"messages": [], "conversations": []}],
+         ("f.jsonl: line 1 fits several shapes, sharegpt (conversations) and messages (messages); "
+         "pass --format to say which")),
+        ([{}, None], ("f.jsonl: no record has a known shape (line 1 is an object); expected one of: alpaca "
+                     "(instruction, input, output), sharegpt (conversations), messages (messages), "
+                     "prompt_completion (prompt, completion)")),
+        (["x" * 1000], "f.jsonl: no record has a known shape (line 1 is a string)"),
+    ],
+)
+def test_detection_errors_name_the_file_the_record_and_what_was_expected(items: list[Any], message: str) -> None:
+    with pytest.raises(DataError) as info:
+        detect(items)
+    assert str(info.value).startswith(message)
+
+
+def test_detection_names_records_by_their_unit() -> None:
+    with pytest.raises(DataError, match="row 2 has the messages .* but row 1 has the alpaca"):
+        detect([{"output": "o"}, {"messages": []}], unit="row")
+
+
+def test_reasons_carry_the_turn_they_are_about() -> None:
+    convert = shapes(CONVERSATION)["sharegpt"].convert
+    with pytest.raises(RecordRejected) as info:
+        convert(sharegpt("human", "q", "gpt", "a", "human", "q2", "observation", "{}"))
+    assert (info.value.reason, info.value.detail) == ("tool_role", "conversations[3]: from 'observation'")
+
+
+# --- a real multi-turn ShareGPT set -----------------------------------------------------------------
+
+
+def test_glaive_toolcall_demo_prepares_with_exact_counts(tmp_path: Path) -> None:
+    src = SHARED_DATA / "llamafactory" / "glaive_toolcall_en_demo.json.gz"
+    if not src.is_file():
+        pytest.skip(f"{src} is not on this machine")
+    report = prepare([src], tmp_path / "out")
+    # 153 conversations call a tool (rejected); of the other 147, 45 repeat the user turns of a
+    # later one (20 of them word for word), which leaves 102.
+    assert report["sources"] == [{"path": str(src), "format": "sharegpt", "read": 300, "kept": 102,
+                                  "rejected": {"tool_role": 153}, "replaced": 45}]
+    assert (report["train"], report["val"]) == (94, 8)
+    source = read_source(src)
+    assert sum(any(t["from"] in ("function_call", "observation") for t in item["conversations"])
+               for _, item in source.items) == 153
+    kept = kept_messages(tmp_path / "out")
+    assert sum(len(messages) for messages in kept) == 2 * sum(m["role"] == "user" for ms in kept for m in ms)
