@@ -68,13 +68,14 @@ SFT = Method(CONVERSATION, "prepare_sft_data.py", "sft_train.jsonl", "sft_val.js
              ("data/raw/alpaca_data.json", "data/raw/cleaned_data.json"), "data/processed",
              "Merge conversation sources (Alpaca, ShareGPT, OpenAI messages or prompt/completion records in JSON, "
              "JSONL, CSV or Parquet files), normalize and de-duplicate them, and write a deterministic train/val "
-             "split of conversations as JSONL, plus rejects.jsonl and prepare_report.json.")
+             "split of conversations as JSONL, plus rejects.jsonl and prepare_report.json. Duplicates are "
+             "conversations with the same non-assistant turns.")
 DPO = Method(PREFERENCE, "prepare_dpo_data.py", "dpo_train.jsonl", "dpo_val.jsonl",
              ("data/raw/dpo_en_demo.json",), "data/processed_dpo",
              "Merge preference sources (prompt/chosen/rejected as text, as TRL's conversational message lists, or "
              "as LLaMA-Factory's ShareGPT layout, in JSON, JSONL, CSV or Parquet files), normalize and "
              "de-duplicate them, and write a deterministic train/val split of pairs as JSONL, plus rejects.jsonl "
-             "and prepare_report.json.")
+             "and prepare_report.json. Duplicates are pairs with the same prompt (every turn before the answers).")
 
 TRAIN_FILE = SFT.train_file
 VAL_FILE = SFT.val_file
@@ -399,9 +400,8 @@ def build_parser(method: Method = SFT) -> argparse.ArgumentParser:
         allow_abbrev=False,
         description=method.summary,
         epilog=(
-            "Duplicates are matched on the normalized prompt (every turn but the answers); a record "
-            "in a later source replaces an earlier one, so list the cleaned set "
-            "last. Outputs are byte-identical across runs with the same inputs."
+            "Of duplicates (text compared after normalizing), the record in the later source wins, so "
+            "list a cleaned set last. Outputs are byte-identical across runs with the same inputs."
         ),
     )
     parser.add_argument(

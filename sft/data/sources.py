@@ -66,8 +66,9 @@ _WHITESPACE_RUN = re.compile(r"[ \t\r\n]*")
 _OBTAIN_HINT = (
     "Put the data there (the SFT defaults are alpaca_data.json from the Stanford Alpaca "
     "repository and cleaned_data.json from alpaca-cleaned), pass --source PATH, "
-    "or try the demo set: `sft fetch-demo-data` writes data/raw/alpaca_eval_demo.json "
-    "(then --source data/raw/alpaca_eval_demo.json)."
+    "or try a demo set: `sft fetch-demo-data` writes data/raw/alpaca_eval_demo.json "
+    "(then --source data/raw/alpaca_eval_demo.json), `sft fetch-demo-data --set dpo` writes the "
+    "preference pairs data/raw/dpo_en_demo.json."
 )
 
 _A_DATA_FILE = "a JSON, JSONL, CSV or Parquet file"
@@ -113,11 +114,12 @@ class CsvRecord(dict):  # type: ignore[type-arg]
         """The field ``name`` parsed as JSON where it holds a JSON array or object, else as is.
 
         Text that parses to anything else (``"42"``, ``"null"``) stays text: only lists and
-        objects need JSON in a CSV cell, and an answer that reads "42" is text.
+        objects need JSON in a CSV cell, and an answer that reads "42" is text. An empty cell is
+        None: a column that some rows leave empty (an optional list) holds nothing there.
         """
         value = self.get(name)
-        if not isinstance(value, str):
-            return value
+        if not value:
+            return None
         try:
             parsed = _DECODER.decode(value)
         except (ValueError, RecursionError):

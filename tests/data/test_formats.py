@@ -81,18 +81,25 @@ def as_jsonl(records: list[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in records).encode()
 
 
+def columns(records: list[dict[str, Any]]) -> list[str]:
+    """Every field of any record, in order of first appearance: a table needs them all."""
+    return list(dict.fromkeys(key for record in records for key in record))
+
+
 def as_csv(records: list[dict[str, Any]]) -> bytes:
-    """CSV with a header; lists go into their cells as JSON text."""
+    """CSV with a header; lists and objects go into their cells as JSON text, absent fields stay empty."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, list(records[0]))
+    writer = csv.DictWriter(text, columns(records))
     writer.writeheader()
-    writer.writerows({k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in records)
+    writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in records)
     return text.getvalue().encode()
 
 
 def as_parquet(records: list[dict[str, Any]]) -> bytes:
+    """A Parquet table; absent fields are nulls."""
     buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(records), buffer)
+    names = columns(records)
+    pq.write_table(pa.Table.from_pylist([{name: r.get(name) for name in names} for r in records]), buffer)
     return buffer.getvalue()
 
 

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sft.data.prepare import REJECTS_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE, _json_line, main
+from sft.data.prepare import DPO, REJECTS_FILE, REPORT_FILE, SFT, Method, _json_line, main
 from sft.data.prepared import read_conversations
 from sft.data.sources import DuplicateKeysObject, iter_records
 from sft.errors import DataError
@@ -118,6 +118,7 @@ class Case:
     rejected: dict[str, int] = field(default_factory=dict)
     replaced: int = 0
     check: Callable[[Path], None] | None = None  # extra assertions on the out dir
+    method: Method = SFT  # which preparation runs: conversations (SFT) or preference pairs (DPO)
 
     def source_names(self) -> tuple[str, ...]:
         return self.sources or tuple(self.files)
@@ -135,8 +136,8 @@ def _no_constants(name: str) -> Any:
     raise AssertionError(f"non-standard JSON literal {name} written")
 
 
-def kept_records(out_dir: Path) -> list[dict[str, Any]]:
-    return written(out_dir, TRAIN_FILE) + written(out_dir, VAL_FILE)
+def kept_records(out_dir: Path, method: Method = SFT) -> list[dict[str, Any]]:
+    return written(out_dir, method.train_file) + written(out_dir, method.val_file)
 
 
 # --- per-case extra checks -------------------------------------------------
@@ -194,6 +195,11 @@ def check_unicode_line_separator_kept(out_dir: Path) -> None:
 def check_broken_turns(out_dir: Path) -> None:
     found = [(r["position"], r["reason"], r.get("detail")) for r in written(out_dir, REJECTS_FILE)]
     assert found == [(line, reason, detail) for line, (_, reason, detail) in enumerate(_BROKEN_TURNS, start=2)]
+
+
+def check_broken_pairs(out_dir: Path) -> None:
+    found = [(r["position"], r["reason"], r.get("detail")) for r in written(out_dir, REJECTS_FILE)]
+    assert found == [(index, reason, detail) for index, (_, reason, detail) in enumerate(_BROKEN_PAIRS, start=1)]
 
 
 def check_csv_cells(out_dir: Path) -> None:
@@ -265,6 +271,30 @@ _BROKEN_TURNS: list[tuple[Any, str, str | None]] = [
     ('{"messages": [{"role": "user", "role": "assistant", "content": "q"}]}', "turn_duplicate_key",
      "messages[0]: 'role' given twice"),
     ('{"messages": [], "messages": []}', "messages_duplicate_key", None),
+    ("7", "not_an_object", None),
+]
+
+
+def _pair(*prompt: str, chosen: Any = "Hello!", rejected: Any = "Go away.") -> dict[str, Any]:
+    """A ShareGPT preference record: alternating ``role, text`` prompt turns and two answers."""
+    answers = {name: {"from": "gpt", "value": value} if isinstance(value, str) else value
+               for name, value in (("chosen", chosen), ("rejected", rejected)) if value is not None}
+    return turns(*prompt, key="conversations", role="from", content="value") | answers
+
+
+PAIR = _pair("human", "Hi")
+
+# Each broken ShareGPT preference pair, its reason and its detail, in file order (after one good
+# pair at item 0).
+_BROKEN_PAIRS: list[tuple[Any, str, str | None]] = [
+    (_pair("human", "Hi", chosen={"from": "human", "value": "Hello!"}), "repeated_role", "chosen"),
+    (_pair("human", "Hi", "gpt", "Hey"), "repeated_role", "chosen"),
+    (_pair("human", "Hi", rejected=None), "missing_rejected", None),
+    (_pair("human", "Hi", chosen=["Hello!"]), "chosen_not_object", "chosen is an array"),
+    (_pair("human", "Hi", chosen=" "), "empty_chosen", None),
+    (_pair("human", "Hi", chosen="Same.", rejected="Same.\r\n"), "chosen_equals_rejected", None),
+    (_pair("human", "Hi", "function_call", "{}"), "tool_role", "conversations[1]: from 'function_call'"),
+    (_pair(), "empty_prompt", None),
     ("7", "not_an_object", None),
 ]
 
@@ -800,6 +830,43 @@ CASES: list[Case] = [
     Case("gzip_csv", {"a.csv.gz": gzip.compress(b"prompt,completion\np,c\n")}, kept=1),
     Case("gzip_truncated", {"a.json.gz": gzip.compress(array(GOOD))[:-10]}, error=("not valid gzip data",)),
     Case("gzip_name_plain_content", {"a.jsonl.gz": jsonl(GOOD)}, error=("not valid gzip data",)),
+    # -- preference pairs (DPO) ------------------------------------------------
+    Case(
+        "dpo_every_broken_pair",
+        {"a.json": array(PAIR, *(record for record, _, _ in _BROKEN_PAIRS))},
+        kept=1,
+        rejected=dict(Counter(reason for _, reason, _ in _BROKEN_PAIRS)),
+        check=check_broken_pairs,
+        method=DPO,
+    ),
+    Case(
+        "dpo_mixed_shapes",
+        {"a.jsonl": jsonl({"prompt": "p", "chosen": "a", "rejected": "b"}, PAIR)},
+        error=("line 2 has the sharegpt (conversations, chosen, rejected) shape but line 1 has the standard",),
+        method=DPO,
+    ),
+    Case(
+        "dpo_given_an_sft_file",
+        {"a.json": array(GOOD, GOOD2)},
+        error=("no record has a known shape (item 0 is an object with fields ['instruction', 'output'])",
+               "expected one of: standard (prompt, chosen, rejected)"),
+        method=DPO,
+    ),
+    Case(
+        "dpo_csv_standard_and_a_later_duplicate",
+        {"a.csv": csv_bytes(["prompt", "chosen", "rejected"], ["Hi, you", "Hello, you!", "Go."], ["Hi, you", "Hey!", "No."]),
+         "b.parquet": parquet(PAIR, _pair("human", "Hi", "gpt", "Hey", "human", "Bye"))},
+        kept=3,
+        replaced=1,
+        method=DPO,
+    ),
+    Case(
+        "dpo_every_pair_rejected",
+        {"a.jsonl": jsonl({"prompt": "p", "chosen": "a", "rejected": "a"}, {"prompt": "p", "chosen": "a"})},
+        error=("no usable records", "2 read, all rejected: chosen_equals_rejected 1, missing_rejected 1",
+               "standard records need non-empty string \"prompt\", \"chosen\" and \"rejected\""),
+        method=DPO,
+    ),
     Case(
         "empty_source_next_to_good_one",
         {"a.jsonl": b"", "b.jsonl": jsonl(GOOD)},
@@ -833,7 +900,7 @@ def test_hostile_source(case: Case, tmp_path: Path, capsys: pytest.CaptureFixtur
     sources = build(case, tmp_path)
     out_dir = tmp_path / "out"
     argv = [arg for source in sources for arg in ("--source", source)]
-    code = main([*argv, "--out-dir", str(out_dir), "--val-fraction", "0.5"])
+    code = main([*argv, "--out-dir", str(out_dir), "--val-fraction", "0.5"], case.method)
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
     if case.error is not None:
@@ -878,9 +945,10 @@ def assert_report_adds_up(case: Case, out_dir: Path) -> None:
     if total["replaced"]:
         expected_reasons["duplicate_replaced"] = total["replaced"]
     assert Counter(r["reason"] for r in rejects) == expected_reasons
-    kept = kept_records(out_dir)
+    kept = kept_records(out_dir, case.method)
     assert len(kept) == total["kept"] == report["train"] + report["val"]
-    assert all(list(r) == ["id", "source", "messages"] for r in kept)
+    layout = ["id", "source", "messages"] if case.method is SFT else ["id", "source", "prompt", "chosen", "rejected"]
+    assert all(list(r) == layout for r in kept)
 
 
 # --- specific behaviours ---------------------------------------------------
