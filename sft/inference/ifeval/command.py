@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sft.config import ConfigError, StrictArgumentParser, build_config, saved_run_config
-from sft.data.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, record_messages, render_prompt
+from sft.data.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, render_prompt, with_system_prompt
 from sft.errors import run_command
 from sft.inference.generate import Answer, generate_greedy
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
@@ -143,8 +143,8 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     done = read_saved_answers(answers_file)
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
-        ids = [encode_prompt(tokenizer, render_prompt(tokenizer, record_messages(
-            {"instruction": p.prompt, "output": ""}, settings["system_prompt"])[:-1])) for p in todo]
+        ids = [encode_prompt(tokenizer, render_prompt(tokenizer, with_system_prompt(
+            [{"role": "user", "content": p.prompt}], settings["system_prompt"]))) for p in todo]
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"answering ({settings['model']})",
                    unit="answer", disable=None)
         started, seconds_before, new_tokens = time.perf_counter(), generation["seconds"], 0
