@@ -2,6 +2,7 @@
 
 from sft.data.formats import normalize_text
 from sft.data.prepare import prepare
+from sft.data.prepared import read_conversations, read_preferences
 from sft.errors import DataError
 
-__all__ = ["DataError", "normalize_text", "prepare"]
+__all__ = ["DataError", "normalize_text", "prepare", "read_conversations", "read_preferences"]

@@ -303,19 +303,17 @@ def alpaca_fields(item: Any) -> tuple[str, str, str]:
     return instruction, input_text, output
 
 
-def _from_alpaca(item: Any) -> Prepared:
+def _from_alpaca(item: dict[str, Any]) -> Prepared:
     instruction, input_text, output = alpaca_fields(item)
     messages = [{"role": "user", "content": alpaca_user_text(instruction, input_text)},
                 {"role": "assistant", "content": output}]
     return _conversation(messages, record_id(instruction, input_text))
 
 
-def _from_turn_list(name: str, layout: TurnLayout) -> Callable[[Any], Prepared]:
+def _from_turn_list(name: str, layout: TurnLayout) -> Callable[[dict[str, Any]], Prepared]:
     """The converter of a shape that holds the whole conversation as a list of turns in ``name``."""
 
-    def convert(item: Any) -> Prepared:
-        if not isinstance(item, dict):
-            raise RecordRejected("not_an_object")
+    def convert(item: dict[str, Any]) -> Prepared:
         turns = _turn_list(item, name, layout)
         if not turns:
             raise RecordRejected("empty_conversation")
@@ -324,9 +322,7 @@ def _from_turn_list(name: str, layout: TurnLayout) -> Callable[[Any], Prepared]:
     return convert
 
 
-def _from_prompt_completion(item: Any) -> Prepared:
-    if not isinstance(item, dict):
-        raise RecordRejected("not_an_object")
+def _from_prompt_completion(item: dict[str, Any]) -> Prepared:
     prompt = _required_text(item, "prompt")
     completion = _required_text(item, "completion")
     return _conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])
@@ -359,9 +355,7 @@ def _pair(prompt: list[Labeled], chosen: list[Labeled], rejected: list[Labeled])
     return Prepared({"prompt": shared, **answers}, key, conversation_id(key))
 
 
-def _from_standard_pair(item: Any) -> Prepared:
-    if not isinstance(item, dict):
-        raise RecordRejected("not_an_object")
+def _from_standard_pair(item: dict[str, Any]) -> Prepared:
     prompt = _required_text(item, "prompt")
     chosen, rejected = (_required_text(item, side) for side in ("chosen", "rejected"))
     return _pair([("prompt", {"role": "user", "content": prompt})],
@@ -369,17 +363,13 @@ def _from_standard_pair(item: Any) -> Prepared:
                  [("rejected", {"role": "assistant", "content": rejected})])
 
 
-def _from_conversational_pair(item: Any) -> Prepared:
-    if not isinstance(item, dict):
-        raise RecordRejected("not_an_object")
+def _from_conversational_pair(item: dict[str, Any]) -> Prepared:
     prompt = _turn_list(item, "prompt", OPENAI_TURNS, optional=True)
     chosen, rejected = (_turn_list(item, side, OPENAI_TURNS) for side in ("chosen", "rejected"))
     return _pair(prompt, chosen, rejected)
 
 
-def _from_sharegpt_pair(item: Any) -> Prepared:
-    if not isinstance(item, dict):
-        raise RecordRejected("not_an_object")
+def _from_sharegpt_pair(item: dict[str, Any]) -> Prepared:
     prompt = _turn_list(item, "conversations", SHAREGPT_TURNS)
     chosen, rejected = (_single_turn(item, side, SHAREGPT_TURNS) for side in ("chosen", "rejected"))
     return _pair(prompt, [chosen], [rejected])
@@ -389,6 +379,7 @@ def _from_sharegpt_pair(item: Any) -> Prepared:
 
 
 def _has_any(*names: str) -> Callable[[Mapping[str, Any]], bool]:
+    """Whether a record has any of the fields ``names``, whatever their values."""
     return lambda record: any(name in record for name in names)
 
 
@@ -411,9 +402,16 @@ class Shape:
     fields: tuple[str, ...]
     expects: str
     fits: Callable[[Mapping[str, Any]], bool]
-    convert: Callable[[Any], Prepared]
+    converter: Callable[[dict[str, Any]], Prepared]
+
+    def convert(self, item: Any) -> Prepared:
+        """The prepared record of one raw item, or :class:`RecordRejected` saying why not."""
+        if not isinstance(item, dict):
+            raise RecordRejected("not_an_object")
+        return self.converter(item)
 
     def label(self) -> str:
+        """The name and identifying fields, for messages: ``"alpaca (instruction, input, output)"``."""
         return f"{self.name} ({', '.join(self.fields)})"
 
 
