@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
                         help="longest answer, in tokens (default: %(default)s, as the reference)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts, for a quick look")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts answered together (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="prompts answered together; more is faster until memory runs short (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda (default: %(default)s)")
     return parser
 
@@ -143,8 +144,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     done = read_saved_answers(answers_file)
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
-        ids = [encode_prompt(tokenizer, render_prompt(tokenizer, with_system_prompt(
-            [{"role": "user", "content": p.prompt}], settings["system_prompt"]))) for p in todo]
+        ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"answering ({settings['model']})",
                    unit="answer", disable=None)
         started, seconds_before, new_tokens = time.perf_counter(), generation["seconds"], 0
@@ -170,6 +170,12 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     totals = {**generation, "answers": len(answered), "new_tokens": sum(r["new_tokens"] for r in answered),
               "finished": sum(r["finished"] for r in answered)}
     return {p.prompt: done[p.prompt]["response"] for p in prompts}, totals
+
+
+def encode_question(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
+    """The prompt token ids of a one-turn question, built by the same functions as training's."""
+    messages = with_system_prompt([{"role": "user", "content": question}], system_prompt)
+    return encode_prompt(tokenizer, render_prompt(tokenizer, messages))
 
 
 def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
