@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from sft.config import ConfigError, build_config
-from sft.modeling.devices import device_policy
+from sft.modeling.devices import DevicePolicy, device_policy
 from sft.modeling.models import check_4bit_supported
 from sft.recipes.sft import train
 from sft.training.loss import linear_cross_entropy_sum
@@ -100,6 +100,70 @@ def test_chunked_head_loss_under_bf16_autocast(hidden_dtype: torch.dtype) -> Non
     assert ours.dtype == torch.float32 and ours_grad.dtype == hidden_dtype
     torch.testing.assert_close(ours, reference, rtol=2e-3, atol=1e-2)
     torch.testing.assert_close(ours_grad.float(), hidden.grad.float(), rtol=2e-2, atol=2e-2)
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16], ids=["no-autocast", "bf16", "fp16"])
+@pytest.mark.parametrize("weight_dtype", DTYPES, ids=lambda d: f"head-{str(d)[6:]}")
+@pytest.mark.parametrize("hidden_dtype", DTYPES, ids=lambda d: f"hidden-{str(d)[6:]}")
+def test_head_loss_takes_any_mix_of_dtypes(hidden_dtype: torch.dtype, weight_dtype: torch.dtype,
+                                           autocast: torch.dtype | None) -> None:
+    """Every mix a precision policy can produce (LoRA layers in float32 over a bfloat16 base give
+    float32 hidden states against a bfloat16 head): the loss is float32 and near the float64 one,
+    and each gradient comes back in its input's dtype."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16).to(hidden_dtype).requires_grad_()
+    weight = torch.randn(50, 16).to(weight_dtype).requires_grad_()
+    targets = torch.randint(0, 50, (37,))
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        ours = linear_cross_entropy_sum(hidden, weight, targets, chunk_tokens=8)
+    ours.backward()
+    exact_hidden, exact_weight = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    reference = torch.nn.functional.cross_entropy(exact_hidden @ exact_weight.T, targets, reduction="sum")
+    reference.backward()
+    low_precision = {hidden_dtype, weight_dtype, autocast} & {torch.bfloat16, torch.float16}
+    tolerance = 3e-2 if low_precision else 1e-5
+    assert ours.dtype == torch.float32
+    assert (hidden.grad.dtype, weight.grad.dtype) == (hidden_dtype, weight_dtype)
+    torch.testing.assert_close(ours.double(), reference.detach(), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(hidden.grad.double(), exact_hidden.grad, rtol=10 * tolerance, atol=10 * tolerance)
+    torch.testing.assert_close(weight.grad.double(), exact_weight.grad, rtol=10 * tolerance, atol=10 * tolerance)
+
+
+CUDA_POLICIES_ON_CPU = {
+    "bf16-weights": DevicePolicy("cpu", torch.bfloat16, bf16=True, fp16=False),
+    "fp32-weights-fp16-autocast": DevicePolicy("cpu", torch.float32, bf16=False, fp16=True),
+}
+
+
+@pytest.mark.parametrize("policy", list(CUDA_POLICIES_ON_CPU))
+def test_each_cuda_precision_policy_trains_on_cpu(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, policy: str) -> None:
+    """The CUDA policies' weights and autocast, run on the CPU so CI catches dtype bugs without a
+    GPU (a bfloat16 base crashed the head loss on every GPU run while autocast-only tests passed):
+    a few steps train, the losses are finite and track float32's."""
+    import sft.training.stages
+
+    settings = dict(lora_dropout=0.0, max_steps=3)
+    train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "fp32", **settings)))
+    monkeypatch.setattr(sft.training.stages, "device_policy", lambda *args: CUDA_POLICIES_ON_CPU[policy])
+    run = train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / policy, **settings)))
+    assert (run.trainer.args.bf16, run.trainer.args.fp16) == (policy == "bf16-weights", policy != "bf16-weights")
+    losses = _losses(tmp_path / policy)
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert losses == pytest.approx(_losses(tmp_path / "fp32"), rel=5e-2)
+    assert (tmp_path / policy / "adapter_model.safetensors").is_file()
+
+
+def test_bf16_on_cpu_from_the_command_line_trains(tiny_model_dir: Path, data: tuple[Path, Path],
+                                                  tmp_path: Path) -> None:
+    """`--dtype bfloat16 --device cpu`: bfloat16 weights, slow on CPU but correct."""
+    run = train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "bf16", dtype="bfloat16",
+                                                      max_steps=2)))
+    assert run.trainer.args.bf16
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path / "bf16"))
 
 
 @needs_bitsandbytes

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from transformers import TrainerControl
 
 from sft.config import build_config
-from sft.recipes.sft import latest_complete_checkpoint, train
+from sft.recipes.sft import train
+from sft.training.checkpoints import latest_complete_checkpoint
 from sft.training.interrupt import GracefulInterrupt
 from tests.tiny import as_flags, logged, tiny_run_overrides
 

@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from sft.config import ConfigError, build_config
 from sft.errors import TrainingInterrupted, run_command
 from sft.modeling.models import ModelNotFoundError, load_adapter
-from sft.recipes.sft import latest_complete_checkpoint, main, train
+from sft.recipes.sft import main, train
+from sft.training.checkpoints import STAGING_DIR, latest_complete_checkpoint
 from sft.training.interrupt import SAME_INTERRUPT_SECONDS, GracefulInterrupt
-from sft.training.trainer import STAGING_DIR, NonFiniteLossError, SupervisedTrainer
+from sft.training.trainer import NonFiniteLossError, SupervisedTrainer
 from tests.tiny import build_tiny_model_dir, build_tokenizer, logged, tiny_run_overrides
 
 

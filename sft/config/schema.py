@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from sft.errors import ConfigError
+from sft.files import atomic_write_text
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "varlen_sdpa", "sdpa", "eager", "flash_attention_2")
 
@@ -100,10 +101,17 @@ class DataConfig:
     system_prompt: str | None = None
     """System message of every conversation, in training, evaluation and chat alike. None sends
     no system message, which leaves it to the chat template: SmolLM2's inserts "You are a helpful
-    AI assistant named SmolLM, trained by Hugging Face", TinyLlama's adds none."""
+    AI assistant named SmolLM, trained by Hugging Face", TinyLlama's adds none. A conversation
+    with its own system turn keeps that one."""
+    train_on: str = "all_assistant_turns"
+    """Which answers of a conversation are trained: all_assistant_turns (each with its end-of-turn
+    token; system and user turns are masked) or last_assistant_turn (earlier answers are context
+    only). Check with `sft inspect`."""
 
     def __post_init__(self) -> None:
         _require(self.max_seq_length >= 8, f"max_seq_length: must be >= 8, got {self.max_seq_length}")
+        _require(self.train_on in ("all_assistant_turns", "last_assistant_turn"),
+                 f"train_on: expected all_assistant_turns or last_assistant_turn, got {self.train_on!r}")
 
 
 @dataclass
@@ -205,8 +213,11 @@ class SFTConfig:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {group: dataclasses.asdict(getattr(self, group)) for group in GROUPS}
 
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        atomic_write_text(path, self.to_yaml())
 
 
 def saved_run_config(adapter_dir: str | Path) -> Path | None:

@@ -2,22 +2,30 @@
 
 The packing collator concatenates a micro-batch's examples into one row, with position ids that
 restart at 0 for each example and the boundaries as ``cu_seq_lens_q`` (cumulative lengths, as in
-FlashAttention's varlen API). Three ways keep attention inside each example:
+FlashAttention's varlen API) and as a Python list, ``packed_boundaries``. ``varlen_sdpa``, our
+attention function, keeps attention inside each example the cheapest way each device offers:
 
-- ``varlen_sdpa`` (ours, the default off CUDA): one causal SDPA call per example. On CPU this
-  measured faster than one call over the whole row with a block-diagonal mask (attention is
-  quadratic, and the mask's cross-example blocks are pure waste).
-- ``sdpa`` / ``eager``: transformers builds the block-diagonal mask from the restarting position
-  ids (it does so only without a KV cache, so training runs with ``use_cache=False``).
-- ``flash_attention_2`` on CUDA when the ``flash-attn`` package is installed: its varlen kernel.
+- CUDA, bfloat16/float16: one call of PyTorch's own variable-length FlashAttention kernel
+  (``torch.nn.attention.varlen.varlen_attn``) over the whole row; no extra package. One SDPA call
+  per example would be a Python loop of small kernels, which on a GPU is launch overhead.
+- MPS, and CUDA in float32 (FlashAttention has no float32 kernel): one SDPA call over the row
+  with a block-diagonal causal mask. Correct everywhere, and one kernel per layer.
+- CPU: one causal SDPA call per example. Measured faster here than the masked call (attention is
+  quadratic, and the mask's cross-example blocks are pure waste on a device without launch costs).
 
+``flash_attention_2`` (the ``flash-attn`` package's varlen kernel, through transformers) is used
+on CUDA when installed; ``sdpa``/``eager`` let transformers build the block-diagonal mask from the
+restarting position ids (only without a KV cache, so training runs with ``use_cache=False``).
 Unpacked inputs (padded evaluation, generation with a KV cache) go through plain SDPA, so a model
 loaded with ``varlen_sdpa`` works everywhere.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +33,97 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from sft.errors import ConfigError
+
 VARLEN_SDPA = "varlen_sdpa"
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal attention per packed example; shapes as transformers' attention functions
+    """Causal attention within each packed example; shapes as transformers' attention functions
     (query [1, heads, tokens, dim] in, [1, tokens, heads, dim] out)."""
     boundaries = kwargs.get("packed_boundaries")
     if boundaries is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    kind = query.device.type
+    if kind == "cuda" and query.dtype in HALF_DTYPES and dropout == 0.0 and torch_varlen_attention() is not None:
+        return _flash_varlen(query, key, value, kwargs, boundaries, scaling), None
+    if kind == "cpu":
+        return _per_example(query, key, value, boundaries, dropout, scaling), None
+    return _block_diagonal(query, key, value, boundaries, dropout, scaling), None
+
+
+def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
+                 dropout: float, scaling: float | None) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
     outputs = [
         F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
                                        dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
         for start, end in zip(boundaries[:-1], boundaries[1:])
     ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def block_diagonal_causal_mask(boundaries: list[int], device: torch.device) -> torch.Tensor:
+    """[tokens, tokens] boolean mask: True where a token may attend (same example, not later)."""
+    lengths = torch.tensor([end - start for start, end in zip(boundaries[:-1], boundaries[1:])], device=device)
+    example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+    same_example = example[:, None] == example[None, :]
+    return same_example.tril_()
+
+
+def _block_diagonal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
+                    dropout: float, scaling: float | None) -> torch.Tensor:
+    mask = block_diagonal_causal_mask(boundaries, query.device)
+    output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                            enable_gqa=query.shape[1] != key.shape[1])
+    return output.transpose(1, 2).contiguous()
+
+
+def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict, boundaries: list[int],
+                  scaling: float | None) -> torch.Tensor:
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is None or cu_seq_lens.device != query.device:
+        cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32, device=query.device)
+    max_length = kwargs.get("max_length_q") or max(b - a for a, b in zip(boundaries[:-1], boundaries[1:]))
+    q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # [tokens, heads, dim]
+    output = torch_varlen_attention()(q, k, v, cu_seq_lens.to(torch.int32), cu_seq_lens.to(torch.int32),
+                                      int(max_length), int(max_length), scaling)
+    return output.unsqueeze(0)
+
+
+@functools.cache
+def torch_varlen_attention() -> Callable | None:
+    """PyTorch's variable-length FlashAttention as f(q, k, v, cu_q, cu_k, max_q, max_k, scale), causal,
+    [tokens, heads, dim] in and out, or None where this torch has none. Its keyword arguments
+    changed between releases (``is_causal`` in 2.10, ``window_size`` after; ``enable_gqa`` and
+    ``scale`` came later), so they are read off the signature."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+               max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
+        options = dict(causal)
+        if q.shape[1] != k.shape[1]:
+            if "enable_gqa" in parameters:
+                options["enable_gqa"] = True
+            else:
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        if scale is not None and "scale" in parameters:
+            options["scale"] = scale
+        elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-6:
+            raise RuntimeError("this torch's varlen_attn has no scale argument; use attn_implementation: sdpa")
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **options)
+
+    return attend
 
 
 AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
@@ -55,8 +135,8 @@ def resolve_attention(requested: str, device: str) -> str:
     """The implementation for ``auto``: FlashAttention varlen on CUDA when installed, else ours."""
     if requested != "auto":
         if requested == "flash_attention_2" and not flash_attention_available(device):
-            raise RuntimeError("attn_implementation flash_attention_2 needs a CUDA device and "
-                               "`pip install flash-attn`")
+            raise ConfigError(f"attn_implementation: flash_attention_2 needs a CUDA device and `pip install "
+                              f"flash-attn`, and this run is on {device}; use auto (or varlen_sdpa)")
         return requested
     return "flash_attention_2" if flash_attention_available(device) else VARLEN_SDPA
 

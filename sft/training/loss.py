@@ -19,28 +19,44 @@ CHUNK_TOKENS = 512
 """Supervised positions per head matmul: bounds the logits alive at once to CHUNK_TOKENS x vocab."""
 
 
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where autocast is on, else the weight's.
+
+    Hidden states and head weight need not agree: LoRA layers in float32 over a bfloat16 base
+    promote the residual stream to float32 while the head stays bfloat16, and under fp16 autocast
+    the weights are float32. Both operands are cast to one dtype, and everything after the matmul
+    (log-sum-exp, the loss, its gradient) is accumulated in float32."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 chunk_tokens: int) -> torch.Tensor:
         needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dtype = _matmul_dtype(hidden, weight)
+        head = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start:start + chunk_tokens]
-            t = targets[start:start + chunk_tokens]
-            logits = (h @ weight.T).float()
-            log_normalizer = torch.logsumexp(logits, dim=-1)
-            total += (log_normalizer - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if needs_hidden_grad or needs_weight_grad:
-                # softmax - one_hot, computed in place: no second [chunk, vocab] buffer
-                grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
-                grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                if needs_hidden_grad:
-                    grad_hidden[start:start + chunk_tokens] = (grad_logits.to(weight.dtype) @ weight)
-                if needs_weight_grad:
-                    grad_weight += grad_logits.T @ h.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], chunk_tokens):
+                h = hidden[start:start + chunk_tokens].to(dtype)
+                t = targets[start:start + chunk_tokens]
+                logits = (h @ head.T).float()
+                log_normalizer = torch.logsumexp(logits, dim=-1)
+                total += (log_normalizer - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if needs_hidden_grad or needs_weight_grad:
+                    # softmax - one_hot, computed in place: no second [chunk, vocab] buffer
+                    grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+                    grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    if needs_hidden_grad:
+                        grad_hidden[start:start + chunk_tokens] = grad_logits.to(dtype) @ head
+                    if needs_weight_grad:
+                        grad_weight += grad_logits.T @ h.float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

@@ -12,19 +12,19 @@ import sys
 from pathlib import Path
 
 from sft.config import StrictArgumentParser
+from sft.training.checkpoints import latest_complete_checkpoint
 
 PLOT_FILE = "loss.png"
 
 
 def _state_file(run_dir: Path) -> Path:
-    """trainer_state.json of a finished run, else of its latest checkpoint."""
+    """trainer_state.json of a finished run, else of its latest complete checkpoint."""
     if (run_dir / "trainer_state.json").is_file():
         return run_dir / "trainer_state.json"
-    checkpoints = sorted(run_dir.glob("checkpoint-*/trainer_state.json"),
-                         key=lambda path: int(path.parent.name.split("-")[-1]))
-    if not checkpoints:
+    checkpoint = latest_complete_checkpoint(run_dir)
+    if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}: no trainer_state.json (is this a training output directory?)")
-    return checkpoints[-1]
+    return checkpoint / "trainer_state.json"
 
 
 def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:

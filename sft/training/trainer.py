@@ -24,14 +24,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft.errors import NonFiniteLossError
+from sft.files import fsync_directory, fsync_tree
+from sft.training.checkpoints import STAGING_DIR, rotate_checkpoints
 from sft.training.loss import supervised_forward
-
-STAGING_DIR = ".checkpoint-staging"
-
-
 
 
 class SupervisedTrainer(Trainer):
@@ -41,6 +39,10 @@ class SupervisedTrainer(Trainer):
         # tokens across accumulation steps and processes, and not divide the loss again.
         self.model_accepts_loss_kwargs = True
         self._staging_dir: str | None = None
+        # The first optimizer step whose loss was not finite, 0 while all were. Kept on the device
+        # and read only when the Trainer logs or saves: reading it every micro-step would be a
+        # host-device sync each time.
+        self._first_nonfinite_step: torch.Tensor | None = None
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
@@ -54,13 +56,32 @@ class SupervisedTrainer(Trainer):
                 # DDP averages gradients over processes; num_items_in_batch already counts all of
                 # their tokens, so undo the average.
                 loss = loss * self.accelerator.num_processes
-        if model.training and not math.isfinite(value := float(nll_sum.detach())):
-            raise NonFiniteLossError(
-                f"the training loss is {value} at step {self.state.global_step + 1}. Likely causes: a "
-                f"learning rate too high for this model (try a tenth), float16 on a device that cannot train "
-                f"in it (use float32 on MPS and CPU), or corrupt weights. Checkpoints saved before this "
-                f"step are intact; resume from one with a lower --learning-rate.")
+        if model.training:
+            self._watch_loss(nll_sum.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _watch_loss(self, nll_sum: torch.Tensor) -> None:
+        step = self.state.global_step + 1
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.zeros((), dtype=torch.long, device=nll_sum.device)
+        first = self._first_nonfinite_step
+        self._first_nonfinite_step = torch.where((first == 0) & ~torch.isfinite(nll_sum), step, first)
+        if nll_sum.device.type == "cpu":  # no sync to avoid: stop at once
+            self.check_loss_finite()
+
+    def check_loss_finite(self) -> None:
+        """Raise if a training loss so far was NaN or infinite, naming the first such step."""
+        if self._first_nonfinite_step is None or not (step := int(self._first_nonfinite_step)):
+            return
+        raise NonFiniteLossError(
+            f"the training loss is not finite at step {step}. Likely causes: a learning rate too high for this "
+            f"model (try a tenth), float16 on a device that cannot train in it (use float32 on MPS and CPU), or "
+            f"corrupt weights. Checkpoints saved before step {step} are intact; resume from one with a lower "
+            f"--learning-rate.")
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        self.check_loss_finite()
+        super().log(logs, *args, **kwargs)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -104,8 +125,10 @@ class SupervisedTrainer(Trainer):
         return self._staging_dir or super()._get_output_dir(trial)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Write checkpoint-N under a staging directory, then rename it into place, so a run
-        killed while saving never leaves a half-written checkpoint-N for --resume to pick."""
+        """Write checkpoint-N under a staging directory, sync it to disk, then rename it into
+        place, so a run killed while saving (or a power cut) never leaves a half-written
+        checkpoint-N for --resume to pick. A diverged loss is never saved."""
+        self.check_loss_finite()
         run_dir = Path(self.args.output_dir)
         staging = run_dir / STAGING_DIR
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
@@ -119,8 +142,9 @@ class SupervisedTrainer(Trainer):
             self._staging_dir = None
         self.accelerator.wait_for_everyone()  # every process has written its files (RNG states)
         if self.args.should_save:
+            fsync_tree(staging / name)
             shutil.rmtree(run_dir / name, ignore_errors=True)
             os.replace(staging / name, run_dir / name)
+            fsync_directory(run_dir)
             shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=None, use_mtime=False)
+            rotate_checkpoints(run_dir, self.args.save_total_limit)

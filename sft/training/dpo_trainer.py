@@ -1,0 +1,85 @@
+"""The SFT trainer with the DPO loss: pairs in, preference metrics logged every step.
+
+Everything but the loss is SupervisedTrainer's (and so the stock Trainer's): optimizer, schedule,
+staged checkpoints, resume, the non-finite-loss stop, multi-process training through accelerate.
+Each micro-batch's loss is the mean over its pairs of the per-pair loss (sft.training.preference),
+which the Trainer divides by the accumulation steps, as TRL's DPOTrainer does; the reference
+log-probabilities travel with the pairs (computed once before training, sft.training.reference),
+so a step runs one forward and one backward pass of the trained model and nothing else.
+
+The metrics (``rewards/*``, ``logps/*``) are added up on the device over the micro-batches since
+the last log, and read once per log: reading them each micro-step would sync the device each time.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sft.config.dpo import DPOSettings
+from sft.training.preference import (
+    METRICS,
+    REFERENCE_KEY,
+    answer_logps,
+    answer_token_counts,
+    metric_sums,
+    preference_losses,
+)
+from sft.training.trainer import SupervisedTrainer
+
+
+class PreferenceTrainer(SupervisedTrainer):
+    loss_is_scaled_for_ga = False
+    """compute_loss returns a mean over the micro-batch's pairs: the Trainer divides it by the accumulation steps."""
+
+    def __init__(self, *args: Any, dpo: DPOSettings, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Nothing to count per token: the loss is a mean over pairs.
+        self.model_accepts_loss_kwargs = False
+        self.dpo = dpo
+        self._logged_sums: torch.Tensor | None = None
+        """[pairs, then the sum of each of METRICS] over the micro-batches since the last log."""
+
+    def pair_sums(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-pair losses of a batch, and [pairs, summed loss, then the sums of METRICS]."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        policy = answer_logps(model, inputs, head)
+        reference = inputs[REFERENCE_KEY]
+        losses = preference_losses(policy, reference, answer_token_counts(inputs, policy.device), self.dpo)
+        count = torch.tensor([len(losses)], dtype=torch.float64, device=losses.device)
+        sums = torch.cat([count, losses.detach().sum().double()[None], metric_sums(policy, reference, self.dpo.beta)])
+        return losses, sums
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        losses, sums = self.pair_sums(model, inputs)
+        loss = losses.mean()
+        if model.training:
+            self._watch_loss(loss.detach())
+            self._logged_sums = sums if self._logged_sums is None else self._logged_sums + sums
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the means of METRICS over the pairs since the last log to a training log."""
+        if "loss" in logs and self._logged_sums is not None:
+            sums = self._logged_sums
+            if self.accelerator.num_processes > 1:
+                sums = self.accelerator.reduce(sums, reduction="sum")
+            logs.update(_means(sums.tolist()))
+            self._logged_sums = None
+        super().log(logs, *args, **kwargs)
+
+    def evaluation_sums(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        return self.pair_sums(model, inputs)[1]
+
+    def evaluation_metrics(self, totals: list[float], metric_key_prefix: str) -> dict[str, float]:
+        """The mean loss and METRICS over the validation pairs."""
+        return {f"{metric_key_prefix}_{name}": value for name, value in _means(totals, with_loss=True).items()}
+
+
+def _means(totals: list[float], with_loss: bool = False) -> dict[str, float]:
+    """{name: mean over pairs} from [pairs, summed loss, then the sums of METRICS]."""
+    pairs, loss, *sums = totals
+    means = {name: value / max(pairs, 1.0) for name, value in zip(METRICS, sums, strict=True)}
+    return ({"loss": loss / max(pairs, 1.0)} if with_loss else {}) | means

@@ -1,0 +1,127 @@
+"""Reference log-probabilities: computed once before training, cached on disk.
+
+DPO compares the trained model's log-probability of each answer with the reference model's. The
+reference never changes during a run, so its log-probabilities are computed in one pass before
+training, from the very model that is about to be trained (before its new adapter is added, or
+with the adapter disabled): no second model in memory, and no reference forward pass per step.
+
+They are stored in the run's output directory (``reference_logps/<split>.safetensors``) under a
+key made of:
+- the token ids of every pair, in order: they are the data after the tokenization settings
+  (template, system prompt, max_seq_length), so a change to the data or to how it is tokenized
+  gives other ids, while a change that leaves every id as it was (a new ``source`` field, a
+  longer max_seq_length that cuts nothing) rightly keeps the cache;
+- the reference model: the base model's path and its weight files' names, sizes and modification
+  times, the SFT adapter's content hash, and the dtype the log-probabilities were computed in.
+A resumed run, or a rerun of the same configuration into the same directory, reads them back; any
+change to those inputs recomputes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from sft.training.preference import REFERENCE_KEY, PairCollator, answer_logps
+
+REFERENCE_DIR = "reference_logps"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def reference_identity(model_path: str, sft_adapter: str | None, dtype: torch.dtype) -> dict[str, Any]:
+    """What the reference log-probabilities depend on besides the data (see the module docstring).
+
+    Base weights are identified by name, size and modification time rather than hashed: reading a
+    1.1B model's 4 GB to hash it would cost more than it protects against. The SFT adapter is
+    small and often retrained in place, so its content is hashed."""
+    base: dict[str, Any] = {"path": str(Path(model_path).resolve()) if Path(model_path).exists() else model_path}
+    if Path(model_path).is_dir():
+        base["weights"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                 for p in Path(model_path).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
+    adapter = None
+    if sft_adapter is not None:
+        adapter = _sha256_files([Path(sft_adapter, "adapter_config.json"),
+                                 Path(sft_adapter, "adapter_model.safetensors")])
+    return {"base": base, "sft_adapter_sha256": adapter, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def cache_key(pairs: list[dict[str, Any]], identity: dict[str, Any]) -> str:
+    """A hash of every pair's token ids, in order, and of the reference identity."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
+    for pair in pairs:
+        digest.update(json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]]).encode())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def compute_reference_logps(model: torch.nn.Module, pairs: list[dict[str, Any]], batch_size: int,
+                            collator: PairCollator, device: torch.device | str,
+                            desc: str = "reference") -> torch.Tensor:
+    """[pairs, 2] log-probabilities of each pair's chosen and rejected answer under ``model``
+    with any adapter disabled, computed in eval mode (no dropout) in batches of ``batch_size``."""
+    was_training = model.training
+    model.eval()
+    adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    results = []
+    with adapter_off:
+        for start in tqdm(range(0, len(pairs), batch_size), desc=desc, leave=False):
+            batch = collator(pairs[start:start + batch_size])
+            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                     for key, value in batch.items()}
+            results.append(answer_logps(model, batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(results) if results else torch.zeros(0, 2)
+
+
+def cached_reference_logps(model: torch.nn.Module, pairs: list[dict[str, Any]], output_dir: str | Path,
+                           split: str, identity: dict[str, Any], batch_size: int, collator: PairCollator,
+                           device: torch.device | str) -> tuple[torch.Tensor, bool]:
+    """The reference log-probabilities of ``pairs`` from ``output_dir``'s cache when its key
+    matches, else computed and stored; and whether the cache was used."""
+    path = Path(output_dir, REFERENCE_DIR, f"{split}.safetensors")
+    key = cache_key(pairs, identity)
+    cached = _read_cache(path, key, len(pairs))
+    if cached is not None:
+        return cached, True
+    logps = compute_reference_logps(model, pairs, batch_size, collator, device, desc=f"reference log-probs ({split})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    save_file({"logps": logps.contiguous()}, staging, metadata={"key": key, "identity": json.dumps(identity)})
+    staging.replace(path)  # a run killed while writing leaves no half file under the real name
+    return logps, False
+
+
+def _read_cache(path: Path, key: str, n_pairs: int) -> torch.Tensor | None:
+    """The stored log-probabilities if ``path`` holds them under ``key``; None if it holds others,
+    does not exist, or cannot be read (an unreadable cache is recomputed, never trusted)."""
+    try:
+        with safe_open(path, framework="pt") as file:
+            if (file.metadata() or {}).get("key") != key:
+                return None
+            logps = file.get_tensor("logps")
+    except (OSError, SafetensorError):
+        return None
+    return logps if logps.shape == (n_pairs, 2) else None
+
+
+def attach_reference_logps(pairs: list[dict[str, Any]], logps: torch.Tensor) -> list[dict[str, Any]]:
+    """The pairs with their [chosen, rejected] reference log-probabilities, as the collator reads them."""
+    return [pair | {REFERENCE_KEY: row} for pair, row in zip(pairs, logps.tolist(), strict=True)]

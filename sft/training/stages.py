@@ -1,0 +1,264 @@
+"""The stages every training recipe is made of, in the order a recipe runs them.
+
+    runtime = setup_runtime(config)                      device, precision, processes, seed
+    checkpoint = prepare_output_dir(config, runtime, resume, overwrite)
+    tokenizer = load_run_tokenizer(config, runtime)
+    model = load_lora_model(config, runtime)
+    save_run_files(config, runtime, reports)
+    result = run_guarded(trainer, checkpoint, config, runtime)
+    finish(trainer, result, runtime)
+
+A recipe (sft.recipes.sft, sft.recipes.dpo) reads its data, builds its trainer and calls these;
+everything they share (what is validated before a model loads, what may be deleted, how a
+resume is checked, how an interrupt or an out-of-memory error ends) is written once, here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from transformers import PreTrainedTokenizerBase, Trainer, set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from sft.config import RUN_CONFIG_FILE, SFTConfig, build_config
+from sft.data.templates import ensure_chat_template
+from sft.errors import ConfigError, ResourceError, TrainingInterrupted
+from sft.files import atomic_write_text
+from sft.modeling.attention import resolve_attention
+from sft.modeling.devices import DevicePolicy, device_policy
+from sft.modeling.lora import add_lora
+from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
+from sft.training.checkpoints import checkpoints, damage, delete_run, holds_run, latest_complete_checkpoint
+from sft.training.interrupt import GracefulInterrupt
+from sft.training.plots import plot_losses
+
+DATA_REPORT_FILE = "data_report.json"
+
+RESUMABLE_CHANGES = {
+    "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to",
+    "eval_batch_size", "device", "dtype", "attn_implementation", "output_dir", "num_generations", "max_new_tokens",
+    "max_eval_examples", "trust_remote_code",
+}
+"""Fields a resumed run may change: how long it runs, how often it logs, evaluates and saves, and
+on what hardware. Any other change (model, LoRA shape, data, batch, schedule) cannot continue the
+saved optimizer state and data order, and is refused naming the field."""
+
+
+@dataclass
+class Runtime:
+    """Where and how this process trains."""
+
+    policy: DevicePolicy
+    state: PartialState
+
+    @property
+    def main_process(self) -> bool:
+        return self.state.is_main_process
+
+    def say(self, *args: Any, **kwargs: Any) -> None:
+        """Print on the main process only: one line per run, not one per process."""
+        if self.main_process:
+            print(*args, **kwargs)
+
+
+def setup_runtime(config: SFTConfig) -> Runtime:
+    """Device and precision, the process group under a launcher, TF32 on CUDA, the seed."""
+    policy = device_policy(config.training.device, config.model.dtype)
+    if config.model.load_in_4bit:
+        check_4bit_supported(policy.device)
+    if config.training.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("report_to: tensorboard is not installed; run `pip install tensorboard`")
+    # Under torchrun / accelerate launch this joins the process group (gloo on CPU, nccl on CUDA).
+    state = PartialState(cpu=policy.device == "cpu")
+    if policy.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls (Ampere+)
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(config.training.seed)
+    return Runtime(policy, state)
+
+
+def prepare_output_dir(config: SFTConfig, runtime: Runtime, resume: str | None, overwrite: bool) -> str | None:
+    """Check the output directory and return the checkpoint to resume from (None: a new run).
+
+    A new run refuses a directory holding another run unless ``overwrite``, and then deletes only
+    that run's own files. A resume checks that the configuration can continue the saved one and
+    picks the newest intact checkpoint, saying which damaged ones it skipped."""
+    output_dir = Path(config.training.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir: {output_dir} is a file; choose a directory (--output-dir)")
+    with runtime.state.main_process_first():  # the main process deletes a run being replaced before others look
+        if resume is None:
+            if holds_run(output_dir):
+                if not overwrite:
+                    raise ConfigError(f"output_dir: {output_dir} holds another run; pass --resume to continue it, "
+                                      f"--overwrite-output-dir to replace it, or choose another --output-dir")
+                if runtime.main_process:
+                    delete_run(output_dir)
+            return None
+        check_resumable(config, output_dir)
+        return str(_resume_checkpoint(output_dir, resume, runtime))
+
+
+def check_resumable(config: SFTConfig, output_dir: Path) -> None:
+    """Refuse, naming the field, a resume whose configuration differs from the saved one in a way
+    the saved state cannot continue; before anything is loaded or written."""
+    saved_file = output_dir / RUN_CONFIG_FILE
+    if not saved_file.is_file():
+        return
+    saved = build_config(saved_file).to_dict()
+    for group, fields in config.to_dict().items():
+        for name, value in fields.items():
+            before = saved.get(group, {}).get(name)
+            if name not in RESUMABLE_CHANGES and before != value:
+                raise ConfigError(
+                    f"--resume: {group}.{name} is {value!r} but the run in {output_dir} was trained with {before!r}; "
+                    f"a resumed run can change only {', '.join(sorted(RESUMABLE_CHANGES))}. Drop the flag, or "
+                    f"start a new run in another --output-dir")
+
+
+def _resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
+    if resume != "latest":
+        checkpoint = Path(resume)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise ConfigError(f"--resume: {checkpoint} is not a checkpoint directory (no trainer_state.json)")
+        problem = damage(checkpoint)
+        if problem:
+            raise ConfigError(f"--resume: {checkpoint} is damaged: {problem}. Pass another checkpoint, or --resume "
+                              f"alone for the newest intact one")
+        return checkpoint
+    found = checkpoints(output_dir)
+    if latest_complete_checkpoint(output_dir) is None:
+        raise ConfigError(f"--resume: no checkpoint-N directory in {output_dir} to resume from")
+    for checkpoint in reversed(found):
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        runtime.say(f"warning: skipping the damaged {checkpoint.name}: {problem}")
+    raise ConfigError(f"--resume: every checkpoint in {output_dir} is damaged (newest: {damage(found[-1])}); "
+                      f"start a new run with --overwrite-output-dir")
+
+
+def load_run_tokenizer(config: SFTConfig, runtime: Runtime) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a chat template (the fallback where it has none) and a pad token,
+    after checking that max_seq_length fits the model's positions."""
+    model_path = resolve_model_path(config.model.model)
+    max_positions = getattr(load_config(model_path, config.model.trust_remote_code), "max_position_embeddings", None)
+    if max_positions is not None and config.data.max_seq_length > max_positions:
+        raise ConfigError(f"data.max_seq_length: {config.data.max_seq_length} exceeds what {config.model.model} "
+                          f"takes ({max_positions} positions)")
+    tokenizer = load_tokenizer(model_path, config.model.trust_remote_code)
+    if ensure_chat_template(tokenizer):
+        runtime.say("The tokenizer has no chat template; using the Alpaca-style fallback (see sft/data/templates.py).")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # safe: labels are masked by position, never by pad id
+    return tokenizer
+
+
+def describe_layout(config: SFTConfig, runtime: Runtime) -> str:
+    t, n, policy = config.training, runtime.state.num_processes, runtime.policy
+    base = " (4-bit base)" if config.model.load_in_4bit else ""
+    return (f"{n} process{'es' if n > 1 else ''} on {policy.device} in "
+            f"{str(policy.compute_dtype).removeprefix('torch.')}{base}; "
+            f"global batch = {t.batch_size} per process x {t.gradient_accumulation_steps} accumulation steps x {n} = "
+            f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step")
+
+
+def load_lora_model(config: SFTConfig, runtime: Runtime,
+                    prepare_base: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> PeftModel:
+    """The base model in the policy's precision (NF4 for QLoRA) with fresh LoRA adapters;
+    ``prepare_base`` may change the base first (DPO folds an SFT adapter into it)."""
+    policy = runtime.policy
+    attention = resolve_attention(config.model.attn_implementation, policy.device)
+    model = load_model(resolve_model_path(config.model.model), policy.load_dtype, attention,
+                       config.model.trust_remote_code,
+                       load_in_4bit_compute=policy.compute_dtype if config.model.load_in_4bit else None,
+                       device=policy.device)
+    if prepare_base is not None:
+        model = prepare_base(model)
+    model.config.use_cache = False
+    t = config.training
+    if config.model.load_in_4bit:
+        # QLoRA's preparation: norms and head in float32, and gradient checkpointing if asked.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Frozen embeddings give checkpointed blocks inputs that need no grad; LoRA then gets none.
+        model.enable_input_require_grads()
+    lora = config.lora
+    model = add_lora(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                                       target_modules=lora.lora_target_modules, task_type="CAUSAL_LM"),
+                     policy.device)
+    if runtime.main_process:
+        model.print_trainable_parameters()
+    return model
+
+
+def save_run_files(config: SFTConfig, runtime: Runtime, data_report: dict[str, Any]) -> None:
+    """The run's configuration (evaluation and chat read it back) and what tokenization did."""
+    if not runtime.main_process:
+        return
+    output_dir = Path(config.training.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config.save(output_dir / RUN_CONFIG_FILE)
+    atomic_write_text(output_dir / DATA_REPORT_FILE, json.dumps(data_report, indent=2) + "\n")
+
+
+def _out_of_memory_advice(config: SFTConfig, device: str, exc: BaseException) -> str:
+    t = config.training
+    return (f"out of memory on {device} ({str(exc).splitlines()[0][:200]}). Lower --batch-size (now {t.batch_size}) "
+            f"and raise --gradient-accumulation-steps (now {t.gradient_accumulation_steps}) to keep the same "
+            f"effective batch, lower --max-seq-length (now {config.data.max_seq_length}), or turn on "
+            f"--gradient-checkpointing true (now {str(t.gradient_checkpointing).lower()}).")
+
+
+def run_guarded(trainer: Trainer, checkpoint: str | None, config: SFTConfig, runtime: Runtime) -> Any:
+    """trainer.train() with Ctrl-C/SIGTERM saving a checkpoint and stopping, and out-of-memory
+    errors turned into advice."""
+    interrupt = GracefulInterrupt()
+    trainer.add_callback(interrupt)
+    interrupt.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except torch.OutOfMemoryError as exc:
+        raise ResourceError(_out_of_memory_advice(config, runtime.policy.device, exc)) from None
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc).lower():
+            raise
+        raise ResourceError(_out_of_memory_advice(config, runtime.policy.device, exc)) from None
+    finally:
+        interrupt.uninstall()
+    if interrupt.signal_name is not None:
+        checkpoint_dir = Path(config.training.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        raise TrainingInterrupted(
+            f"stopped by {interrupt.signal_name} at step {trainer.state.global_step}; the checkpoint is in "
+            f"{checkpoint_dir}. Continue with the same command plus --resume.")
+    return result
+
+
+def final_metrics(trainer: Trainer, result: Any) -> dict[str, Any]:
+    """The training metrics plus the validation loss at the last step (evaluated now if it was not)."""
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+        last_eval_is_final = evals and evals[-1]["step"] == trainer.state.global_step
+        metrics.update(evals[-1] if last_eval_is_final else trainer.evaluate())
+    return metrics
+
+
+def finish(trainer: Trainer, metrics: dict[str, Any], runtime: Runtime) -> None:
+    """Save the adapter, tokenizer and trainer state, draw the loss plot."""
+    trainer.save_model()
+    trainer.save_state()
+    trainer.log_metrics("final", metrics)
+    if runtime.main_process:
+        print(f"Loss plot: {plot_losses(trainer.args.output_dir)}")
+
