@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", help="a base model name or directory: score it alone")
     parser.add_argument("--out", metavar="DIR", help="output directory (default with --adapter: RUN_DIR/eval/ifeval)")
     parser.add_argument("--input-data", metavar="PATH", default=str(DEFAULT_INPUT_DATA),
-                        help="the prompts, IFEval's input_data.jsonl (default: %(default)s, from `sft fetch-eval-data`)")
+                        help="the prompts, IFEval's input_data.jsonl "
+                             "(default: %(default)s, written by `sft fetch-eval-data`)")
     parser.add_argument("--max-new-tokens", type=int, default=REFERENCE_MAX_NEW_TOKENS,
                         help="longest answer, in tokens (default: %(default)s, as the reference)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts, for a quick look")
@@ -90,11 +91,14 @@ def run(args: argparse.Namespace) -> None:
         return
     out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
     model, tokenizer, system_prompt, model_name = load_for_generation(args.adapter, args.model, args.device)
-    variants = {"base": model_name, **({"adapter": f"{model_name} + {args.adapter}"} if args.adapter else {})}
+    variants = {"base": (model_name, None)}
+    if args.adapter:
+        variants["adapter"] = (f"{model_name} + {Path(args.adapter).resolve().name}", str(Path(args.adapter).resolve()))
     named_scores, generation = {}, {}
-    for variant, label in variants.items():
-        with contextlib.nullcontext() if variant == "adapter" or not args.adapter else model.disable_adapter():
-            settings = {"model": label, "system_prompt": system_prompt, "max_new_tokens": args.max_new_tokens}
+    for variant, (label, adapter) in variants.items():
+        with contextlib.nullcontext() if adapter or not args.adapter else model.disable_adapter():
+            settings = {"model": model_name, "adapter": adapter, "system_prompt": system_prompt,
+                        "max_new_tokens": args.max_new_tokens}
             responses, generation[label] = answer_prompts(model, tokenizer, prompts, settings, args.batch_size,
                                                           out / variant)
         named_scores[label] = score_responses(prompts, responses, out / variant)
@@ -145,8 +149,8 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
         ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"answering ({settings['model']})",
-                   unit="answer", disable=None)
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="answer", disable=None,
+                   desc=f"answering ({'base + adapter' if settings['adapter'] else 'base'})")
         started, seconds_before, new_tokens = time.perf_counter(), generation["seconds"], 0
         with answers_file.open("a", encoding="utf-8") as handle:
             def save(index: int, answer: Answer) -> None:
