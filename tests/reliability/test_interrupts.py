@@ -158,7 +158,7 @@ def test_uncached_hub_model_offline_names_the_bundled_model(tmp_path: Path) -> N
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     done = subprocess.run([sys.executable, "-m", "sft.train_sft", "--model", "no-such-org/no-such-model",
                            "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
+                          cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 2
     assert "smollm2-135m-instruct" in done.stderr and "Traceback" not in done.stderr
 
@@ -180,7 +180,7 @@ def test_only_safetensors_adapters_are_loaded(uninterrupted: Path, tmp_path: Pat
 
 def test_no_unsafe_loading_in_the_package() -> None:
     """Pickles are never loaded without weights_only=True, and remote code is opt-in."""
-    package = Path(__file__).resolve().parents[1] / "sft"
+    package = Path(__file__).resolve().parents[2] / "sft"
     for source in package.rglob("*.py"):
         text = source.read_text(encoding="utf-8")
         for call in text.split("torch.load(")[1:]:
