@@ -61,6 +61,7 @@ def benchmark_examples(count: int, max_length: int, seed: int) -> list[dict[str,
     import random
 
     from sft.data.demo import DEFAULT_OUT, fetch
+    from sft.data.formats import alpaca_user_text
     from sft.data.tokenize import encode_records
     from sft.modeling.models import load_tokenizer, resolve_model_path
 
@@ -70,7 +71,9 @@ def benchmark_examples(count: int, max_length: int, seed: int) -> list[dict[str,
     records = json.loads(raw.read_text(encoding="utf-8"))
     random.Random(seed).shuffle(records)
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    examples, _ = encode_records(tokenizer, records[:count * 2], max_length, None)
+    conversations = [{"messages": [{"role": "user", "content": alpaca_user_text(r["instruction"], r["input"])},
+                                   {"role": "assistant", "content": r["output"]}]} for r in records[:count * 2]]
+    examples, _ = encode_records(tokenizer, conversations, max_length, None)
     if len(examples) < count:
         raise SystemExit(f"only {len(examples)} usable examples, {count} needed")
     return examples[:count]
@@ -139,7 +142,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
     import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
-    from sft.data.tokenize import IGNORE_INDEX, PackingCollator, PaddingCollator
+    from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
     from sft.modeling.devices import device_policy
     from sft.modeling.lora import add_lora
     from sft.training.trainer import SupervisedTrainer

@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 
 from sft.config import build_config
+from sft.data.prepared import read_conversations
 from sft.data.tokenize import encode_records
 from sft.inference.evaluate import mean_supervised_loss
 from sft.modeling.models import load_model, load_tokenizer, resolve_model_path
@@ -37,7 +38,7 @@ def test_few_steps_lower_the_loss_and_the_saved_adapter_reloads_exactly(tmp_path
     run = train(config)
     trained = run.trainer.model.eval()
     tokenizer = load_tokenizer(str(tmp_path / "out"))
-    examples, _ = encode_records(tokenizer, records, 128, None)
+    examples, _ = encode_records(tokenizer, read_conversations(train_file), 128, None)
 
     with torch.no_grad(), trained.disable_adapter():
         before, count = mean_supervised_loss(trained, examples, 8, tokenizer.pad_token_id, "cpu", "base")

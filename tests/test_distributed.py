@@ -197,13 +197,14 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, results: dict) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sft.data.tokenize import PackingCollator, encode_records
+    from sft.data.collate import PackingCollator
+    from sft.data.tokenize import encode_records
     from sft.training.loss import supervised_forward
-    from tests.tiny import alpaca_records
+    from tests.tiny import conversation_records
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples, _ = encode_records(tokenizer, alpaca_records(8), 96, None, progress=False)
+    examples, _ = encode_records(tokenizer, conversation_records(8), 96, None, progress=False)
     batch = PackingCollator()(examples)
 
     def lora_model() -> torch.nn.Module:

@@ -15,7 +15,7 @@ from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
 from sft.data.tokenize import encode_records
 from sft.training.loss import linear_cross_entropy_sum, supervised_forward
 from sft.training.trainer import SupervisedTrainer
-from tests.tiny import alpaca_records
+from tests.tiny import conversation_records
 
 MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
                 "packed_boundaries")
@@ -23,7 +23,7 @@ MODEL_INPUTS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "
 
 @pytest.fixture(scope="module")
 def examples(chatml_tokenizer) -> list[dict]:
-    encoded, _ = encode_records(chatml_tokenizer, alpaca_records(8), 96, None)
+    encoded, _ = encode_records(chatml_tokenizer, conversation_records(8), 96, None)
     return encoded
 
 

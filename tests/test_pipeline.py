@@ -114,7 +114,7 @@ def test_evaluation_compares_base_and_adapter(trained: Path, capsys: pytest.Capt
     assert metrics["answers"] == 2 and 0 <= metrics["adapter_answers_finished"] <= 2
     rows = [json.loads(line) for line in (trained / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 2
-    assert {"instruction", "reference", "base", "adapter", "base_finished", "adapter_finished"} <= rows[0].keys()
+    assert {"prompt", "reference", "base", "adapter", "base_finished", "adapter_finished"} <= rows[0].keys()
     report = (trained / "eval" / "report.md").read_text()
-    assert "| base + adapter |" in report and rows[0]["instruction"].splitlines()[0][:40] in report
+    assert "| base + adapter |" in report and rows[0]["prompt"].splitlines()[0][:40] in report
     assert "val loss" in capsys.readouterr().out

@@ -15,6 +15,9 @@ behaviour and chat templates of the models this package targets:
 - ``llama-spm-legacy``: the same vocabulary in the older tokenizer.json layout of Llama 2 era
   files: a normalizer prepends the space to every piece of text (also after a special token)
   instead of a Metaspace pre-tokenizer prepending it to the first.
+- ``llama3``: Llama-3-Instruct's layout: ``<|start_header_id|>role<|end_header_id|>`` headers, turns
+  ended by ``<|eot_id|>`` (the EOS), no pad token; the tokenizer prepends ``<|begin_of_text|>`` and
+  the template writes it too (the double-BOS trap).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
+
+from sft.data.formats import alpaca_user_text
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -44,12 +49,21 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}"
 )
 
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+    "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
 _SPECIAL_TOKENS = {
     "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "zephyr": ["<unk>", "<s>", "</s>"],
     "plain": ["<unk>", "<s>", "</s>"],
     "llama-spm": ["<unk>", "<s>", "</s>"],
     "llama-spm-legacy": ["<unk>", "<s>", "</s>"],
+    "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
 }
 
 _CORPUS = [
@@ -81,7 +95,7 @@ _CORPUS = [
 ]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_backend(kind: str) -> str:
     """The serialized backend tokenizer of a kind (trained once per process)."""
     specials = _SPECIAL_TOKENS[kind]
@@ -91,16 +105,16 @@ def _trained_backend(kind: str) -> str:
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    if kind in ("zephyr", "plain"):
-        bos_id = backend.token_to_id("<s>")
+    if kind in ("zephyr", "plain", "llama3"):
+        bos = specials[0] if kind == "llama3" else "<s>"
         backend.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
     return backend.to_str()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_sentencepiece_backend() -> str:
     """A Llama-style SentencePiece BPE: pieces never span a word boundary, unknown characters
     fall back to byte tokens, and a space is prepended to the text (as TinyLlama's tokenizer.json)."""
@@ -125,7 +139,8 @@ def _trained_sentencepiece_backend() -> str:
 
 
 def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    """A fresh tokenizer of ``kind`` (chatml, zephyr, plain, llama-spm, llama-spm-legacy); safe to mutate."""
+    """A fresh tokenizer of ``kind`` (chatml, zephyr, plain, llama-spm, llama-spm-legacy, llama3); safe to
+    mutate."""
     if kind not in _SPECIAL_TOKENS:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
     backend = Tokenizer.from_str(_trained_sentencepiece_backend() if kind.startswith("llama-spm")
@@ -141,6 +156,10 @@ def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
             pad_token="</s>", chat_template=ZEPHYR_TEMPLATE)
+    elif kind == "llama3":
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+            chat_template=LLAMA3_TEMPLATE)
     else:
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
@@ -202,6 +221,14 @@ def alpaca_records(n: int) -> list[dict[str, str]]:
             "source": "alpaca",
         })
     return records
+
+
+def conversation_records(n: int) -> list[dict[str, Any]]:
+    """alpaca_records(n) as sft.data.prepared.read_conversations returns them: id, source, messages."""
+    return [{"id": r["id"], "source": r["source"],
+             "messages": [{"role": "user", "content": alpaca_user_text(r["instruction"], r["input"])},
+                          {"role": "assistant", "content": r["output"]}]}
+            for r in alpaca_records(n)]
 
 
 def write_prepared_split(directory: str | Path, n_train: int = 32, n_val: int = 8) -> tuple[Path, Path]:

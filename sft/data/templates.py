@@ -1,28 +1,23 @@
-"""The one place that turns a record into prompt text and response text.
+"""The one place that turns a conversation into the text a model sees.
 
 Training, evaluation and chat all build prompts here, so the model is asked at inference exactly
 the way it was taught. A conversation is rendered with the tokenizer's own chat template; a
 tokenizer without one (a base model) gets FALLBACK_CHAT_TEMPLATE, an Alpaca-style layout, which
-is then saved with the adapter so every later tool renders the same text:
+is then saved with the adapter so every later tool renders the same text (each further turn
+follows after a blank line):
 
     {system prompt, if any}
 
     ### Instruction:
-    {instruction}
-
-    {input, if any}
+    {user turn}
 
     ### Response:
-    {output}</s>
+    {assistant turn}</s>
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from transformers import PreTrainedTokenizerBase
-
-from sft.errors import TemplateError
 
 FALLBACK_CHAT_TEMPLATE = (
     # Turns are separated by a blank line placed before each turn, so an answer ends at its EOS
@@ -38,8 +33,6 @@ FALLBACK_CHAT_TEMPLATE = (
 Message = dict[str, str]
 
 
-
-
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Give a tokenizer without a chat template the fallback one; True if it was missing."""
     if tokenizer.chat_template:
@@ -48,17 +41,17 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
-def user_content(instruction: str, input_text: str = "") -> str:
-    """The user turn of an Alpaca record: the instruction, then its input after a blank line."""
-    return f"{instruction}\n\n{input_text}" if input_text else instruction
+def with_system_prompt(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """The conversation with the configured system prompt as its first turn.
 
-
-def record_messages(record: dict[str, Any], system_prompt: str | None) -> list[Message]:
-    """The conversation of a prepared record: optional system, user, assistant."""
-    messages = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-    messages.append({"role": "user", "content": user_content(record["instruction"], record.get("input", ""))})
-    messages.append({"role": "assistant", "content": record["output"]})
-    return messages
+    A conversation that brings its own system turn keeps it: that turn was written for its
+    exchange (a persona, a format the answers follow), and replacing it would train answers
+    under instructions they were not written for. None adds nothing, leaving the template's
+    default (SmolLM2's inserts one of its own).
+    """
+    if system_prompt is None or (messages and messages[0]["role"] == "system"):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
@@ -66,19 +59,16 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def split_prompt_response(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> tuple[str, str]:
-    """Prompt text (all turns but the last, plus the assistant header) and the final assistant
-    turn's text including its end-of-turn marker, such that prompt + response is the template's
-    rendering of the whole conversation."""
-    if not messages or messages[-1]["role"] != "assistant":
-        raise TemplateError("the last message must be the assistant's answer")
-    prompt = render_prompt(tokenizer, messages[:-1])
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):
-        raise TemplateError(
-            "the chat template renders the prompt differently with and without the answer, so the "
-            f"answer cannot be separated from it.\nprompt: {prompt!r}\nfull:   {full!r}")
-    return prompt, full[len(prompt):]
+def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
+    """The text of the whole conversation, each assistant turn with its end-of-turn marker."""
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def template_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Which chat template a tokenizer renders with, for error messages."""
+    if tokenizer.chat_template == FALLBACK_CHAT_TEMPLATE:
+        return "the fallback chat template (sft.data.templates)"
+    return f"the chat template of {tokenizer.name_or_path or 'the tokenizer'}"
 
 
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -98,11 +88,6 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt_text: str) -> list[
     if adds_bos(tokenizer) and ids[:1] != [tokenizer.bos_token_id]:
         ids = [tokenizer.bos_token_id] + ids
     return ids
-
-
-def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a continuation (a response): no special tokens added."""
-    return tokenizer(text, add_special_tokens=False).input_ids
 
 
 def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,26 +1,48 @@
-"""Prepared records -> input_ids and labels, and the collator that batches them.
+"""Conversations -> input_ids and labels, every assistant turn trained and everything else masked.
 
-Masking is by position: prompt and response are tokenized separately and concatenated, and the
-labels are -100 over exactly the prompt's positions. Masking by token id would go wrong where the
-pad token is the EOS token (TinyLlama-Chat), and searching the joint tokenization for a response
-marker fails silently when the marker tokenizes differently in context.
+Masking is by position and works with any chat template. For each assistant turn, the
+conversation before it is rendered with the generation prompt (exactly what the model is given
+when it answers that turn) and the conversation through it is rendered too; both are tokenized,
+and the first must be a token prefix of the second. The tokens between are the turn's answer:
+its text, its end-of-turn token and whatever the template writes after it before the next turn.
+The conversation through one answer must in turn be a token prefix of the next turn's prompt, so
+the example is one token sequence in which every answer sits in the context it will have at
+inference. A template that breaks either rule cannot be trained on this way, and says so.
+
+Masking by token id would go wrong where the pad token is the EOS token (TinyLlama-Chat), and
+searching the tokenized conversation for a response marker fails silently when the marker
+tokenizes differently in context; neither is done here.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from sft.data.sources import DataError, describe_json_type
-from sft.data.templates import encode_prompt, encode_text, record_messages, split_prompt_response
+from sft.data.templates import (
+    Message,
+    encode_prompt,
+    render_conversation,
+    render_prompt,
+    template_name,
+    with_system_prompt,
+)
+from sft.errors import TemplateError
 
 IGNORE_INDEX = -100
+
+ALL_ASSISTANT_TURNS = "all_assistant_turns"
+LAST_ASSISTANT_TURN = "last_assistant_turn"
+TRAIN_ON = (ALL_ASSISTANT_TURNS, LAST_ASSISTANT_TURN)
+"""What ``data.train_on`` may say: every answer of a conversation is trained, or only its last."""
+
+TRUNCATION_MARGIN_TOKENS = 64
+"""Tokens beyond max_seq_length that a message cut before tokenizing still yields, so that the
+cut, which can change only the few tokens around it, never reaches the tokens that are kept."""
 
 
 @dataclass
@@ -40,95 +62,104 @@ class EncodeStats:
             "dropped_ids": self.dropped_ids[:50]}
 
 
-def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], max_seq_length: int,
-                  system_prompt: str | None) -> tuple[dict[str, list[int]], bool]:
-    """input_ids and labels of one record, truncated on the response side to max_seq_length,
-    and whether the response was truncated.
+@functools.lru_cache(maxsize=8)
+def _longest_token_chars(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """The length of the longest string in the vocabulary (``vocab_size`` keys the cache, so a
+    token added later is seen)."""
+    return max(len(token) for token in tokenizer.get_vocab())
 
-    The response includes the end-of-turn token(s), which are supervised so the model learns to
-    stop. A result whose labels are all -100 (the prompt alone fills max_seq_length) is returned
-    as is; callers drop it.
+
+def message_char_limit(tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> int:
+    """The characters of one message that can matter within max_seq_length tokens.
+
+    No token stands for more characters than the longest string of the vocabulary has (a
+    byte-level token spells each byte with one character; a SentencePiece piece spells a space
+    with one), so this many characters make at least max_seq_length + TRUNCATION_MARGIN_TOKENS
+    tokens. Cutting a message here before tokenizing bounds the work of a huge record by the
+    length budget, and leaves the kept tokens as they would be, the end-of-turn marker written
+    after the cut falling beyond max_seq_length with the rest.
     """
-    prompt_text, response_text = split_prompt_response(tokenizer, record_messages(record, system_prompt))
-    prompt_ids = encode_prompt(tokenizer, prompt_text)[:max_seq_length]
-    full_response_ids = encode_text(tokenizer, response_text)
-    response_ids = full_response_ids[:max_seq_length - len(prompt_ids)]
-    example = {
-        "input_ids": prompt_ids + response_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
-    }
-    return example, len(response_ids) < len(full_response_ids)
+    return (max_seq_length + TRUNCATION_MARGIN_TOKENS) * _longest_token_chars(tokenizer, len(tokenizer))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a prepared JSONL file (one object per line, blank lines skipped).
-
-    Anything unusable raises DataError naming the file, the line and, for a bad field, the field
-    and what was expected: a missing file, invalid UTF-8, a line that is not JSON (or nests too
-    deeply to parse), a line that is not an object, an ``instruction`` or ``output`` that is not
-    a string, an ``input`` that is neither a string nor null, or text holding a lone surrogate.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; expected a prepared JSONL file")
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `python scripts/prepare_sft_data.py` first "
-                                f"(or set train_file / val_file)")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        line_number = exc.object.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{path}:{line_number}: not valid UTF-8 ({exc.reason}); expected UTF-8 JSONL, "
-                        f"as prepare_sft_data.py writes") from None
-    records = []
-    for line_number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{line_number}:{exc.colno}: not valid JSON: {exc.msg}") from None
-        except RecursionError:
-            raise DataError(f"{path}:{line_number}: not valid JSON: nested too deeply to parse; "
-                            f"expected a JSON object of strings") from None
-        except ValueError as exc:  # e.g. an integer literal longer than Python converts
-            raise DataError(f"{path}:{line_number}: not valid JSON: {exc}") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{line_number}: expected a JSON object, got {describe_json_type(record)}")
-        for key in ("instruction", "output", "input"):
-            _check_text_field(path, line_number, record, key)
-        records.append(record)
-    return records
-
-
-def _check_text_field(path: Path, line_number: int, record: dict[str, Any], key: str) -> None:
-    """Raise DataError unless ``record[key]`` is usable text (``input`` may be absent or null)."""
-    where = f"{path}:{line_number}: field {key!r}"
-    value = record.get(key)
-    if key == "input" and value is None:
+def _require_prefix(tokenizer: PreTrainedTokenizerBase, prefix: list[int], ids: list[int], what: str) -> None:
+    """TemplateError unless ``prefix`` is where ``ids`` begins, showing the first tokens that differ."""
+    if ids[:len(prefix)] == prefix:
         return
-    if key not in record:
-        raise DataError(f"{where} must be a string, but it is missing")
-    if not isinstance(value, str):
-        raise DataError(f"{where} must be a string, got {describe_json_type(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise DataError(f"{where} must be valid Unicode text, but holds a lone surrogate "
-                        f"(an unpaired \\ud800-\\udfff escape)") from None
+    at = next((i for i, (a, b) in enumerate(zip(prefix, ids, strict=False)) if a != b), min(len(prefix), len(ids)))
+    raise TemplateError(
+        f"{template_name(tokenizer)} cannot be trained on by position: {what}. From token {at} on, "
+        f"the shorter rendering has {tokenizer.decode(prefix[at:at + 8])!r} where the longer one has "
+        f"{tokenizer.decode(ids[at:at + 8])!r}. Use a template whose rendering of a conversation only grows "
+        f"as turns are added (or a tokenizer without one, for the fallback)")
+
+
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_seq_length: int,
+                        train_on: str = ALL_ASSISTANT_TURNS) -> tuple[dict[str, list[int]], bool]:
+    """input_ids and labels of one conversation within max_seq_length, and whether it was cut.
+
+    ``messages`` is an optional system turn, then user and assistant turns alternating, ending
+    with an assistant turn. Labels are -100 on every prompt token; answer tokens keep their ids
+    when trained (every answer, or with ``last_assistant_turn`` only the last). There is exactly
+    one BOS where the tokenizer adds one, even when the template writes it too.
+
+    Truncation keeps the beginning: the sequence is cut at max_seq_length and then, so that it
+    never ends with a prompt whose answer was cut away, after the last answer with a token left.
+    A result with no supervised token (the first prompt alone fills max_seq_length, or the last
+    answer is cut away under ``last_assistant_turn``) is returned as is; callers drop it.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on: expected one of {', '.join(TRAIN_ON)}, got {train_on!r}")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise TemplateError("the last message of a training conversation must be the assistant's answer")
+    limit = message_char_limit(tokenizer, max_seq_length)
+    messages = [m | {"content": m["content"][:limit]} if len(m["content"]) > limit else m for m in messages]
+    answer_turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
+    input_ids: list[int] = []
+    labels: list[int] = []
+    answers: list[tuple[int, int]] = []  # [start, end) of each answer in input_ids
+    for number, k in enumerate(answer_turns, 1):
+        prompt = encode_prompt(tokenizer, render_prompt(tokenizer, messages[:k]))
+        _require_prefix(tokenizer, input_ids, prompt,
+                        f"the conversation through assistant turn {number - 1} is not a token prefix of "
+                        f"the prompt of assistant turn {number}")
+        through = encode_prompt(tokenizer, render_conversation(tokenizer, messages[:k + 1]))
+        _require_prefix(tokenizer, prompt, through,
+                        f"the prompt of assistant turn {number} (rendered with add_generation_prompt=True) "
+                        f"is not a token prefix of the conversation through that turn")
+        trained = train_on == ALL_ASSISTANT_TURNS or k == answer_turns[-1]
+        answer = through[len(prompt):]
+        labels += [IGNORE_INDEX] * (len(prompt) - len(input_ids)) + (
+            answer if trained else [IGNORE_INDEX] * len(answer))
+        answers.append((len(prompt), len(through)))
+        input_ids = through
+        if len(input_ids) >= max_seq_length:
+            break  # later turns would start beyond the budget (a message cut above always ends here)
+    end = min(len(input_ids), max_seq_length)
+    answer_ends = [answer_end for start, answer_end in answers if start < end]
+    if answer_ends:
+        end = min(end, answer_ends[-1])
+    truncated = end < len(input_ids) or len(answers) < len(answer_turns)
+    return {"input_ids": input_ids[:end], "labels": labels[:end]}, truncated
+
+
+def encode_record(tokenizer: PreTrainedTokenizerBase, record: dict[str, Any], max_seq_length: int,
+                  system_prompt: str | None, train_on: str = ALL_ASSISTANT_TURNS) -> tuple[dict[str, list[int]], bool]:
+    """:func:`encode_conversation` of a prepared record (``sft.data.prepared.read_conversations``),
+    with the configured system prompt where the record has none."""
+    return encode_conversation(tokenizer, with_system_prompt(record["messages"], system_prompt), max_seq_length,
+                               train_on)
 
 
 def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]], max_seq_length: int,
-                   system_prompt: str | None, desc: str = "tokenizing",
+                   system_prompt: str | None, *, train_on: str = ALL_ASSISTANT_TURNS, desc: str = "tokenizing",
                    progress: bool = True) -> tuple[list[dict], EncodeStats]:
     """Encode every record, dropping (and counting) those left with no supervised token."""
     stats = EncodeStats()
     examples = []
     for record in tqdm(records, desc=desc, disable=None if progress else True, leave=False):
         stats.read += 1
-        example, truncated = encode_record(tokenizer, record, max_seq_length, system_prompt)
+        example, truncated = encode_record(tokenizer, record, max_seq_length, system_prompt, train_on)
         n_supervised = sum(label != IGNORE_INDEX for label in example["labels"])
         if n_supervised == 0:
             stats.dropped_no_supervised_tokens += 1
@@ -140,64 +171,3 @@ def encode_records(tokenizer: PreTrainedTokenizerBase, records: list[dict[str, A
         stats.supervised_tokens += n_supervised
         examples.append(example)
     return examples, stats
-
-
-def shifted_labels(labels: list[int]) -> list[int]:
-    """The target of each position: the next token's label within the same example, -100 at its end.
-
-    Shifting per example (rather than over a packed row) keeps the last token of one example from
-    being trained to predict the first token of the next.
-    """
-    return labels[1:] + [IGNORE_INDEX]
-
-
-class PaddingCollator:
-    """Pads a list of examples to the longest one; padding is never attended to nor supervised."""
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": torch.full((len(examples), width), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
-            "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
-            "shift_labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
-        }
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            batch["input_ids"][row, :n] = torch.tensor(example["input_ids"])
-            batch["attention_mask"][row, :n] = 1
-            batch["labels"][row, :n] = torch.tensor(example["labels"])
-            batch["shift_labels"][row, :n] = torch.tensor(shifted_labels(example["labels"]))
-        return batch
-
-
-class PackingCollator:
-    """Concatenates a micro-batch's examples into one row with no padding at all.
-
-    Position ids restart at 0 for each example, and the example boundaries travel with the batch
-    both as tensors (``cu_seq_lens_q/k``, ``max_length_q/k``: FlashAttention's varlen API) and as
-    a Python list (``packed_boundaries``, read by sft.modeling.attention without a device sync).
-    """
-
-    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
-        lengths = [len(e["input_ids"]) for e in examples]
-        boundaries = [0]
-        for length in lengths:
-            boundaries.append(boundaries[-1] + length)
-        cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32)
-        return {
-            "input_ids": torch.tensor([[t for e in examples for t in e["input_ids"]]]),
-            "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
-            "labels": torch.tensor([[t for e in examples for t in e["labels"]]]),
-            "shift_labels": torch.tensor([[t for e in examples for t in shifted_labels(e["labels"])]]),
-            "cu_seq_lens_q": cu_seq_lens,
-            "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": max(lengths),
-            "max_length_k": max(lengths),
-            "packed_boundaries": boundaries,
-        }

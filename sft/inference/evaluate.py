@@ -29,8 +29,10 @@ from sft.config import (
     add_config_arguments,
     build_config,
 )
-from sft.data.templates import encode_prompt, end_of_turn_ids, record_messages, render_prompt
-from sft.data.tokenize import PaddingCollator, encode_records, read_jsonl
+from sft.data.collate import PaddingCollator
+from sft.data.prepared import read_conversations
+from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.data.tokenize import encode_records
 from sft.errors import run_command
 from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import device_policy
@@ -117,10 +119,11 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
     model = load_adapter(base, str(adapter_dir))
     model = (model if quantized else model.to(policy.device)).eval()  # a 4-bit model is placed when loaded
 
-    records = read_jsonl(config.data.val_file)
+    records = read_conversations(config.data.val_file)
     if config.eval.max_eval_examples:
         records = records[:config.eval.max_eval_examples]
-    examples, stats = encode_records(tokenizer, records, config.data.max_seq_length, config.data.system_prompt)
+    examples, stats = encode_records(tokenizer, records, config.data.max_seq_length, config.data.system_prompt,
+                                     train_on=config.data.train_on)
     metrics: dict[str, Any] = {"val_examples": stats.kept, "val_supervised_tokens": stats.supervised_tokens,
                                "val_dropped": stats.dropped_no_supervised_tokens}
     for name, adapter_on in (("base", False), ("adapter", True)):
@@ -133,9 +136,9 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
     generations = []
     for record in tqdm(records[:config.eval.num_generations], desc="generating", disable=None):
         prompt_ids = encode_prompt(tokenizer, render_prompt(
-            tokenizer, record_messages(record, config.data.system_prompt)[:-1]))
-        row = {"id": record.get("id"), "instruction": record["instruction"], "input": record.get("input", ""),
-               "reference": record["output"]}
+            tokenizer, with_system_prompt(record["messages"][:-1], config.data.system_prompt)))
+        row = {"id": record["id"], "prompt": record["messages"][-2]["content"],
+               "reference": record["messages"][-1]["content"]}
         for name, adapter_on in (("base", False), ("adapter", True)):
             with _adapter(model, adapter_on):
                 row[name], row[f"{name}_finished"] = generate_answer(
@@ -191,7 +194,7 @@ def render_report(config: SFTConfig, adapter_dir: Path, metrics: dict[str, Any],
         f"## Greedy answers to {len(generations)} held-out prompts (max {config.eval.max_new_tokens} new tokens)",
     ]
     for number, row in enumerate(generations, 1):
-        prompt = row["instruction"] + (f"\n\n{row['input']}" if row["input"] else "")
+        prompt = row["prompt"]
         lines += ["", f"### {number}. {_quote_line(prompt.splitlines()[0])}", ""]
         for title, key in (("Prompt", None), ("Reference", "reference"), ("Base", "base"),
                            ("Base + adapter", "adapter")):

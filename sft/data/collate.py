@@ -1,0 +1,74 @@
+"""Examples (input_ids and labels) -> batches: padded rows, or one packed row per micro-batch.
+
+Labels arrive masked by position (sft.data.tokenize); batching never re-derives the mask from token
+ids, so padding with a pad token that is also the EOS (TinyLlama-Chat) leaves the real EOS trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from sft.data.tokenize import IGNORE_INDEX
+
+
+def shifted_labels(labels: list[int]) -> list[int]:
+    """The target of each position: the next token's label within the same example, -100 at its end.
+
+    Shifting per example (rather than over a packed row) keeps the last token of one example from
+    being trained to predict the first token of the next.
+    """
+    return labels[1:] + [IGNORE_INDEX]
+
+
+class PaddingCollator:
+    """Pads a list of examples to the longest one; padding is never attended to nor supervised."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int = 8):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(examples), width), self.pad_token_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), width), dtype=torch.long),
+            "labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
+            "shift_labels": torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, example in enumerate(examples):
+            n = len(example["input_ids"])
+            batch["input_ids"][row, :n] = torch.tensor(example["input_ids"])
+            batch["attention_mask"][row, :n] = 1
+            batch["labels"][row, :n] = torch.tensor(example["labels"])
+            batch["shift_labels"][row, :n] = torch.tensor(shifted_labels(example["labels"]))
+        return batch
+
+
+class PackingCollator:
+    """Concatenates a micro-batch's examples into one row with no padding at all.
+
+    Position ids restart at 0 for each example, and the example boundaries travel with the batch
+    both as tensors (``cu_seq_lens_q/k``, ``max_length_q/k``: FlashAttention's varlen API) and as
+    a Python list (``packed_boundaries``, read by sft.modeling.attention without a device sync).
+    """
+
+    def __call__(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        boundaries = [0]
+        for length in lengths:
+            boundaries.append(boundaries[-1] + length)
+        cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32)
+        return {
+            "input_ids": torch.tensor([[t for e in examples for t in e["input_ids"]]]),
+            "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
+            "labels": torch.tensor([[t for e in examples for t in e["labels"]]]),
+            "shift_labels": torch.tensor([[t for e in examples for t in shifted_labels(e["labels"])]]),
+            "cu_seq_lens_q": cu_seq_lens,
+            "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max(lengths),
+            "max_length_k": max(lengths),
+            "packed_boundaries": boundaries,
+        }
