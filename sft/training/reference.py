@@ -5,8 +5,8 @@ reference never changes during a run, so its log-probabilities are computed in o
 training, from the very model that is about to be trained (before its new adapter is added, or
 with the adapter disabled): no second model in memory, and no reference forward pass per step.
 
-They are stored in the run's output directory (``reference_logps/<split>.safetensors``) under a
-key made of:
+They are stored in the run's output directory (``reference_logps.safetensors``, one tensor per
+split: train, val), each under a key made of:
 - the token ids of every pair, in order: they are the data after the tokenization settings
   (template, system prompt, max_seq_length), so a change to the data or to how it is tokenized
   gives other ids, while a change that leaves every id as it was (a new ``source`` field, a
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sft.training.preference import REFERENCE_KEY, PairCollator, answer_logps
 
-REFERENCE_DIR = "reference_logps"
+REFERENCE_FILE = "reference_logps.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 
 
@@ -91,35 +91,43 @@ def compute_reference_logps(model: torch.nn.Module, pairs: list[dict[str, Any]],
     return torch.cat(results) if results else torch.zeros(0, 2)
 
 
-def cached_reference_logps(model: torch.nn.Module, pairs: list[dict[str, Any]], output_dir: str | Path,
-                           split: str, identity: dict[str, Any], batch_size: int, collator: PairCollator,
-                           device: torch.device | str) -> tuple[torch.Tensor, bool]:
-    """The reference log-probabilities of ``pairs`` from ``output_dir``'s cache when its key
-    matches, else computed and stored; and whether the cache was used."""
-    path = Path(output_dir, REFERENCE_DIR, f"{split}.safetensors")
-    key = cache_key(pairs, identity)
-    cached = _read_cache(path, key, len(pairs))
-    if cached is not None:
-        return cached, True
-    logps = compute_reference_logps(model, pairs, batch_size, collator, device, desc=f"reference log-probs ({split})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    save_file({"logps": logps.contiguous()}, staging, metadata={"key": key, "identity": json.dumps(identity)})
-    staging.replace(path)  # a run killed while writing leaves no half file under the real name
-    return logps, False
+def cached_reference_logps(model: torch.nn.Module, splits: dict[str, list[dict[str, Any]]],
+                           output_dir: str | Path, identity: dict[str, Any], batch_size: int, collator: PairCollator,
+                           device: torch.device | str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The [pairs, 2] reference log-probabilities of each split's pairs, read from
+    ``output_dir``'s cache where the split's key matches and computed (and stored) where not;
+    and the names of the splits that were computed."""
+    path = Path(output_dir, REFERENCE_FILE)
+    stored, stored_keys = _read_cache(path)
+    results, computed = {}, []
+    for split, pairs in splits.items():
+        key = cache_key(pairs, identity)
+        if stored_keys.get(split) == key and split in stored and stored[split].shape == (len(pairs), 2):
+            results[split] = stored[split]
+        else:
+            results[split] = compute_reference_logps(model, pairs, batch_size, collator, device,
+                                                     desc=f"reference log-probs ({split})")
+            computed.append(split)
+        stored_keys[split] = key
+    if computed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(path.name + ".tmp")
+        save_file({split: logps.contiguous() for split, logps in results.items()}, staging,
+                  metadata={"keys": json.dumps({split: stored_keys[split] for split in results}),
+                            "identity": json.dumps(identity)})
+        staging.replace(path)  # a run killed while writing leaves no half file under the real name
+    return results, computed
 
 
-def _read_cache(path: Path, key: str, n_pairs: int) -> torch.Tensor | None:
-    """The stored log-probabilities if ``path`` holds them under ``key``; None if it holds others,
-    does not exist, or cannot be read (an unreadable cache is recomputed, never trusted)."""
+def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and keys stored in ``path``; none if it does not exist or cannot be read (an
+    unreadable cache is recomputed, never trusted)."""
     try:
         with safe_open(path, framework="pt") as file:
-            if (file.metadata() or {}).get("key") != key:
-                return None
-            logps = file.get_tensor("logps")
-    except (OSError, SafetensorError):
-        return None
-    return logps if logps.shape == (n_pairs, 2) else None
+            keys = json.loads((file.metadata() or {}).get("keys", "{}"))
+            return {name: file.get_tensor(name) for name in file.keys()}, keys  # noqa: SIM118
+    except (OSError, SafetensorError, json.JSONDecodeError):
+        return {}, {}
 
 
 def attach_reference_logps(pairs: list[dict[str, Any]], logps: torch.Tensor) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
 from sft.data.pairs import encode_pairs
 from sft.training import reference as reference_module
 from sft.training.preference import PairCollator
-from sft.training.reference import REFERENCE_DIR, cached_reference_logps, reference_identity
+from sft.training.reference import REFERENCE_FILE, cached_reference_logps, reference_identity
 from tests.training.tiny_pairs import preference_records
 
 
@@ -60,30 +60,36 @@ def test_cache_is_reused_unchanged_and_recomputed_on_any_change(model, chatml_to
     identity = reference_identity(str(tiny_model_dir), None, torch.float32)
 
     def run(pairs: list[dict], identity: dict = identity) -> tuple[torch.Tensor, bool]:
-        return cached_reference_logps(model, pairs, out, "train", identity, 4, PairCollator(), "cpu")
+        results, computed = cached_reference_logps(model, {"train": pairs, "val": val}, out, identity, 4,
+                                                   PairCollator(), "cpu")
+        return results["train"], "train" not in computed
 
+    val = _pairs(chatml_tokenizer, n=3)
     pairs = _pairs(chatml_tokenizer)
     first, hit = run(pairs)
-    assert not hit and counting.calls == 1 and first.shape == (len(pairs), 2)
-    assert (out / REFERENCE_DIR / "train.safetensors").is_file()
+    assert not hit and counting.calls == 2 and first.shape == (len(pairs), 2)  # train and val
+    assert (out / REFERENCE_FILE).is_file()
 
     again, hit = run(_pairs(chatml_tokenizer))  # an unchanged rerun (or a resume): read back, equal
-    assert hit and counting.calls == 1 and torch.equal(again, first)
+    assert hit and counting.calls == 2 and torch.equal(again, first)
 
     changes = {
         "data": lambda: run(_pairs(chatml_tokenizer, n=7)),
         "an answer's text": lambda: run([pairs[0] | {"chosen_ids": pairs[0]["chosen_ids"][:-1]}, *pairs[1:]]),
         "max_seq_length": lambda: run(_pairs(chatml_tokenizer, max_seq_length=100)),
         "system prompt": lambda: run(_pairs(chatml_tokenizer, system_prompt="Be brief.")),
-        "SFT adapter": lambda: run(pairs, reference_identity(str(tiny_model_dir), str(sft_adapter), torch.float32)),
-        "dtype": lambda: run(pairs, reference_identity(str(tiny_model_dir), None, torch.bfloat16)),
     }
     for what, change in changes.items():
         calls = counting.calls
         _, hit = change()
-        assert not hit and counting.calls == calls + 1, what
+        assert not hit and counting.calls == calls + 1, what  # the train split only: val is unchanged
         _, hit = run(pairs)  # the original again: its key no longer matches the file either
         assert not hit, what
+    for what, other in {"SFT adapter": reference_identity(str(tiny_model_dir), str(sft_adapter), torch.float32),
+                        "dtype": reference_identity(str(tiny_model_dir), None, torch.bfloat16)}.items():
+        calls = counting.calls
+        _, hit = run(pairs, other)
+        assert not hit and counting.calls == calls + 2, what  # another reference: both splits
 
 
 def test_identity_follows_the_sft_adapter_weights_and_the_base_files(tiny_model_dir: Path, sft_adapter: Path,
@@ -107,9 +113,9 @@ def test_an_unreadable_cache_is_recomputed(model, chatml_tokenizer, tiny_model_d
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     counting = _Counting(monkeypatch)
     identity = reference_identity(str(tiny_model_dir), None, torch.float32)
-    pairs = _pairs(chatml_tokenizer)
-    first, _ = cached_reference_logps(model, pairs, tmp_path, "val", identity, 8, PairCollator(), "cpu")
-    (tmp_path / REFERENCE_DIR / "val.safetensors").write_bytes(b"not a safetensors file")
-    again, hit = cached_reference_logps(model, pairs, tmp_path, "val", identity, 8, PairCollator(), "cpu")
-    assert not hit and counting.calls == 2
-    assert torch.allclose(again, first, atol=1e-5, rtol=0)
+    splits = {"train": _pairs(chatml_tokenizer)}
+    first, _ = cached_reference_logps(model, splits, tmp_path, identity, 8, PairCollator(), "cpu")
+    (tmp_path / REFERENCE_FILE).write_bytes(b"not a safetensors file")
+    again, computed = cached_reference_logps(model, splits, tmp_path, identity, 8, PairCollator(), "cpu")
+    assert computed == ["train"] and counting.calls == 2
+    assert torch.allclose(again["train"], first["train"], atol=1e-5, rtol=0)
