@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch-demo-data": ("sft.data.demo", "download the demo instruction set into data/raw/"),
     "prepare": ("sft.data.prepare", "merge, clean and split Alpaca-format sources into JSONL"),
     "prepare-preferences": ("sft.data.prepare_dpo", "merge, clean and split preference pairs for DPO into JSONL"),
+    "inspect": ("sft.data.inspect", "show one training example as the model sees it, trained tokens marked"),
     "train": ("sft.recipes.sft", "train LoRA adapters on the prepared data"),
     "eval": ("sft.inference.evaluate", "compare base model and adapter: validation loss, generations"),
     "plot": ("sft.training.plots", "draw a run's training and validation loss (loss.png)"),
