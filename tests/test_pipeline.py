@@ -39,9 +39,9 @@ def test_prepare_counts_add_up(prepared: Path) -> None:
     train = (prepared / "sft_train.jsonl").read_text().splitlines()
     val = (prepared / "sft_val.jsonl").read_text().splitlines()
     assert len(train) + len(val) == 40 and len(val) == report["val"] > 0
-    corrected = [json.loads(line) for line in train + val if json.loads(line)["instruction"] ==
-                 alpaca_records(1)[0]["instruction"]]
-    assert [r["output"] for r in corrected] == ["A corrected answer."]
+    corrected = [json.loads(line)["messages"] for line in train + val
+                 if json.loads(line)["messages"][0]["content"] == alpaca_records(1)[0]["instruction"]]
+    assert [messages[-1]["content"] for messages in corrected] == ["A corrected answer."]
 
 
 def _train_args(model_dir: Path, prepared: Path, output_dir: Path, *extra: str) -> list[str]:

@@ -68,7 +68,7 @@ def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monke
     from sft.inference import chat
 
     args = argparse.Namespace(adapter=str(run_dir), model=None, system_prompt="Be brief.", temperature=0.0,
-                              top_p=1.0, max_new_tokens=5, device="cpu")
+                              top_p=1.0, max_new_tokens=5, device="cpu", trust_remote_code=False)
     session = chat.open_session(args)
     prompts = []
     real_render = chat.render_prompt
@@ -80,7 +80,7 @@ def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monke
                           {"role": "user", "content": "Name a color."},
                           {"role": "assistant", "content": first},
                           {"role": "user", "content": "And another one?"}]
-    assert render_prompt(session.tokenizer, prompts[1]).endswith("<|im_start|>assistant\n")
+    assert render_prompt(session.run.tokenizer, prompts[1]).endswith("<|im_start|>assistant\n")
 
     lines = iter(["hello", "/reset", "/exit"])
     monkeypatch.setattr("builtins.input", lambda _: next(lines))

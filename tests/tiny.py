@@ -166,14 +166,15 @@ def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32) -> Path:
-    """Save a random 2-layer Llama and ``tokenizer`` into ``path``; return the directory."""
+def build_tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32,
+                         layers: int = 2) -> Path:
+    """Save a random Llama (2 layers unless told) and ``tokenizer`` into ``path``; return the directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

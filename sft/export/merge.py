@@ -2,56 +2,58 @@
 
 The result loads with plain ``AutoModelForCausalLM.from_pretrained(DIR)``: safetensors weights,
 config, the tokenizer saved with the adapter (including its chat template) and a generation
-config that stops at the end of the assistant's turn.
+config that stops at the end of the assistant's turn. It is written into a fresh temporary
+folder beside ``--out`` and renamed into place only when complete, so a failed merge leaves
+nothing behind and never touches anything but that folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
-import torch
-
-from sft.config import ConfigError, StrictArgumentParser, build_config, saved_run_config
+from sft.config import StrictArgumentParser
 from sft.data.templates import end_of_turn_ids
-from sft.errors import run_command
-from sft.modeling.models import load_adapter, load_model, load_tokenizer, resolve_model_path
+from sft.errors import ConfigError, run_command
+from sft.files import atomic_directory
+from sft.inference.loading import load_run, run_config
 
 
-def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None) -> Path:
+def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None,
+          trust_remote_code: bool = False) -> Path:
     """Merge the adapter in ``adapter_dir`` into its base (from the run's config, or ``model``)."""
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter_dir}: no adapter_config.json here; pass the training output directory")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise ConfigError(f"{out_dir}: exists and is not empty; choose a new --out directory")
-    if model is None:
-        model = build_config(saved_run_config(adapter_dir)).model.model
-    base = load_model(resolve_model_path(model), torch.float32, "sdpa")
-    merged = load_adapter(base, str(adapter_dir)).merge_and_unload()
-    tokenizer = load_tokenizer(str(adapter_dir))
-    merged.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if out_dir.exists():
-        out_dir.rmdir()
-    staging.rename(out_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out: {out_dir} is a file; name a new directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        raise ConfigError(f"--out: {out_dir} exists and is not empty; choose a new directory")
+    if not out_dir.parent.is_dir():
+        raise ConfigError(f"--out: the folder {out_dir.parent} does not exist; create it first")
+    # Merged weights in float32 on the CPU: exact, and a 1B model fits in any machine's memory.
+    config = run_config(adapter_dir, overrides={"trust_remote_code": trust_remote_code, "dtype": "float32",
+                                                "load_in_4bit": False})
+    run = load_run(adapter_dir, config, model_name=model, device="cpu")
+    merged = run.model.merge_and_unload()
+    merged.generation_config.eos_token_id = end_of_turn_ids(run.tokenizer)
+    merged.generation_config.pad_token_id = run.tokenizer.pad_token_id
+    with atomic_directory(out_dir) as staging:
+        merged.save_pretrained(staging)
+        run.tokenizer.save_pretrained(staging)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = StrictArgumentParser(prog="sft merge", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", default="models/sft_output",
                         help="training output directory or checkpoint-N holding the adapter (default: %(default)s)")
     parser.add_argument("--out", required=True, help="new directory for the merged model")
     parser.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a Hub model's own code to run (never taken from a run directory)")
     args = parser.parse_args(argv)
-    return run_command(lambda: print(f"merged model written to {merge(args.adapter, args.out, args.model)}"))
+    return run_command(lambda: print(f"merged model written to "
+                                     f"{merge(args.adapter, args.out, args.model, args.trust_remote_code)}"))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     sft chat --adapter models/sft_output --prompt "Hi"   one answer, printed, then exit
     sft chat --model smollm2-135m-instruct               the base model alone, to compare
 
-Prompts are built by the same code as training (sft/templates.py), with the run's system
+Prompts are built by the same code as training (sft/data/templates.py), with the run's system
 prompt unless --system-prompt is given. In the interactive chat, /reset forgets the
 conversation and /exit (or Ctrl-D) leaves.
 """
@@ -13,28 +13,49 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
-from sft.config import ConfigError, StrictArgumentParser, build_config, saved_run_config
-from sft.data.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, render_prompt
-from sft.errors import run_command
-from sft.modeling.attention import resolve_attention
-from sft.modeling.devices import device_policy
-from sft.modeling.models import load_adapter, load_model, load_tokenizer, resolve_model_path
+from sft.config import StrictArgumentParser
+from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.errors import ConfigError, run_command
+from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
 
 Message = dict[str, str]
 
 
-class ChatSession:
-    """A model, its tokenizer and the conversation so far."""
+class _CollectingStreamer(TextStreamer):
+    """Prints the answer as it comes and keeps its token ids, so an answer stopped half-way
+    (Ctrl-C) still has the text the user saw."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: str, system_prompt: str | None,  # noqa: ANN001
-                 temperature: float, top_p: float, max_new_tokens: int):
-        self.model, self.tokenizer, self.device = model, tokenizer, device
+    def __init__(self, tokenizer, print_text: bool) -> None:  # noqa: ANN001
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.print_text = print_text
+        self.answer_ids: list[int] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        self.answer_ids += value.reshape(-1).tolist()
+        if self.print_text:
+            super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if self.print_text:
+            super().on_finalized_text(text, stream_end)
+
+
+class ChatSession:
+    """A loaded run and the conversation so far."""
+
+    def __init__(self, run: LoadedRun, system_prompt: str | None, temperature: float, top_p: float,
+                 max_new_tokens: int):
+        self.run = run
         self.system_prompt = system_prompt
+        self.max_new_tokens = max_new_tokens
         self.sampling = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens,
                          **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {})}
         self.history: list[Message] = []
@@ -43,37 +64,38 @@ class ChatSession:
         self.history = []
 
     def reply(self, user_text: str, stream: bool = False) -> str:
-        """The assistant's answer to one more user turn; the turn and answer join the history."""
-        system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
-        messages = system + self.history + [{"role": "user", "content": user_text}]
-        prompt_ids = encode_prompt(self.tokenizer, render_prompt(self.tokenizer, messages))
-        input_ids = torch.tensor([prompt_ids], device=self.device)
-        streamer = TextStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        with torch.inference_mode():
-            output = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                         eos_token_id=end_of_turn_ids(self.tokenizer),
-                                         pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
-                                         **self.sampling)
-        answer = self.tokenizer.decode(output[0, len(prompt_ids):], skip_special_tokens=True).strip()
+        """The assistant's answer to one more user turn; the turn and answer join the history.
+
+        Ctrl-C while the answer streams stops that answer (what was said so far is kept) and
+        leaves the session open; a prompt the model cannot read is refused before generating."""
+        tokenizer = self.run.tokenizer
+        messages = with_system_prompt(self.history + [{"role": "user", "content": user_text}], self.system_prompt)
+        prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, messages))
+        check_prompt_fits(self.run, len(prompt_ids), self.max_new_tokens)
+        input_ids = torch.tensor([prompt_ids], device=self.run.policy.device)
+        streamer = _CollectingStreamer(tokenizer, print_text=stream)
+        stop_ids = end_of_turn_ids(tokenizer)
+        stopped = False
+        try:
+            with torch.inference_mode():
+                self.run.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                        streamer=streamer, **self.sampling)
+        except KeyboardInterrupt:
+            stopped = True
+        answer_ids = [token for token in streamer.answer_ids if token not in stop_ids]
+        answer = tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
+        if stopped and stream:
+            print("\n(answer stopped; the chat goes on)", flush=True)
         self.history += [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
         return answer
 
 
 def open_session(args: argparse.Namespace) -> ChatSession:
-    config = build_config(saved_run_config(args.adapter) if args.adapter else None)
-    model_name = args.model or config.model.model
+    config = run_config(args.adapter, overrides={"trust_remote_code": args.trust_remote_code})
+    run = load_run(args.adapter, config, model_name=args.model, device=args.device)
     system_prompt = config.data.system_prompt if args.system_prompt is None else args.system_prompt
-    policy = device_policy(args.device, config.model.dtype)
-    if args.adapter and not Path(args.adapter, "adapter_config.json").is_file():
-        raise ConfigError(f"{args.adapter}: no adapter_config.json here; pass a training output directory")
-    model_path = resolve_model_path(model_name)
-    tokenizer = load_tokenizer(args.adapter or model_path)
-    ensure_chat_template(tokenizer)
-    model = load_model(model_path, policy.load_dtype, resolve_attention("auto", policy.device))
-    if args.adapter:
-        model = load_adapter(model, args.adapter)
-    return ChatSession(model.to(policy.device).eval(), tokenizer, policy.device, system_prompt,
-                       args.temperature, args.top_p, args.max_new_tokens)
+    return ChatSession(run, system_prompt, args.temperature, args.top_p, args.max_new_tokens)
 
 
 def interact(session: ChatSession) -> None:
@@ -93,7 +115,10 @@ def interact(session: ChatSession) -> None:
         if not text:
             continue
         print("assistant> ", end="", flush=True)
-        session.reply(text, stream=True)
+        try:
+            session.reply(text, stream=True)
+        except ConfigError as exc:  # a prompt too long for the model: say so, keep the session
+            print(f"\nerror: {exc}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.7, help="0 for greedy (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: %(default)s)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda (default: %(default)s)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "mps", "cuda"),
+                        help="where to run (default: %(default)s)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a Hub model's own code to run (never taken from a run directory)")
     parser.add_argument("--seed", type=int, help="fix the sampling for a repeatable answer")
     args = parser.parse_args(argv)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:

@@ -9,6 +9,7 @@ weight): no chunk of logits is kept for the backward pass, and none is computed 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -110,9 +111,25 @@ def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torc
     return nll, supervised.sum(), outputs
 
 
+def supervised_totals(model: torch.nn.Module, batches: Iterable[tuple[dict[str, Any], bool]],
+                      head: torch.nn.Module | None = None, logits_in_forward: bool = False) -> torch.Tensor:
+    """[sum of negative log-likelihoods, number of supervised tokens] over batches, in float64 on
+    the model's device; a batch whose flag is False runs but is not counted (processes sharded
+    unevenly still run the same forward passes, which FSDP needs). The validation loss of training
+    and of ``sft eval`` is this, divided: a mean over all tokens, not a mean of per-batch means."""
+    totals = None
+    with torch.no_grad():
+        for inputs, counted in batches:
+            nll, count, _ = supervised_forward(model, inputs, head, logits_in_forward)
+            if totals is None:
+                totals = torch.zeros(2, dtype=torch.float64, device=nll.device)
+            if counted:
+                totals += torch.stack([nll.double(), count.double()])
+    return totals if totals is not None else torch.zeros(2, dtype=torch.float64)
+
+
 def supervised_nll_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token negative log-likelihoods over the supervised positions of a batch, and
-    their count. Returning the sum rather than a mean lets callers average over all tokens of
-    many batches, so a batch of short answers does not weigh as much as one of long answers."""
+    """Sum of next-token negative log-likelihoods over the supervised positions of one batch, and
+    their count (a sum, so callers can average over all tokens of many batches)."""
     nll, count, _ = supervised_forward(model, batch)
     return nll, int(count)

@@ -29,7 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from sft.errors import NonFiniteLossError
 from sft.files import fsync_directory, fsync_tree
 from sft.training.checkpoints import STAGING_DIR, rotate_checkpoints
-from sft.training.loss import supervised_forward
+from sft.training.loss import supervised_forward, supervised_totals
 
 
 class SupervisedTrainer(Trainer):
@@ -99,17 +99,16 @@ class SupervisedTrainer(Trainer):
         head = self.accelerator.unwrap_model(model).get_output_embeddings()
         was_training = model.training
         model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
-        with torch.no_grad():
-            for step in tqdm(range(steps), desc="evaluating", leave=False, disable=not self.is_local_process_zero()
-                             or self.args.disable_tqdm):
+
+        def passes() -> Any:
+            for step in tqdm(range(steps), desc="evaluating", leave=False,
+                             disable=not self.is_local_process_zero() or self.args.disable_tqdm):
                 counted = step < len(batches)
                 indices = batches[step] if counted else (batches[0] if batches else [0])  # a pass to keep step
-                inputs = self._prepare_inputs(self.data_collator([dataset[i] for i in indices]))
-                with self.compute_loss_context_manager():
-                    nll_sum, n_supervised, _ = supervised_forward(model, inputs, head, self.is_fsdp_enabled)
-                if counted:
-                    totals += torch.stack([nll_sum.double(), n_supervised.double()])
+                yield self._prepare_inputs(self.data_collator([dataset[i] for i in indices])), counted
+
+        with self.compute_loss_context_manager():
+            totals = supervised_totals(model, passes(), head, self.is_fsdp_enabled).to(self.args.device)
         model.train(was_training)
         if world > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")

@@ -1,0 +1,166 @@
+"""The one way a trained run is loaded for use: evaluation, chat, merge, IFEval.
+
+``load_run`` gives the base model with the run's adapter (or the base alone), the tokenizer the
+run saved (with the chat template training used), the run's configuration with this command's
+flags on top, and the device policy. Two rules hold for every command:
+
+- Nothing from a run directory decides whether code runs: ``trust_remote_code`` comes from the
+  command line of the command being run, never from a saved configuration, so a run directory
+  someone hands you cannot make ``sft eval`` import the Python files inside it.
+- An adapter must fit its base exactly: every adapter weight has a LoRA layer of the same shape
+  in the base and every LoRA layer of the base gets a weight, else the load is refused naming
+  the base the adapter was trained on. PEFT alone would load a 30-layer adapter into a 2-layer
+  model (or the reverse) without a word and generate garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from sft.config import SFTConfig, build_config, saved_run_config
+from sft.data.templates import ensure_chat_template
+from sft.errors import ConfigError, ModelNotFoundError
+from sft.modeling.attention import resolve_attention
+from sft.modeling.devices import DevicePolicy, device_policy
+from sft.modeling.models import check_4bit_supported, load_model, load_tokenizer, resolve_model_path
+from sft.training.checkpoints import safetensors_damage
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class LoadedRun:
+    model: torch.nn.Module
+    """The base model, wrapped with the adapter when there is one; in eval mode on its device."""
+    tokenizer: PreTrainedTokenizerBase
+    config: SFTConfig
+    """The run's saved configuration (defaults without one) with the command's flags on top."""
+    policy: DevicePolicy
+    adapter_dir: Path | None
+    model_name: str
+    """The base model's name as the user gave it (or the run saved it)."""
+
+    @property
+    def has_adapter(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    def adapter(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """A context in which the adapter is on or off (the base model alone)."""
+        if enabled or not self.has_adapter:
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    @property
+    def max_positions(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def run_config(adapter_dir: str | Path | None, config_path: str | Path | None = None,
+               overrides: dict[str, Any] | None = None) -> SFTConfig:
+    """The configuration a run was trained with (else ``config_path``, else the defaults), with
+    ``overrides`` (flat field names, as flags) on top; trust_remote_code only from the overrides."""
+    saved = saved_run_config(adapter_dir) if adapter_dir is not None else None
+    overrides = dict(overrides or {})
+    overrides["trust_remote_code"] = bool(overrides.get("trust_remote_code", False))
+    return build_config(saved or config_path, overrides)
+
+
+def check_adapter_dir(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's PEFT config, after checking the directory holds an intact adapter."""
+    config_file = adapter_dir / ADAPTER_CONFIG
+    if not adapter_dir.is_dir():
+        raise ConfigError(f"{adapter_dir}: no such directory; pass a training output directory (or checkpoint-N)")
+    if not config_file.is_file():
+        raise ConfigError(f"{adapter_dir}: no {ADAPTER_CONFIG} here; train first (python -m sft.train_sft) or pass "
+                          f"a training output directory (or checkpoint-N)")
+    try:
+        adapter_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelNotFoundError(f"{config_file}: not a readable adapter config ({exc})") from None
+    if not isinstance(adapter_config, dict):
+        raise ModelNotFoundError(f"{config_file}: not an adapter config (expected a JSON object)")
+    problem = safetensors_damage(adapter_dir / ADAPTER_WEIGHTS)
+    if problem:
+        raise ModelNotFoundError(f"{problem}; only intact safetensors adapters are loaded (retrain, or pass an "
+                                 f"intact checkpoint-N)")
+    return adapter_config
+
+
+def attach_adapter(base: PreTrainedModel, adapter_dir: Path, model_name: str) -> PeftModel:
+    """``base`` with the adapter of ``adapter_dir``, refused unless the two fit weight for weight."""
+    trained_on = check_adapter_dir(adapter_dir).get("base_model_name_or_path")
+
+    def refuse(why: str) -> ModelNotFoundError:
+        return ModelNotFoundError(
+            f"{adapter_dir}: this adapter does not fit the base model {model_name!r} ({why}); it was trained on "
+            f"{trained_on!r}. Pass that base model with --model.")
+
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir))
+    except RuntimeError as exc:
+        if "size mismatch" not in str(exc):
+            raise
+        raise refuse("weights of other shapes") from None
+    with safe_open(adapter_dir / ADAPTER_WEIGHTS, framework="pt") as weights:
+        saved = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}  # noqa: SIM118
+    expected = {key: tuple(value.shape) for key, value in get_peft_model_state_dict(model).items()}
+    extra, missing = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
+    if extra:
+        raise refuse(f"{len(extra)} of its weights have no place in it, e.g. {extra[0]}")
+    if missing:
+        raise refuse(f"{len(missing)} of its LoRA layers would get no weights, e.g. {missing[0]}")
+    mismatched = [key for key in saved if saved[key] != expected[key]]
+    if mismatched:
+        raise refuse(f"{mismatched[0]} is {saved[mismatched[0]]} in the adapter but {expected[mismatched[0]]} here")
+    return model
+
+
+def load_run(adapter_dir: str | Path | None, config: SFTConfig, model_name: str | None = None,
+             device: str | None = None) -> LoadedRun:
+    """Base model (+ adapter), tokenizer, configuration and device policy of a run, ready to use.
+
+    The tokenizer comes from the adapter directory when there is one: it carries the chat
+    template training used (the fallback included). A run trained on a 4-bit base is loaded in
+    4-bit where that can run (CUDA), else on the full-precision base, which its adapter fits."""
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+    if adapter_dir is not None:
+        check_adapter_dir(adapter_dir)
+    name = model_name or config.model.model
+    policy = device_policy(device or config.training.device, config.model.dtype)
+    quantized = config.model.load_in_4bit and policy.device.startswith("cuda")
+    if quantized:
+        check_4bit_supported(policy.device)
+    model_path = resolve_model_path(name)
+    trust = config.model.trust_remote_code
+    tokenizer = load_tokenizer(str(adapter_dir) if adapter_dir is not None else model_path, trust)
+    ensure_chat_template(tokenizer)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_model(model_path, policy.load_dtype, resolve_attention(config.model.attn_implementation,
+                                                                         policy.device), trust,
+                       load_in_4bit_compute=policy.compute_dtype if quantized else None, device=policy.device)
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir, name)
+    if not quantized:  # a 4-bit model is placed on its GPU when loaded
+        model = model.to(policy.device)
+    return LoadedRun(model.eval(), tokenizer, config, policy, adapter_dir, name)
+
+
+def check_prompt_fits(run: LoadedRun, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt the model cannot read: past its positions, it would answer garbage."""
+    limit = run.max_positions
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ConfigError(f"the prompt is {prompt_tokens} tokens and up to {max_new_tokens} new tokens are asked "
+                          f"for, but {run.model_name} takes {limit} positions; shorten the prompt or lower "
+                          f"--max-new-tokens")
