@@ -185,12 +185,16 @@ def test_a_records_own_system_turn_wins(chatml_tokenizer) -> None:
 
 # --- templates that cannot be trained on by position --------------------------------------------
 
-def test_a_prompt_that_is_not_a_prefix_of_its_answer_is_an_error_naming_the_template() -> None:
+def role_lines_tokenizer(name: str, tail: str) -> PreTrainedTokenizerFast:
+    """A tokenizer called ``name`` whose template writes a "role: content" line per message, then ``tail``."""
     tokenizer = build_tokenizer("chatml")
-    tokenizer.name_or_path = "acme/odd-chat"
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'ASSISTANT> ' }}{% endif %}")
+    tokenizer.name_or_path = name
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}" + tail
+    return tokenizer
+
+
+def test_a_prompt_that_is_not_a_prefix_of_its_answer_is_an_error_naming_the_template() -> None:
+    tokenizer = role_lines_tokenizer("acme/odd-chat", "{% if add_generation_prompt %}{{ 'ASSISTANT> ' }}{% endif %}")
     with pytest.raises(TemplateError, match="the chat template of acme/odd-chat cannot be trained on by position: "
                                             "the prompt of assistant turn 1 .* is not a token prefix"):
         encode_conversation(tokenizer, conversation(1), 256)
@@ -198,11 +202,8 @@ def test_a_prompt_that_is_not_a_prefix_of_its_answer_is_an_error_naming_the_temp
 
 def test_a_template_that_rewrites_earlier_turns_is_an_error() -> None:
     """Rendered alone the first turn works; continued, the conversation no longer starts with it."""
-    tokenizer = build_tokenizer("chatml")
-    tokenizer.name_or_path = "acme/closing-chat"
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% else %}{{ 'END' }}{% endif %}")
+    tokenizer = role_lines_tokenizer(
+        "acme/closing-chat", "{% if add_generation_prompt %}{{ 'assistant: ' }}{% else %}{{ 'END' }}{% endif %}")
     encode_conversation(tokenizer, conversation(1), 256)
     with pytest.raises(TemplateError, match="acme/closing-chat .* the conversation through assistant turn 1 is not "
                                             "a token prefix of the prompt of assistant turn 2") as info:
