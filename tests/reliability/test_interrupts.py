@@ -22,6 +22,7 @@ from sft.recipes.sft import main, train
 from sft.training.checkpoints import STAGING_DIR, latest_complete_checkpoint
 from sft.training.interrupt import SAME_INTERRUPT_SECONDS, GracefulInterrupt
 from sft.training.trainer import NonFiniteLossError, SupervisedTrainer
+from tests.reliability.helpers import ROOT, SignalAtStep
 from tests.tiny import build_tiny_model_dir, build_tokenizer, logged, tiny_run_overrides
 
 
@@ -30,17 +31,6 @@ def uninterrupted(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path_factor
     output_dir = tmp_path_factory.mktemp("run") / "out"
     train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, output_dir)))
     return output_dir
-
-
-class SignalAtStep(TrainerCallback):
-    """Sends a signal to this process at the end of a given step, as Ctrl-C would."""
-
-    def __init__(self, step: int, signum: int = signal.SIGINT):
-        self.step, self.signum = step, signum
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.global_step == self.step:
-            os.kill(os.getpid(), self.signum)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -158,7 +148,7 @@ def test_uncached_hub_model_offline_names_the_bundled_model(tmp_path: Path) -> N
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     done = subprocess.run([sys.executable, "-m", "sft.train_sft", "--model", "no-such-org/no-such-model",
                            "--output-dir", str(tmp_path / "out")], capture_output=True, text=True, env=env,
-                          cwd=Path(__file__).resolve().parents[2])
+                          cwd=ROOT)
     assert done.returncode == 2
     assert "smollm2-135m-instruct" in done.stderr and "Traceback" not in done.stderr
 
@@ -180,7 +170,7 @@ def test_only_safetensors_adapters_are_loaded(uninterrupted: Path, tmp_path: Pat
 
 def test_no_unsafe_loading_in_the_package() -> None:
     """Pickles are never loaded without weights_only=True, and remote code is opt-in."""
-    package = Path(__file__).resolve().parents[2] / "sft"
+    package = ROOT / "sft"
     for source in package.rglob("*.py"):
         text = source.read_text(encoding="utf-8")
         for call in text.split("torch.load(")[1:]:
