@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from sft.files import safetensors_damage
 
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 STAGING_DIR = ".checkpoint-staging"
@@ -63,10 +64,14 @@ def run_entries(run_dir: Path) -> list[Path]:
     """What this tool wrote for the run in ``run_dir``: the only entries it may delete."""
     entries = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
     entries += [run_dir / name for name in RUN_DIRS if (run_dir / name).is_dir()]
-    readme = run_dir / "README.md"  # PEFT's model card, not a user's README
-    if readme.is_file() and "library_name: peft" in readme.read_text(encoding="utf-8", errors="replace")[:2000]:
-        entries.append(readme)
+    if is_peft_model_card(run_dir / "README.md"):
+        entries.append(run_dir / "README.md")
     return entries + checkpoints(run_dir)
+
+
+def is_peft_model_card(readme: Path) -> bool:
+    """Whether ``readme`` is the model card PEFT writes beside an adapter, not a user's README."""
+    return readme.is_file() and "library_name: peft" in readme.read_text(encoding="utf-8", errors="replace")[:2000]
 
 
 def delete_run(run_dir: Path) -> list[Path]:
@@ -90,8 +95,8 @@ def damage(checkpoint: Path) -> str | None:
     """What is wrong with a checkpoint (naming the file), or None when it can be resumed from.
 
     Cheap checks that catch truncation and deletion: the JSON files parse, the adapter's
-    safetensors header parses and its tensors fit in the file, and the optimizer and scheduler
-    archives' checksums match (LoRA states are small, so reading them is fast)."""
+    safetensors header parses and its tensors fit in the file, and the optimizer, scheduler and
+    RNG archives' checksums match (LoRA states are small, so reading them is fast)."""
     state = checkpoint / "trainer_state.json"
     try:
         parsed = json.loads(state.read_text(encoding="utf-8"))
@@ -111,8 +116,8 @@ def damage(checkpoint: Path) -> str | None:
     problem = safetensors_damage(checkpoint / "adapter_model.safetensors")
     if problem:
         return problem
-    for name in ("optimizer.pt", "scheduler.pt"):
-        archive = checkpoint / name
+    # The RNG states are optional to the Trainer (one per process), the optimizer and scheduler not.
+    for archive in (checkpoint / "optimizer.pt", checkpoint / "scheduler.pt", *checkpoint.glob("rng_state*.pth")):
         if not archive.is_file():
             return f"{archive}: missing"
         try:
@@ -121,21 +126,4 @@ def damage(checkpoint: Path) -> str | None:
                     return f"{archive}: checksum mismatch"
         except (OSError, zipfile.BadZipFile) as exc:
             return f"{archive}: truncated or corrupt ({exc})"
-    return None
-
-
-def safetensors_damage(path: Path) -> str | None:
-    """A truncated or missing safetensors file, named; None when its header and sizes agree."""
-    try:
-        with path.open("rb") as handle:
-            header_size = struct.unpack("<Q", handle.read(8))[0]
-            header = json.loads(handle.read(header_size))
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return f"{path}: missing"
-    except (OSError, struct.error, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        return f"{path}: truncated or corrupt ({exc})"
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if 8 + header_size + end > size:
-        return f"{path}: truncated ({size} bytes, {8 + header_size + end} expected)"
     return None

@@ -15,9 +15,11 @@ resume is checked, how an interrupt or an out-of-memory error ends) is written o
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,18 +27,26 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
-from transformers import PreTrainedTokenizerBase, Trainer, set_seed
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft.config import RUN_CONFIG_FILE, SFTConfig, build_config
+from sft.config import RUN_CONFIG_FILE, SFTConfig, _did_you_mean, build_config
+from sft.config.schema import LoraSettings
 from sft.data.templates import ensure_chat_template
-from sft.errors import ConfigError, ResourceError, TrainingInterrupted
-from sft.files import atomic_write_text
+from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
+from sft.files import atomic_write_text, unwritable_reason
 from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import DevicePolicy, device_policy
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
-from sft.training.checkpoints import checkpoints, damage, delete_run, holds_run, latest_complete_checkpoint
+from sft.training.checkpoints import (
+    checkpoints,
+    damage,
+    delete_run,
+    holds_run,
+    is_peft_model_card,
+    latest_complete_checkpoint,
+)
 from sft.training.interrupt import GracefulInterrupt
 from sft.training.plots import plot_losses
 
@@ -58,6 +68,8 @@ class Runtime:
 
     policy: DevicePolicy
     state: PartialState
+    attention: str
+    """The attention implementation the model loads with (``auto`` resolved for this device)."""
 
     @property
     def main_process(self) -> bool:
@@ -70,8 +82,10 @@ class Runtime:
 
 
 def setup_runtime(config: SFTConfig) -> Runtime:
-    """Device and precision, the process group under a launcher, TF32 on CUDA, the seed."""
+    """Device, precision and attention kernel, the process group under a launcher, TF32 on CUDA,
+    the seed. What this machine cannot run is refused here, before any file is read or written."""
     policy = device_policy(config.training.device, config.model.dtype)
+    attention = resolve_attention(config.model.attn_implementation, policy.device)
     if config.model.load_in_4bit:
         check_4bit_supported(policy.device)
     if config.training.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
@@ -82,7 +96,12 @@ def setup_runtime(config: SFTConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls (Ampere+)
         torch.backends.cudnn.allow_tf32 = True
     set_seed(config.training.seed)
-    return Runtime(policy, state)
+    runtime = Runtime(policy, state, attention)
+    data = config.data
+    if Path(data.val_file).resolve() == Path(data.train_file).resolve():
+        runtime.say(f"warning: the validation file is the training file ({data.train_file}): the validation loss "
+                    f"will measure memorization, not generalization. Pass the split's own --val-file.")
+    return runtime
 
 
 def prepare_output_dir(config: SFTConfig, runtime: Runtime, resume: str | None, overwrite: bool) -> str | None:
@@ -94,6 +113,9 @@ def prepare_output_dir(config: SFTConfig, runtime: Runtime, resume: str | None, 
     output_dir = Path(config.training.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir: {output_dir} is a file; choose a directory (--output-dir)")
+    problem = unwritable_reason(output_dir, create=True)
+    if problem:
+        raise ConfigError(f"output_dir: cannot write to {output_dir} ({problem}); choose another --output-dir")
     with runtime.state.main_process_first():  # the main process deletes a run being replaced before others look
         if resume is None:
             if holds_run(output_dir):
@@ -176,8 +198,7 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
     """The base model in the policy's precision (NF4 for QLoRA) with fresh LoRA adapters;
     ``prepare_base`` may change the base first (DPO folds an SFT adapter into it)."""
     policy = runtime.policy
-    attention = resolve_attention(config.model.attn_implementation, policy.device)
-    model = load_model(resolve_model_path(config.model.model), policy.load_dtype, attention,
+    model = load_model(resolve_model_path(config.model.model), policy.load_dtype, runtime.attention,
                        config.model.trust_remote_code,
                        load_in_4bit_compute=policy.compute_dtype if config.model.load_in_4bit else None,
                        device=policy.device)
@@ -194,12 +215,46 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
         # Frozen embeddings give checkpointed blocks inputs that need no grad; LoRA then gets none.
         model.enable_input_require_grads()
     lora = config.lora
+    check_lora_targets(model, lora, config.model.model)
     model = add_lora(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                        target_modules=lora.lora_target_modules, task_type="CAUSAL_LM"),
                      policy.device)
+    _keep_users_readme(model)
     if runtime.main_process:
         model.print_trainable_parameters()
     return model
+
+
+def _keep_users_readme(model: PeftModel) -> None:
+    """PEFT merges its model card into any README.md of the folder it saves to; a README.md there
+    that is not such a card is the user's (a run written into a project folder) and stays as it is."""
+    update_card = model.create_or_update_model_card
+
+    def create_or_update_model_card(output_dir: str) -> None:
+        readme = Path(output_dir) / "README.md"
+        if not readme.exists() or is_peft_model_card(readme):
+            update_card(output_dir)
+
+    model.create_or_update_model_card = create_or_update_model_card
+
+
+def check_lora_targets(model: torch.nn.Module, lora: LoraSettings, model_name: str) -> None:
+    """Each of lora_target_modules must name linear layers of the model (as PEFT matches them: the
+    module's name or its dotted suffix), and lora_r must fit them. PEFT stops only when no name
+    matches at all, so ``q_proj,foo_proj`` would train q_proj alone without a word; and a rank
+    beyond a layer's size allocates a huge adapter that adds no capacity (the update's rank is at
+    most the layer's smaller dimension). Checked on the loaded model, before adapters are added."""
+    linear = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    layer_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
+    for target in lora.lora_target_modules:
+        matched = [module for name, module in linear.items() if name == target or name.endswith(f".{target}")]
+        if not matched:
+            raise ConfigError(f"lora_target_modules: {model_name} has no linear layer {target!r}"
+                              f"{_did_you_mean(target, layer_names)}; its linear layers are {', '.join(layer_names)}")
+        smallest = min(min(module.in_features, module.out_features) for module in matched)
+        if lora.lora_r > smallest:
+            raise ConfigError(f"lora_r: {lora.lora_r} exceeds {smallest}, the smaller dimension of the {target} layers "
+                              f"of {model_name}; choose at most {smallest} (--lora-r; 8 to 64 is usual)")
 
 
 def save_run_files(config: SFTConfig, runtime: Runtime, data_report: dict[str, Any]) -> None:
@@ -220,14 +275,37 @@ def _out_of_memory_advice(config: SFTConfig, device: str, exc: BaseException) ->
             f"--gradient-checkpointing true (now {str(t.gradient_checkpointing).lower()}).")
 
 
+TORCH_WRITER = "inline_container"
+"""torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer,
+inline_container.cc, not as an OSError."""
+
+
+@contextlib.contextmanager
+def explained_write_failures(args: TrainingArguments) -> Iterator[None]:
+    """A write that fails while saving (a full disk, a file size limit) becomes one line of advice:
+    what failed, the space left, and that the checkpoints saved before are intact."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and TORCH_WRITER not in str(exc):
+            raise
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0][:200]
+        free_mb = shutil.disk_usage(args.output_dir).free // 2**20
+        raise ResourceError(
+            f"could not write to {args.output_dir} ({reason}). If the disk is full ({free_mb} MB free there), free "
+            f"space or lower --save-total-limit (now {args.save_total_limit}); the checkpoints saved before are "
+            f"intact, and the same command plus --resume continues from the newest.") from None
+
+
 def run_guarded(trainer: Trainer, checkpoint: str | None, config: SFTConfig, runtime: Runtime) -> Any:
     """trainer.train() with Ctrl-C/SIGTERM saving a checkpoint and stopping, and out-of-memory
-    errors turned into advice."""
+    errors and failed writes turned into advice."""
     interrupt = GracefulInterrupt()
     trainer.add_callback(interrupt)
     interrupt.install()
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with explained_write_failures(trainer.args):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
     except torch.OutOfMemoryError as exc:
         raise ResourceError(_out_of_memory_advice(config, runtime.policy.device, exc)) from None
     except RuntimeError as exc:
@@ -256,8 +334,9 @@ def final_metrics(trainer: Trainer, result: Any) -> dict[str, Any]:
 
 def finish(trainer: Trainer, metrics: dict[str, Any], runtime: Runtime) -> None:
     """Save the adapter, tokenizer and trainer state, draw the loss plot."""
-    trainer.save_model()
-    trainer.save_state()
+    with explained_write_failures(trainer.args):
+        trainer.save_model()
+        trainer.save_state()
     trainer.log_metrics("final", metrics)
     if runtime.main_process:
         print(f"Loss plot: {plot_losses(trainer.args.output_dir)}")
