@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "varlen_sdpa", "sdpa", "eager", "flash_atte
 RUN_CONFIG_FILE = "sft_config.yaml"
 """Name of the full configuration that training saves beside its adapter."""
 
-
+MAX_SEED = 2**32 - 1
+"""The seed goes to numpy too, which takes 0 to 2**32 - 1."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -161,6 +163,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _require(self.device in {"auto", "cpu", "mps", "cuda"},
                  f"device: expected auto, cpu, mps or cuda, got {self.device!r}")
+        _require(0 <= self.seed <= MAX_SEED, f"seed: must be between 0 and {MAX_SEED}, got {self.seed}")
         _require(self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}")
         _require(self.max_steps > 0 or self.num_train_epochs > 0,
                  "max_steps or num_train_epochs: one of them must be > 0")
@@ -268,14 +271,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value.lower() in {"true", "1", "yes"}
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if annotation is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else None
+        except (ValueError, OverflowError):
+            number = None
+        if number is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # inf and nan parse, but no field means them (inf epochs never end)
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if annotation is int:
         if isinstance(value, str):
             try:
@@ -297,14 +301,46 @@ def _did_you_mean(name: str, candidates: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML would keep the last
+    without a word, so a preset edited in two places trains with whichever came later."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (first on line {first_line[key]}); keep one",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(path: Path) -> Any:
+    """The YAML document in ``path``, or a one-line error naming the file, the line and what to do."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; save the file as "
+                          f"UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
 def _read_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    loaded = _load_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected sections {', '.join(GROUPS)} at the top level")
     values: dict[str, dict[str, Any]] = {}

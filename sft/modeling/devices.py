@@ -7,9 +7,12 @@ GPU supports it, otherwise float32 weights with float16 mixed precision and loss
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
+
+from sft.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,16 +33,23 @@ class DevicePolicy:
 
 
 def resolve_device(requested: str = "auto") -> str:
-    """cuda > mps > cpu for ``auto``; an explicit device that is not there is an error."""
+    """cuda > mps > cpu for ``auto``; an explicit device that is not there is a configuration
+    error, raised before any model loads (a preset for a GPU run on a laptop, say)."""
     mps_available = torch.backends.mps.is_available()
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if mps_available else "cpu"
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
+        raise ConfigError(f"device: expected auto, cpu, mps, cuda or cuda:N, got {requested!r} (--device)")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device cuda was requested but torch sees no CUDA GPU")
+        raise ConfigError(f"device: {requested} was requested but torch sees no CUDA GPU here; use --device auto "
+                          f"(or cpu), or a preset for this machine")
+    if requested.startswith("cuda:") and int(requested[5:]) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {requested} was requested but torch sees {torch.cuda.device_count()} CUDA GPUs")
     if requested == "mps" and not mps_available:
-        raise RuntimeError("device mps was requested but torch.backends.mps.is_available() is False")
+        raise ConfigError("device: mps was requested but this torch has no MPS backend here (Apple Silicon with "
+                          "macOS 12.3 or newer); use --device auto (or cpu)")
     return requested
 
 
@@ -52,7 +62,8 @@ def device_policy(requested_device: str = "auto", requested_dtype: str = "auto")
         else:
             requested_dtype = "float32"
     if requested_dtype == "float16" and kind != "cuda":
-        raise RuntimeError(f"float16 training is only supported on CUDA here; use float32 on {kind}")
+        raise ConfigError(f"dtype: float16 runs on CUDA only here (on MPS it gives NaN losses, on the CPU it is "
+                          f"slow); use --dtype auto or float32 on {kind}")
     if requested_dtype == "bfloat16":
         return DevicePolicy(device, torch.bfloat16, bf16=True, fp16=False)
     if requested_dtype == "float16":

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from peft import PeftModel
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,6 +30,7 @@ from transformers import (
 
 from sft.config import ConfigError
 from sft.errors import ModelNotFoundError
+from sft.files import safetensors_damage
 
 
 @dataclass(frozen=True)
@@ -53,15 +55,37 @@ def cache_root() -> Path:
     return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""One of these holds a tokenizer's vocabulary (fast, SentencePiece, byte-level BPE)."""
+
+
 def resolve_model_path(name: str) -> str:
-    """The path or Hub id to pass to ``from_pretrained`` for a model name."""
+    """The path or Hub id to pass to ``from_pretrained`` for a model name. A local directory is
+    checked here, before anything loads: a config, and weights in safetensors that are whole."""
     if name in BUNDLED_MODELS:
         return str(_converted_bundled_model(name))
     if Path(name).exists():
         if not Path(name, "config.json").is_file():
             raise ModelNotFoundError(f"{name}: a directory without config.json is not a model directory")
+        _check_weights(Path(name))
         return name
     return name
+
+
+def _check_weights(model_dir: Path) -> None:
+    """Weights are read from safetensors only: a pickle (pytorch_model.bin) can run code when
+    loaded, and is refused rather than loaded. A truncated file is named before the model loads."""
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(path.name for path in model_dir.glob("*.bin"))
+        found = f"only {', '.join(pickled)}" if pickled else "no weights"
+        raise ModelNotFoundError(
+            f"{model_dir}: {found}; models are loaded from safetensors files only (pickled weights can run code). "
+            f"Convert it where you trust the file: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
+    for path in weights:
+        problem = safetensors_damage(path)
+        if problem:
+            raise ModelNotFoundError(f"{problem}; copy or download the model again")
 
 
 def _converted_bundled_model(name: str) -> Path:
@@ -101,6 +125,9 @@ def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    if Path(path).is_dir() and not any(Path(path, name).is_file() for name in TOKENIZER_FILES):
+        raise ModelNotFoundError(f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files of "
+                                 f"the model it came from into it")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
@@ -144,9 +171,12 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
     try:
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-            **quantized)
+            use_safetensors=True, **quantized)
     except OSError as exc:
         raise ModelNotFoundError(_not_found_message(path, exc)) from None
+    except SafetensorError as exc:
+        raise ModelNotFoundError(f"{path}: its weights cannot be read ({exc}); copy or download the model "
+                                 f"again") from None
 
 
 def _not_found_message(path: str, exc: OSError) -> str:
