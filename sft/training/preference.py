@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from sft.config.dpo import DPOSettings
 from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator, shifted_labels
@@ -78,6 +79,23 @@ def answer_logps(model: torch.nn.Module, batch: dict[str, Any], head: torch.nn.M
            for hidden, targets in zip(outputs.hidden_states[-1][scored].split(lengths),
                                       shift_labels[scored].split(lengths), strict=True)]
     return -torch.stack(nll).view(-1, len(ANSWERS))
+
+
+@torch.no_grad()
+def pairs_answer_logps(model: torch.nn.Module, pairs: list[dict[str, Any]], batch_size: int, collator: PairCollator,
+                       device: torch.device | str, desc: str = "scoring pairs") -> torch.Tensor:
+    """[pairs, 2] float32 log-probabilities of each pair's chosen and rejected answer under
+    ``model`` as it is (adapters as they are set), in eval mode (no dropout), ``batch_size`` pairs
+    at a time; the model's training mode is restored after."""
+    was_training = model.training
+    model.eval()
+    results = [torch.zeros(0, len(ANSWERS))]
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, leave=False):
+        batch = collator(pairs[start:start + batch_size])
+        batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+        results.append(answer_logps(model, batch).float().cpu())
+    model.train(was_training)
+    return torch.cat(results)
 
 
 def preference_losses(policy: torch.Tensor, reference: torch.Tensor, answer_tokens: torch.Tensor,

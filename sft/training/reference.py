@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
-from sft.training.preference import REFERENCE_KEY, PairCollator, answer_logps
+from sft.training.preference import REFERENCE_KEY, PairCollator, pairs_answer_logps
 
 REFERENCE_FILE = "reference_logps.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -71,24 +70,14 @@ def cache_key(pairs: list[dict[str, Any]], identity: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
-@torch.no_grad()
 def compute_reference_logps(model: torch.nn.Module, pairs: list[dict[str, Any]], batch_size: int,
                             collator: PairCollator, device: torch.device | str,
                             desc: str = "reference") -> torch.Tensor:
     """[pairs, 2] log-probabilities of each pair's chosen and rejected answer under ``model``
-    with any adapter disabled, computed in eval mode (no dropout) in batches of ``batch_size``."""
-    was_training = model.training
-    model.eval()
+    with any adapter disabled."""
     adapter_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    results = []
     with adapter_off:
-        for start in tqdm(range(0, len(pairs), batch_size), desc=desc, leave=False):
-            batch = collator(pairs[start:start + batch_size])
-            batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value
-                     for key, value in batch.items()}
-            results.append(answer_logps(model, batch).float().cpu())
-    model.train(was_training)
-    return torch.cat(results) if results else torch.zeros(0, 2)
+        return pairs_answer_logps(model, pairs, batch_size, collator, device, desc)
 
 
 def cached_reference_logps(model: torch.nn.Module, splits: dict[str, list[dict[str, Any]]],
