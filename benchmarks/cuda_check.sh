@@ -1,21 +1,53 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, in one run: the CUDA tests, then the training benchmark on the
-# TinyLlama-1.1B architecture in bfloat16 (sft vs the HF Trainer baseline vs TRL, TRL padding-free
-# with FlashAttention where flash-attn is installed). Writes logs and JSON into OUT_DIR.
+# TinyLlama-1.1B architecture in bfloat16 at batch 8 and 32 (sft vs the plain transformers Trainer
+# vs TRL's defaults vs TRL padding-free, on FlashAttention where flash-attn is installed), with peak
+# GPU memory and the losses. Writes logs and JSON into OUT_DIR.
+#
 #   bash benchmarks/cuda_check.sh OUT_DIR
-# Needs the project installed with a CUDA build of torch, trl==1.16.0 for the TRL contenders, and
-# bitsandbytes ('.[cuda]') for the QLoRA test; the model is built from its config, so no download.
+#
+# It runs with no network, on a machine whose Python already has torch: the model is built from
+# its config, and the tokenized examples and a tokenizer are read from benchmarks/assets/. Before
+# going to such a machine, on one with network and the project installed, run once:
+#
+#   bash benchmarks/cuda_check.sh --prepare
+#
+# which writes benchmarks/assets/ (examples and tokenizer, about 3 MB) and downloads into .whl/
+# the wheels of the pinned packages that such a Python may lack or hold in another version
+# (transformers, peft, trl, datasets and theirs; about 20 MB). Carry both folders; this script
+# installs .whl/ into /tmp/site when it is there.
 set -uo pipefail
-out=${1:?usage: bash benchmarks/cuda_check.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+# The versions the project is tested with (pyproject.toml, and what TRL's benchmark contender needs).
+WHEELS=(transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1
+        multiprocess==0.70.19 gguf==0.19.0 tokenizers==0.23.3 huggingface-hub==2.4.0)
+if [ "${1:-}" = "--prepare" ]; then
+    python benchmarks/throughput.py --export-assets benchmarks/assets || exit 1
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${WHEELS[@]}" || exit 1
+    exit 0
+fi
+out=${1:?usage: bash benchmarks/cuda_check.sh OUT_DIR   (or --prepare)}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-python - <<'PY' 2>&1 | tee "$out/gpu.txt"
-import importlib.util, torch
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+python3 - <<'PY' 2>&1 | tee "$out/gpu.txt"
+import importlib.util, torch, transformers, peft
 print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0), "bf16:", torch.cuda.is_bf16_supported())
+print("transformers", transformers.__version__, "peft", peft.__version__)
 for name in ("flash_attn", "bitsandbytes", "trl"):
     print(name, "installed" if importlib.util.find_spec(name) else "missing")
 PY
-python -m pytest -q -rs tests/test_cuda.py tests/test_packing.py tests/test_distributed.py 2>&1 | tee "$out/tests.txt"
-python benchmarks/throughput.py --models tinyllama-arch --contenders sft,trl,trl_padding_free,hf_trainer \
-    --batch-size 8 --tinyllama-steps 10 --warmup 2 --rounds 2 --out "$out/throughput-cuda.json" 2>&1 \
-    | tee "$out/throughput.txt"
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py 2>&1 | tee "$out/tests.txt"
+for batch in 8 32; do
+    python3 benchmarks/throughput.py --assets benchmarks/assets --device cuda --models tinyllama-arch \
+        --contenders sft,trl,trl_padding_free,hf_trainer --batch-size "$batch" --tinyllama-steps 10 --warmup 2 \
+        --rounds 2 --out "$out/throughput-cuda-b$batch.json" 2>&1 | tee "$out/throughput-b$batch.txt"
+done

@@ -49,6 +49,8 @@ sys.path.insert(0, str(ROOT))
 
 CONTENDERS = ("sft", "trl", "trl_padding_free", "hf_trainer")
 MODELS = ("smollm2-135m", "tinyllama-arch")
+ASSET_EXAMPLES = "examples.json"
+ASSET_TOKENIZER = "tokenizer"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINYLLAMA_ARCH = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
@@ -56,8 +58,26 @@ TINYLLAMA_ARCH = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layer
 
 
 # ----------------------------------------------------------------------------------------- data
-def benchmark_examples(count: int, max_length: int, seed: int) -> list[dict[str, list[int]]]:
-    """Tokenized AlpacaEval demo examples (the real Alpaca-like length mix), in a fixed order."""
+def benchmark_examples(count: int, max_length: int, seed: int,
+                       assets: Path | None = None) -> list[dict[str, list[int]]]:
+    """Tokenized AlpacaEval demo examples (the real Alpaca-like length mix), in a fixed order.
+
+    With ``assets`` (written by --export-assets) they are read from there: a GPU machine with no
+    network has neither the demo data nor the bundled model's tokenizer."""
+    if assets is not None:
+        examples = json.loads((assets / ASSET_EXAMPLES).read_text(encoding="utf-8"))
+        if examples["max_length"] != max_length or examples["seed"] != seed:
+            raise SystemExit(f"{assets}: examples of max length {examples['max_length']} and seed {examples['seed']}; "
+                             f"export them again with --max-length {max_length} --seed {seed}")
+        examples = examples["examples"]
+    else:
+        examples = tokenize_demo_set(max_length, seed)
+    if len(examples) < count:
+        raise SystemExit(f"only {len(examples)} usable examples, {count} needed")
+    return examples[:count]
+
+
+def tokenize_demo_set(max_length: int, seed: int) -> list[dict[str, list[int]]]:
     import random
 
     from sft.data.demo import DEFAULT_OUT, fetch
@@ -70,16 +90,28 @@ def benchmark_examples(count: int, max_length: int, seed: int) -> list[dict[str,
         fetch(raw)
     records = json.loads(raw.read_text(encoding="utf-8"))
     random.Random(seed).shuffle(records)
+    conversations = [{"id": str(i), "messages": [
+        {"role": "user", "content": alpaca_user_text(r["instruction"], r.get("input") or "")},
+        {"role": "assistant", "content": r["output"]}]} for i, r in enumerate(records)]
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
-    conversations = [{"messages": [{"role": "user", "content": alpaca_user_text(r["instruction"], r["input"])},
-                                   {"role": "assistant", "content": r["output"]}]} for r in records[:count * 2]]
     examples, _ = encode_records(tokenizer, conversations, max_length, None)
-    if len(examples) < count:
-        raise SystemExit(f"only {len(examples)} usable examples, {count} needed")
-    return examples[:count]
+    return examples
 
 
-def model_path(name: str) -> str:
+def export_assets(out: Path, max_length: int, seed: int) -> None:
+    """What a GPU machine without network needs: the tokenized examples and a tokenizer (TRL
+    wants one beside the model)."""
+    from sft.modeling.models import load_tokenizer, resolve_model_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    examples = tokenize_demo_set(max_length, seed)
+    (out / ASSET_EXAMPLES).write_text(json.dumps({"max_length": max_length, "seed": seed, "examples": examples}),
+                                      encoding="utf-8")
+    load_tokenizer(resolve_model_path("smollm2-135m-instruct")).save_pretrained(out / ASSET_TOKENIZER)
+    print(f"wrote {len(examples)} examples and the tokenizer into {out}")
+
+
+def model_path(name: str, assets: Path | None = None) -> str:
     from sft.modeling.models import cache_root, resolve_model_path
 
     if name == "smollm2-135m":
@@ -92,9 +124,13 @@ def model_path(name: str) -> str:
         LlamaForCausalLM(LlamaConfig(**TINYLLAMA_ARCH)).save_pretrained(target)
     if not (target / "tokenizer_config.json").is_file():
         # TRL wants a tokenizer beside the model; the data arrive tokenized, so any will do.
+        from transformers import AutoTokenizer
+
         from sft.modeling.models import load_tokenizer
 
-        load_tokenizer(resolve_model_path("smollm2-135m-instruct")).save_pretrained(target)
+        tokenizer = (AutoTokenizer.from_pretrained(assets / ASSET_TOKENIZER) if assets is not None
+                     else load_tokenizer(resolve_model_path("smollm2-135m-instruct")))
+        tokenizer.save_pretrained(target)
     return str(target)
 
 
@@ -141,29 +177,36 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
-    import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
-    from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
-    from sft.modeling.devices import device_policy
-    from sft.modeling.lora import add_lora
-    from sft.training.trainer import SupervisedTrainer
+    from sft.config import build_config
+    from sft.data.collate import IGNORE_INDEX, PaddingCollator
+    from sft.modeling.attention import resolve_attention
+    from sft.recipes.sft import build_trainer
+    from sft.training.stages import load_lora_model, setup_runtime
 
-    policy = device_policy(args.device, "auto")
     total_steps = args.warmup + args.steps
-    examples = benchmark_examples(args.batch_size * total_steps, args.max_length, args.seed)
+    assets = Path(args.assets) if args.assets else None
+    examples = benchmark_examples(args.batch_size * total_steps, args.max_length, args.seed, assets)
     if args.model == "tinyllama-arch":
         examples = [{"input_ids": [t % TINYLLAMA_ARCH["vocab_size"] for t in e["input_ids"]],
                      "labels": [t if t == IGNORE_INDEX else t % TINYLLAMA_ARCH["vocab_size"] for t in e["labels"]]}
                     for e in examples]
-
-    attention = "varlen_sdpa" if args.contender == "sft" else "sdpa"
-    if args.contender in ("sft", "trl_padding_free") and sft.attention.flash_attention_available(policy.device):
-        attention = "flash_attention_2"  # varlen kernels for packed rows, where flash-attn is installed
-    model = AutoModelForCausalLM.from_pretrained(model_path(args.model), dtype=policy.load_dtype,
-                                                 attn_implementation=attention)
-    model.config.use_cache = False
+    output_dir = tempfile.mkdtemp(prefix="bench-")
+    # The sft contender is configured as `sft train` would be, and built by the same stages.
+    config = build_config(None, {
+        "model": model_path(args.model, assets), "device": args.device, "lora_r": args.lora_rank,
+        "lora_alpha": 2 * args.lora_rank, "lora_dropout": args.lora_dropout, "lora_target_modules": LORA_TARGETS,
+        "batch_size": args.batch_size, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
+        "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": total_steps, "logging_steps": 1,
+        "seed": args.seed, "output_dir": output_dir, "max_seq_length": args.max_length})
+    runtime = setup_runtime(config)
+    policy = runtime.policy
+    peer_attention = "sdpa"
+    if args.contender == "trl_padding_free":
+        peer_attention = resolve_attention("auto", policy.device)  # flash_attention_2 where installed
+        peer_attention = peer_attention if peer_attention == "flash_attention_2" else "sdpa"
     lora = LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=args.lora_dropout,
                       target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    common = dict(output_dir=tempfile.mkdtemp(prefix="bench-"), per_device_train_batch_size=args.batch_size,
+    common = dict(output_dir=output_dir, per_device_train_batch_size=args.batch_size,
                   gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="constant",
                   max_steps=total_steps, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
                   bf16=policy.bf16, fp16=policy.fp16, use_cpu=policy.device == "cpu",
@@ -180,6 +223,17 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             _sync(policy.device)
             step_times.append(time.perf_counter() - self.start)
 
+    if args.contender == "sft":
+        model = load_lora_model(config, runtime)
+        trainer = build_trainer(config, runtime, model, None, examples, [], callbacks=[StepTimer()],
+                                save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
+                                dataloader_pin_memory=False)
+        settings = {"gradient_checkpointing": False,
+                    "attention": resolve_attention(config.model.attn_implementation, policy.device)}
+    else:
+        model = AutoModelForCausalLM.from_pretrained(config.model.model, dtype=policy.load_dtype,
+                                                     attn_implementation=peer_attention)
+        model.config.use_cache = False
     if args.contender.startswith("trl"):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
@@ -191,29 +245,24 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         # device policy, like every other contender's. Everything else is TRL's default.
         padding_free = args.contender == "trl_padding_free"
         # Examples are already truncated to max_length; TRL refuses max_length with padding_free.
-        config = SFTConfig(**common, max_length=None if padding_free else args.max_length,
-                           padding_free=padding_free)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, peft_config=lora,
+        trl_config = SFTConfig(**common, max_length=None if padding_free else args.max_length,
+                               padding_free=padding_free)
+        trainer = SFTTrainer(model=model, args=trl_config, train_dataset=dataset, peft_config=lora,
                              callbacks=[StepTimer()])
-        settings = {"gradient_checkpointing": config.gradient_checkpointing, "padding_free": config.padding_free}
-    else:
+        settings = {"gradient_checkpointing": trl_config.gradient_checkpointing, "padding_free": padding_free,
+                    "attention": peer_attention}
+    elif args.contender == "hf_trainer":
         from transformers import Trainer
 
-        if args.contender == "sft":
-            model = add_lora(model, lora, policy.device)
-            trainer = SupervisedTrainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
-                                        train_dataset=examples, data_collator=PackingCollator(),
-                                        callbacks=[StepTimer()])
-        else:
-            model = get_peft_model(model, lora)
-            pad = PaddingCollator(pad_token_id=0)
+        model = get_peft_model(model, lora)
+        pad = PaddingCollator(pad_token_id=0)
 
-            def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-                return {k: v for k, v in pad(batch).items() if k != "shift_labels"}
+        def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+            return {k: v for k, v in pad(batch).items() if k != "shift_labels"}
 
-            trainer = Trainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
-                              train_dataset=examples, data_collator=collate, callbacks=[StepTimer()])
-        settings = {"gradient_checkpointing": False, "attention": attention}
+        trainer = Trainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
+                          train_dataset=examples, data_collator=collate, callbacks=[StepTimer()])
+        settings = {"gradient_checkpointing": False, "attention": peer_attention}
 
     if policy.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -243,6 +292,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------- driver
 def run_round(args: argparse.Namespace, model: str, contender: str, steps: int, warmup: int) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", contender, "--model", model, "--steps", str(steps),
+               *(["--assets", args.assets] if args.assets else []),
                "--warmup", str(warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--lora-rank", str(args.lora_rank), "--lora-dropout", str(args.lora_dropout),
                "--seed", str(args.seed), "--device", args.device]
@@ -302,10 +352,16 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="benchmarks/results/throughput.json", help="JSON results file")
+    parser.add_argument("--assets", help="read the tokenized examples and tokenizer from this folder (no network)")
+    parser.add_argument("--export-assets", metavar="DIR",
+                        help="write the tokenized examples and the tokenizer into DIR for --assets, then exit")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.export_assets:
+        export_assets(Path(args.export_assets), args.max_length, args.seed)
+        return 0
     if args.worker:
         args.contender = args.worker
         print(json.dumps(run_worker(args)))
