@@ -95,7 +95,7 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
         metrics[f"{name}_val_loss"] = loss
         metrics[f"{name}_perplexity"] = math.exp(loss)
 
-    generations = generate_side_by_side(run, records)
+    generations, metrics["prompts_too_long"] = generate_side_by_side(run, records)
     for name in ("base", "adapter"):
         metrics[f"{name}_answers_finished"] = sum(row[f"{name}_finished"] for row in generations)
     metrics["answers"] = len(generations)
@@ -110,18 +110,20 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
     return {"metrics": metrics, "generations": generations, "report_path": report_path}
 
 
-def generate_side_by_side(run: LoadedRun, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def generate_side_by_side(run: LoadedRun, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
     """Greedy answers of base and base + adapter to the first held-out conversations whose prompt
-    (all turns before the last answer) fits the model with max_new_tokens to spare."""
+    (all turns before the last answer) fits the model with max_new_tokens to spare, and how many
+    were passed over because theirs did not."""
     limit = run.max_positions
     budget = run.config.eval.max_new_tokens
-    rows, prompts = [], []
+    rows, prompts, too_long = [], [], 0
     for record in records:
         if len(rows) == run.config.eval.num_generations:
             break
         messages = with_system_prompt(record["messages"], run.config.data.system_prompt)
         prompt_ids = encode_prompt(run.tokenizer, render_prompt(run.tokenizer, messages[:-1]))
         if limit is not None and len(prompt_ids) + budget > limit:
+            too_long += 1
             continue
         prompts.append(prompt_ids)
         rows.append({"id": record["id"], "prompt": record["messages"][-2]["content"],
@@ -133,7 +135,7 @@ def generate_side_by_side(run: LoadedRun, records: list[dict[str, Any]]) -> list
                                       batch_size=run.config.training.eval_batch_size)
         for row, answer in zip(rows, answers):
             row[name], row[f"{name}_finished"] = answer.text, answer.finished
-    return rows
+    return rows, too_long
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -148,7 +150,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         f"of {metrics['val_examples']} held-out examples ({metrics['val_dropped']} dropped: no answer token "
         f"within max_seq_length).",
         f"Greedy answers that ended their turn within max_new_tokens: base {metrics['base_answers_finished']}"
-        f"/{metrics['answers']}, base + adapter {metrics['adapter_answers_finished']}/{metrics['answers']}.",
+        f"/{metrics['answers']}, base + adapter {metrics['adapter_answers_finished']}/{metrics['answers']}"
+        + (f" ({metrics['prompts_too_long']} held-out prompts passed over: longer than the model's positions "
+           f"allow with max_new_tokens to spare)." if metrics["prompts_too_long"] else "."),
     ])
 
 
