@@ -12,10 +12,12 @@ import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +79,41 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     """Cut ``path`` to a fraction of its size, as a full disk or a kill during a copy leaves it."""
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
+
+
+def cut_adapter(checkpoint: Path) -> Path:
+    truncate(checkpoint / "adapter_model.safetensors")
+    return checkpoint / "adapter_model.safetensors"
+
+
+def cut_trainer_state(checkpoint: Path) -> Path:
+    truncate(checkpoint / "trainer_state.json")
+    return checkpoint / "trainer_state.json"
+
+
+def cut_optimizer(checkpoint: Path) -> Path:
+    truncate(checkpoint / "optimizer.pt", keep=0.9)
+    return checkpoint / "optimizer.pt"
+
+
+def delete_adapter(checkpoint: Path) -> Path:
+    (checkpoint / "adapter_model.safetensors").unlink()
+    return checkpoint / "adapter_model.safetensors"
+
+
+DAMAGES: dict[str, Callable[[Path], Path]] = {
+    # What --resume must survive in a checkpoint: each returns the damaged file.
+    "truncated adapter": cut_adapter, "truncated trainer_state.json": cut_trainer_state,
+    "truncated optimizer.pt": cut_optimizer, "deleted adapter": delete_adapter,
+}
+
+
+def assert_same_adapter(run: Path, reference: Path) -> None:
+    final = load_file(run / "adapter_model.safetensors")
+    expected = load_file(reference / "adapter_model.safetensors")
+    assert final.keys() == expected.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 class SignalAtStep(TrainerCallback):

@@ -6,26 +6,15 @@ uninterrupted run gives; checkpoints are synced to disk before they are renamed 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from sft.config import ConfigError
 from sft.recipes.sft import main, train
 from tests.reliability.conftest import copy_run, run_config
-from tests.reliability.helpers import assert_user_error, truncate
+from tests.reliability.helpers import DAMAGES, assert_same_adapter, assert_user_error, cut_adapter, cut_optimizer
 from tests.tiny import as_flags, tiny_run_overrides, write_prepared_split
-
-
-def assert_same_adapter(run: Path, reference: Path) -> None:
-    final = load_file(run / "adapter_model.safetensors")
-    expected = load_file(reference / "adapter_model.safetensors")
-    assert final.keys() == expected.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(final[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 def resume_flags(tiny_model_dir: Path, data: tuple[Path, Path], run: Path, **changes: object) -> list[str]:
@@ -66,32 +55,6 @@ def test_resume_may_run_longer_and_log_and_save_at_another_cadence(interrupted_r
                               eval_steps=3), resume="latest")
     assert result.trainer.state.global_step == 8
     assert "max_steps: 8" in (run / "sft_config.yaml").read_text(encoding="utf-8")
-
-
-def cut_adapter(checkpoint: Path) -> Path:
-    truncate(checkpoint / "adapter_model.safetensors")
-    return checkpoint / "adapter_model.safetensors"
-
-
-def cut_trainer_state(checkpoint: Path) -> Path:
-    truncate(checkpoint / "trainer_state.json")
-    return checkpoint / "trainer_state.json"
-
-
-def cut_optimizer(checkpoint: Path) -> Path:
-    truncate(checkpoint / "optimizer.pt", keep=0.9)
-    return checkpoint / "optimizer.pt"
-
-
-def delete_adapter(checkpoint: Path) -> Path:
-    (checkpoint / "adapter_model.safetensors").unlink()
-    return checkpoint / "adapter_model.safetensors"
-
-
-DAMAGES: dict[str, Callable[[Path], Path]] = {
-    "truncated adapter": cut_adapter, "truncated trainer_state.json": cut_trainer_state,
-    "truncated optimizer.pt": cut_optimizer, "deleted adapter": delete_adapter,
-}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
