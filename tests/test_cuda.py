@@ -174,11 +174,11 @@ def test_qlora_path_trains_end_to_end_with_bitsandbytes_on_cpu(data: tuple[Path,
     check lifted. Layers need 64 inputs or more for its CPU kernels."""
     from bitsandbytes.nn import Linear4bit
 
-    import sft.recipes.sft
+    import sft.training.stages
     from sft.inference.evaluate import evaluate
     from tests.tiny import build_tiny_model_dir, build_tokenizer
 
-    monkeypatch.setattr(sft.recipes.sft, "check_4bit_supported", lambda device: None)
+    monkeypatch.setattr(sft.training.stages, "check_4bit_supported", lambda device: None)
     model_dir = build_tiny_model_dir(tmp_path / "model", build_tokenizer("chatml"), hidden_size=64)
     config = build_config(None, tiny_run_overrides(model_dir, *data, tmp_path / "qlora", load_in_4bit=True,
                                                    max_steps=6, lora_dropout=0.0, num_generations=1,
