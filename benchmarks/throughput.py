@@ -258,7 +258,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         pad = PaddingCollator(pad_token_id=0)
 
         def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-            return {k: v for k, v in pad(batch).items() if k != "shift_labels"}
+            return {k: v for k, v in pad(batch).items() if k in ("input_ids", "attention_mask", "labels")}
 
         trainer = Trainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False),
                           train_dataset=examples, data_collator=collate, callbacks=[StepTimer()])

@@ -13,6 +13,16 @@ import torch
 from sft.data.tokenize import IGNORE_INDEX
 
 
+SUPERVISED_POSITIONS = "supervised_positions"
+"""Batch key: the flat indices (into the [rows x tokens] batch) of every position with a target.
+Computed here, on the CPU, so the loss can gather those positions on a GPU without the
+host-device sync that a boolean mask's data-dependent shape costs at every micro-step."""
+
+
+def supervised_positions(shift_labels: torch.Tensor) -> torch.Tensor:
+    return (shift_labels.flatten() != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def shifted_labels(labels: list[int]) -> list[int]:
     """The target of each position: the next token's label within the same example, -100 at its end.
 
@@ -44,6 +54,7 @@ class PaddingCollator:
             batch["attention_mask"][row, :n] = 1
             batch["labels"][row, :n] = torch.tensor(example["labels"])
             batch["shift_labels"][row, :n] = torch.tensor(shifted_labels(example["labels"]))
+        batch[SUPERVISED_POSITIONS] = supervised_positions(batch["shift_labels"])
         return batch
 
 
@@ -61,11 +72,13 @@ class PackingCollator:
         for length in lengths:
             boundaries.append(boundaries[-1] + length)
         cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32)
+        shift_labels = torch.tensor([[t for e in examples for t in shifted_labels(e["labels"])]])
         return {
             "input_ids": torch.tensor([[t for e in examples for t in e["input_ids"]]]),
             "position_ids": torch.tensor([[p for n in lengths for p in range(n)]]),
             "labels": torch.tensor([[t for e in examples for t in e["labels"]]]),
-            "shift_labels": torch.tensor([[t for e in examples for t in shifted_labels(e["labels"])]]),
+            "shift_labels": shift_labels,
+            SUPERVISED_POSITIONS: supervised_positions(shift_labels),
             "cu_seq_lens_q": cu_seq_lens,
             "cu_seq_lens_k": cu_seq_lens,
             "max_length_q": max(lengths),

@@ -14,7 +14,11 @@ from typing import Any
 
 import torch
 
+from sft.data.collate import SUPERVISED_POSITIONS
 from sft.data.tokenize import IGNORE_INDEX
+
+NOT_MODEL_INPUTS = ("labels", "shift_labels", SUPERVISED_POSITIONS)
+"""Batch keys the loss reads and the model must not see."""
 
 CHUNK_TOKENS = 512
 """Supervised positions per head matmul: bounds the logits alive at once to CHUNK_TOKENS x vocab."""
@@ -91,7 +95,7 @@ def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torc
     ``logits_in_forward`` has the model's own forward compute the logits of the supervised
     positions instead (all positions of a padded batch), for wrappers whose weights exist only
     inside a forward call: FSDP shards the head's weight outside it. Same loss, more memory."""
-    inputs = {key: value for key, value in batch.items() if key not in ("labels", "shift_labels")}
+    inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
     shift_labels = batch["shift_labels"]
     supervised = shift_labels != IGNORE_INDEX
     if logits_in_forward:
@@ -107,8 +111,12 @@ def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torc
     outputs = model(**inputs, output_hidden_states=True, use_cache=False,
                     logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
     head = head if head is not None else model.get_output_embeddings()
-    nll = linear_cross_entropy_sum(outputs.hidden_states[-1][supervised], head.weight, shift_labels[supervised])
-    return nll, supervised.sum(), outputs
+    positions = batch.get(SUPERVISED_POSITIONS)
+    if positions is None:  # a batch from another collator: the boolean mask (a sync on a GPU)
+        positions = supervised.flatten().nonzero().squeeze(1)
+    hidden = outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions)
+    nll = linear_cross_entropy_sum(hidden, head.weight, shift_labels.flatten().index_select(0, positions))
+    return nll, positions.new_tensor(positions.numel()), outputs
 
 
 def supervised_totals(model: torch.nn.Module, batches: Iterable[tuple[dict[str, Any], bool]],

@@ -18,9 +18,12 @@ def toy_example(n: int, first_label: int) -> dict[str, list[int]]:
 def test_collator_pads_to_a_multiple_of_8() -> None:
     examples = [toy_example(5, 2), toy_example(11, 4), toy_example(3, 1)]
     batch = PaddingCollator(pad_token_id=7)(examples)
+    positions = batch.pop("supervised_positions")
     assert {k: tuple(v.shape) for k, v in batch.items()} == {
         "input_ids": (3, 16), "attention_mask": (3, 16), "labels": (3, 16), "shift_labels": (3, 16)}
     assert all(v.dtype == torch.long for v in batch.values())
+    # The loss gathers exactly the positions with a target, found here on the CPU.
+    assert positions.tolist() == (batch["shift_labels"].flatten() != IGNORE_INDEX).nonzero().squeeze(1).tolist()
     assert batch["attention_mask"].sum(dim=1).tolist() == [5, 11, 3]
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
