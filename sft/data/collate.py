@@ -12,7 +12,6 @@ import torch
 
 from sft.data.tokenize import IGNORE_INDEX
 
-
 SUPERVISED_POSITIONS = "supervised_positions"
 """Batch key: the flat indices (into the [rows x tokens] batch) of every position with a target.
 Computed here, on the CPU, so the loss can gather those positions on a GPU without the
