@@ -12,7 +12,7 @@ from peft import PeftModel
 from sft.config import build_config
 from sft.data.prepared import read_conversations
 from sft.data.tokenize import encode_records
-from sft.inference.evaluate import mean_supervised_loss
+from sft.inference.evaluate import validation_loss
 from sft.modeling.models import load_model, load_tokenizer, resolve_model_path
 from sft.recipes.sft import train
 from tests.tiny import alpaca_records, write_jsonl
@@ -41,8 +41,8 @@ def test_few_steps_lower_the_loss_and_the_saved_adapter_reloads_exactly(tmp_path
     examples, _ = encode_records(tokenizer, read_conversations(train_file), 128, None)
 
     with torch.no_grad(), trained.disable_adapter():
-        before, count = mean_supervised_loss(trained, examples, 8, tokenizer.pad_token_id, "cpu", "base")
-    after, _ = mean_supervised_loss(trained, examples, 8, tokenizer.pad_token_id, "cpu", "adapter")
+        before, count = validation_loss(trained, examples, 8, tokenizer.pad_token_id, "cpu", "base")
+    after, _ = validation_loss(trained, examples, 8, tokenizer.pad_token_id, "cpu", "adapter")
     assert count == sum(sum(label != -100 for label in e["labels"][1:]) for e in examples)
     assert after < before - 0.1, (before, after)
 

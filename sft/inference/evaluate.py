@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from sft.config import SFTConfig, StrictArgumentParser, add_config_arguments
@@ -63,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(run)
 
 
-def validation_loss(run: LoadedRun, examples: list[dict], desc: str) -> tuple[float, int]:
+def validation_loss(model: torch.nn.Module, examples: list[dict], batch_size: int, pad_token_id: int,
+                    device: str, desc: str) -> tuple[float, int]:
     """Mean next-token loss over all supervised tokens of the examples, and their number."""
-    collate = PaddingCollator(run.tokenizer.pad_token_id)
+    collate = PaddingCollator(pad_token_id)
     by_length = sorted(examples, key=lambda e: len(e["input_ids"]))  # less padding per batch
-    size = run.config.training.eval_batch_size
-    batches = ({key: value.to(run.policy.device) for key, value in collate(by_length[i:i + size]).items()}
-               for i in tqdm(range(0, len(by_length), size), desc=desc, disable=None, leave=False))
-    nll, count = supervised_totals(run.model, ((batch, True) for batch in batches)).tolist()
+    batches = ({key: value.to(device) for key, value in collate(by_length[i:i + batch_size]).items()}
+               for i in tqdm(range(0, len(by_length), batch_size), desc=desc, disable=None, leave=False))
+    nll, count = supervised_totals(model, ((batch, True) for batch in batches)).tolist()
     return nll / count, int(count)
 
 
@@ -91,7 +92,8 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
                                "val_dropped": stats.dropped_no_supervised_tokens}
     for name, adapter_on in (("base", False), ("adapter", True)):
         with run.adapter(adapter_on):
-            loss, _ = validation_loss(run, examples, desc=f"val loss ({name})")
+            loss, _ = validation_loss(run.model, examples, config.training.eval_batch_size,
+                                      run.tokenizer.pad_token_id, run.policy.device, desc=f"val loss ({name})")
         metrics[f"{name}_val_loss"] = loss
         metrics[f"{name}_perplexity"] = math.exp(loss)
 
