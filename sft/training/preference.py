@@ -20,15 +20,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sft.config.dpo import DPOSettings
-from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator, shifted_labels
+from sft.data.collate import IGNORE_INDEX, SUPERVISED_POSITIONS, PackingCollator, PaddingCollator, shifted_labels
 from sft.data.pairs import ANSWERS
-from sft.training.loss import linear_cross_entropy_sum
+from sft.training.loss import NOT_MODEL_INPUTS, linear_cross_entropy_sum
 
 REFERENCE_KEY = "reference_logps"
 """A pair's [chosen, rejected] log-probabilities under the reference model (sft.training.reference)."""
 ANSWER_LENGTHS_KEY = "answer_tokens"
 """Scored tokens of each sequence of a batch, in batch order: the answer's tokens."""
-_NOT_MODEL_INPUTS = ("labels", "shift_labels", ANSWER_LENGTHS_KEY, REFERENCE_KEY)
+_NOT_MODEL_INPUTS = (*NOT_MODEL_INPUTS, ANSWER_LENGTHS_KEY, REFERENCE_KEY)
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected")
@@ -71,13 +71,15 @@ def answer_logps(model: torch.nn.Module, batch: dict[str, Any], head: torch.nn.M
     shift_labels = batch["shift_labels"]
     outputs = model(**inputs, output_hidden_states=True, use_cache=False,
                     logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
-    scored = shift_labels != IGNORE_INDEX
     head = head if head is not None else model.get_output_embeddings()
-    # Scored positions come in batch order (row-major), so one split gives each sequence's own.
+    # Scored positions come in batch order (row-major), so one split gives each sequence's own;
+    # the collator computed them on the CPU, so gathering them costs no device sync.
+    positions = batch[SUPERVISED_POSITIONS]
+    hidden = outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions)
+    targets = shift_labels.flatten().index_select(0, positions)
     lengths = batch[ANSWER_LENGTHS_KEY]
-    nll = [linear_cross_entropy_sum(hidden, head.weight, targets)
-           for hidden, targets in zip(outputs.hidden_states[-1][scored].split(lengths),
-                                      shift_labels[scored].split(lengths), strict=True)]
+    nll = [linear_cross_entropy_sum(h, head.weight, t)
+           for h, t in zip(hidden.split(lengths), targets.split(lengths), strict=True)]
     return -torch.stack(nll).view(-1, len(ANSWERS))
 
 
