@@ -30,8 +30,7 @@ from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft.config import RUN_CONFIG_FILE, SFTConfig, _did_you_mean, build_config
-from sft.config.schema import LoraSettings
+from sft.config import RUN_CONFIG_FILE, LoraSettings, SFTConfig, build_config, did_you_mean
 from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
 from sft.files import atomic_write_text, unwritable_reason
@@ -250,7 +249,7 @@ def check_lora_targets(model: torch.nn.Module, lora: LoraSettings, model_name: s
         matched = [module for name, module in linear.items() if name == target or name.endswith(f".{target}")]
         if not matched:
             raise ConfigError(f"lora_target_modules: {model_name} has no linear layer {target!r}"
-                              f"{_did_you_mean(target, layer_names)}; its linear layers are {', '.join(layer_names)}")
+                              f"{did_you_mean(target, layer_names)}; its linear layers are {', '.join(layer_names)}")
         smallest = min(min(module.in_features, module.out_features) for module in matched)
         if lora.lora_r > smallest:
             raise ConfigError(f"lora_r: {lora.lora_r} exceeds {smallest}, the smaller dimension of the {target} layers "

@@ -1,4 +1,4 @@
-"""sft.config: defaults, YAML presets, CLI overrides, validation messages, round trip."""
+"""sft.config: defaults, YAML presets, CLI overrides, validation messages, round trip, kinds of run."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from sft.config import (
     config_from_args,
 )
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 PRESET = """\
 model:
@@ -237,3 +237,18 @@ def test_flags_are_never_abbreviated_and_unknown_flags_get_a_suggestion(capsys: 
         parser.parse_args(["--learning-rat", "3"])
     assert exit_info.value.code == 2
     assert "unrecognized argument '--learning-rat' (did you mean '--learning-rate'?)" in capsys.readouterr().err
+
+
+def test_a_dpo_run_config_reads_back_as_dpo_and_an_sft_one_as_sft(tmp_path: Path) -> None:
+    """A saved configuration is read as the kind of run that wrote it: evaluation and chat of a DPO
+    run see its dpo section, an SFT run's has none, and a dpo key in an SFT preset is refused."""
+    from sft.config import DPOConfig, SFTConfig
+
+    dpo = build_config(None, {"beta": 0.2, "loss_type": "ipo"}, DPOConfig)
+    dpo.save(tmp_path / "dpo.yaml")
+    again = build_config(tmp_path / "dpo.yaml")
+    assert type(again) is DPOConfig and (again.dpo.beta, again.dpo.loss_type) == (0.2, "ipo")
+    build_config(None).save(tmp_path / "sft.yaml")
+    assert type(build_config(tmp_path / "sft.yaml")) is SFTConfig
+    with pytest.raises(ConfigError, match="unknown option 'beta'"):
+        build_config(None, {"beta": 0.2})

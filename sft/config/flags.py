@@ -1,0 +1,68 @@
+"""Command-line flags for a configuration: one per field, documented by the field's docstring."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import typing
+from typing import Any
+
+from sft.config.build import build_config, fields_of
+from sft.config.sections import SFTConfig
+from sft.config.yaml_io import did_you_mean
+
+
+class StrictArgumentParser(argparse.ArgumentParser):
+    """An argument parser that takes no abbreviations (``--learning-rat 3`` must not quietly set
+    the learning rate) and answers an unknown flag with the closest known one."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: typing.Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            known = [flag for action in self._actions for flag in action.option_strings]
+            flag = unknown[0].split("=")[0]
+            self.error(f"unrecognized argument {unknown[0]!r}{did_you_mean(flag, known)}")
+        return parsed
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[SFTConfig] = SFTConfig) -> None:
+    """Add ``--config`` and one flag per field; flags left out do not override the YAML."""
+    parser.add_argument("--config", metavar="YAML", help="preset to start from (configs/*.yaml)")
+    sections = config_class.sections()
+    docs = _field_docs(sections.values())
+    for group, cls in sections.items():
+        section = parser.add_argument_group(f"{group} options")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            annotation = typing.get_type_hints(cls)[f.name]
+            metavar = "A,B,..." if typing.get_origin(annotation) is list else None
+            section.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                                 metavar=metavar,
+                                 help=f"{docs.get(f.name, '')} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace, config_class: type[SFTConfig] = SFTConfig) -> SFTConfig:
+    overrides = {name: getattr(args, name) for name in fields_of(config_class) if hasattr(args, name)}
+    return build_config(args.config, overrides, config_class)
+
+
+def _field_docs(classes: typing.Iterable[type]) -> dict[str, str]:
+    """The docstring under each field, so --help and the code say the same thing."""
+    docs: dict[str, str] = {}
+    for cls in classes:
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
+    return docs
