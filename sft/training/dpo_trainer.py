@@ -13,6 +13,7 @@ the last log, and read once per log: reading them each micro-step would sync the
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -70,8 +71,10 @@ class PreferenceTrainer(SupervisedTrainer):
             self._logged_sums = None
         super().log(logs, *args, **kwargs)
 
-    def evaluation_sums(self, model: torch.nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        return self.pair_sums(model, inputs)[1]
+    def evaluation_totals(self, model: torch.nn.Module, passes: Iterable[tuple[dict[str, Any], bool]]) -> torch.Tensor:
+        """[pairs, summed loss, then the sums of METRICS] over the validation batches that count."""
+        with torch.no_grad():
+            return sum(self.pair_sums(model, inputs)[1] * counted for inputs, counted in passes)
 
     def evaluation_metrics(self, totals: list[float], metric_key_prefix: str) -> dict[str, float]:
         """The mean loss and METRICS over the validation pairs."""

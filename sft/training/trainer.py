@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,9 @@ class SupervisedTrainer(Trainer):
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Token-weighted validation loss. Process r of n takes examples r, r + n, ...; all run
-        the same number of forward passes (FSDP needs every process in each one), and the sums of
-        negative log-likelihoods and token counts are added across processes."""
+        """Validation metrics over the whole set (here the token-weighted loss). Process r of n
+        takes examples r, r + n, ...; all run the same number of forward passes (FSDP needs every
+        process in each one), and the sums of evaluation_totals are added across processes."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         start = time.time()
         rank, world = self.args.process_index, self.args.world_size
@@ -96,7 +97,6 @@ class SupervisedTrainer(Trainer):
         steps = math.ceil(math.ceil(len(dataset) / world) / size)  # the largest shard's batch count
         batches = [shard[i:i + size] for i in range(0, len(shard), size)]
         model = self.model_wrapped
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
         was_training = model.training
         model.eval()
 
@@ -108,17 +108,27 @@ class SupervisedTrainer(Trainer):
                 yield self._prepare_inputs(self.data_collator([dataset[i] for i in indices])), counted
 
         with self.compute_loss_context_manager():
-            totals = supervised_totals(model, passes(), head, self.is_fsdp_enabled).to(self.args.device)
+            totals = self.evaluation_totals(model, passes()).to(self.args.device)
         model.train(was_training)
         if world > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        nll, tokens = totals.tolist()
-        metrics = {f"{metric_key_prefix}_loss": nll / max(tokens, 1.0),
-                   f"{metric_key_prefix}_tokens": int(tokens),
-                   f"{metric_key_prefix}_runtime": round(time.time() - start, 4)}
+        metrics = self.evaluation_metrics(totals.tolist(), metric_key_prefix)
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def evaluation_totals(self, model: torch.nn.Module, passes: Iterable[tuple[dict[str, Any], bool]]) -> torch.Tensor:
+        """The sums a validation metric is made of, over ``passes`` (batches, each with whether it
+        counts): here the negative log-likelihood and the supervised tokens. A recipe's trainer
+        overrides this and evaluation_metrics; the sharding and reduction stay evaluate()'s."""
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        return supervised_totals(model, passes, head, self.is_fsdp_enabled)
+
+    def evaluation_metrics(self, totals: list[float], metric_key_prefix: str) -> dict[str, float]:
+        """The validation metrics from evaluation_totals summed over every process."""
+        nll, tokens = totals
+        return {f"{metric_key_prefix}_loss": nll / max(tokens, 1.0), f"{metric_key_prefix}_tokens": int(tokens)}
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_dir or super()._get_output_dir(trial)

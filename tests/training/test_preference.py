@@ -75,7 +75,7 @@ def test_reference_logps_are_the_base_models_with_the_adapter_disabled(tiny_mode
 def _trainer(model: torch.nn.Module, pairs: list[dict], tmp_path: Path, dpo: DPOSettings, **args) -> PreferenceTrainer:
     arguments = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", save_strategy="no",
                                   per_device_train_batch_size=4, logging_steps=1, lr_scheduler_type="constant",
-                                  remove_unused_columns=False, disable_tqdm=True, **args)
+                                  per_device_eval_batch_size=3, remove_unused_columns=False, disable_tqdm=True, **args)
     return PreferenceTrainer(model=model, args=arguments, train_dataset=pairs, data_collator=PairCollator(), dpo=dpo)
 
 
@@ -116,6 +116,8 @@ def test_loss_and_metrics_equal_a_hand_computation(tiny_model_dir: Path, pairs: 
     expected = sum(map(_hand_loss, policies, references, lengths, [dpo] * len(pairs))) / len(pairs)
     assert abs(float(loss) - expected) <= 1e-4 * max(1.0, abs(expected))
     assert abs(float(loss) - math.log(2)) > 1e-3  # the random adapter moved the policy: not a trivial pass
+    evaluated = trainer.evaluate(eval_dataset=with_reference)  # batches of 3: sums over uneven batches
+    assert evaluated["eval_loss"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
     model.train()  # (no dropout: the same values) metrics are collected in training and logged with the loss
     trainer.compute_loss(model, PairCollator()(with_reference))
@@ -124,6 +126,8 @@ def test_loss_and_metrics_equal_a_hand_computation(tiny_model_dir: Path, pairs: 
     rewards = [[dpo.beta * (p - r) for p, r in zip(policy, reference, strict=True)]
                for policy, reference in zip(policies, references, strict=True)]
     n = len(pairs)
+    assert evaluated["eval_rewards/margins"] == pytest.approx(sum(r[0] - r[1] for r in rewards) / n, abs=1e-4)
+    assert evaluated["eval_rewards/accuracies"] == sum(r[0] > r[1] for r in rewards) / n
     assert logged["rewards/chosen"] == pytest.approx(sum(r[0] for r in rewards) / n, abs=1e-4)
     assert logged["rewards/rejected"] == pytest.approx(sum(r[1] for r in rewards) / n, abs=1e-4)
     assert logged["rewards/margins"] == pytest.approx(sum(r[0] - r[1] for r in rewards) / n, abs=1e-4)
