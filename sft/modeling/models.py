@@ -30,7 +30,7 @@ from transformers import (
 
 from sft.config import ConfigError
 from sft.errors import ModelNotFoundError
-from sft.files import safetensors_damage
+from sft.files import atomic_directory, safetensors_damage
 
 
 @dataclass(frozen=True)
@@ -108,12 +108,11 @@ def _converted_bundled_model(name: str) -> Path:
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)  # a conversion killed half-way never looks complete
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier conversion in our own cache
+    with atomic_directory(target) as staging:  # a conversion killed half-way never looks complete
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return target
 
 
