@@ -69,10 +69,10 @@ def test_adapter_run_scores_base_and_adapter_into_the_run_report(run_dir: Path, 
 def test_a_rerun_continues_where_the_last_one_stopped(tiny_model_dir: Path, input_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir), "--out", str(out), "--input-data", str(input_data),
-            "--max-new-tokens", "5"]
+            "--max-new-tokens", "5", "--batch-size", "1"]
     assert main([*args, "--limit", "2"]) == 0
     first = answers(out / "base" / "responses.jsonl")
-    assert sorted(r["key"] for r in first) == [1, 2]
+    assert [r["key"] for r in first] == [1, 2]  # batches go in file order: a stopped run answered a prefix
     # An interruption in the middle of a write leaves a partial last line: that answer is redone.
     with (out / "base" / "responses.jsonl").open("a") as handle:
         handle.write('{"key": 3, "prompt": "Give a ti')

@@ -167,8 +167,12 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
                 bar.set_postfix(new_tokens_per_s=f"{new_tokens / elapsed:.1f}")
                 bar.update()
 
-            generate_greedy(model, tokenizer, ids, settings["max_new_tokens"], end_of_turn_ids(tokenizer),
-                            batch_size, on_answer=save)
+            # One batch at a time in file order, so an interrupted run has answered a prefix of the
+            # prompts: its partial scores are those of --limit N, not of the longest prompts.
+            for start in range(0, len(todo), batch_size):
+                generate_greedy(model, tokenizer, ids[start:start + batch_size], settings["max_new_tokens"],
+                                end_of_turn_ids(tokenizer), batch_size,
+                                on_answer=lambda index, answer, start=start: save(start + index, answer))
         bar.close()
     answered = [done[p.prompt] for p in prompts]
     totals = {**generation, "answers": len(answered), "new_tokens": sum(r["new_tokens"] for r in answered),
