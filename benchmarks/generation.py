@@ -15,8 +15,9 @@ import time
 
 from sft.data.templates import end_of_turn_ids
 from sft.inference.generate import generate_greedy
-from sft.inference.ifeval.command import encode_question, load_for_generation
+from sft.inference.ifeval.command import encode_question
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, read_prompts
+from sft.inference.loading import load_run, run_config
 
 
 def main() -> None:
@@ -29,11 +30,12 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
-    model, tokenizer, system_prompt, name = load_for_generation(None, args.model, args.device)
-    prompts = [encode_question(tokenizer, p.prompt, system_prompt)
+    run = load_run(None, run_config(None), args.model, args.device)
+    model, tokenizer = run.model, run.tokenizer
+    prompts = [encode_question(tokenizer, p.prompt, run.config.data.system_prompt)
                for p in read_prompts(args.input_data)[:args.prompts]]
-    print(f"{name}, {len(prompts)} IFEval prompts, greedy, at most {args.max_new_tokens} new tokens, "
-          f"device {next(model.parameters()).device}\n")
+    print(f"{run.model_name}, {len(prompts)} IFEval prompts, greedy, at most {args.max_new_tokens} new tokens, "
+          f"device {run.policy.device}\n")
     print("| batch size | answers | new tokens | seconds | answers/s | new tokens/s | answers equal to one at a time |")
     print("|---|---|---|---|---|---|---|")
     one_at_a_time = None

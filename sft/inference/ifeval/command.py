@@ -19,7 +19,6 @@ interruption and it continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -29,15 +28,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sft.config import ConfigError, StrictArgumentParser, build_config, saved_run_config
-from sft.data.templates import encode_prompt, end_of_turn_ids, ensure_chat_template, render_prompt, with_system_prompt
+from sft.config import ConfigError, StrictArgumentParser
+from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
 from sft.errors import run_command
 from sft.inference.generate import Answer, generate_greedy
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
-from sft.modeling.attention import resolve_attention
-from sft.modeling.devices import device_policy
-from sft.modeling.models import load_adapter, load_model, load_tokenizer, resolve_model_path
+from sft.inference.loading import load_run, run_config
 
 REFERENCE_MAX_NEW_TOKENS = 1280
 """The answer length the reference evaluation allows."""
@@ -90,17 +87,19 @@ def run(args: argparse.Namespace) -> None:
         print(format_scores({Path(args.responses).name: scores}))
         return
     out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
-    model, tokenizer, system_prompt, model_name = load_for_generation(args.adapter, args.model, args.device)
-    variants = {"base": (model_name, None)}
+    run = load_run(args.adapter, run_config(args.adapter), args.model, args.device)
+    system_prompt = run.config.data.system_prompt
+    variants = {"base": (run.model_name, None)}
     if args.adapter:
-        variants["adapter"] = (f"{model_name} + {Path(args.adapter).resolve().name}", str(Path(args.adapter).resolve()))
+        adapter = Path(args.adapter).resolve()
+        variants["adapter"] = (f"{run.model_name} + {adapter.name}", str(adapter))
     named_scores, generation = {}, {}
     for variant, (label, adapter) in variants.items():
-        with contextlib.nullcontext() if adapter or not args.adapter else model.disable_adapter():
-            settings = {"model": model_name, "adapter": adapter, "system_prompt": system_prompt,
+        with run.adapter(enabled=adapter is not None):
+            settings = {"model": run.model_name, "adapter": adapter, "system_prompt": system_prompt,
                         "max_new_tokens": args.max_new_tokens}
-            responses, generation[label] = answer_prompts(model, tokenizer, prompts, settings, args.batch_size,
-                                                          out / variant)
+            responses, generation[label] = answer_prompts(run.model, run.tokenizer, prompts, settings,
+                                                          args.batch_size, out / variant)
         named_scores[label] = score_responses(prompts, responses, out / variant)
     report = render_report(named_scores, generation, len(prompts), system_prompt, args.max_new_tokens)
     (out / "report.md").write_text(report, encoding="utf-8")
@@ -108,25 +107,6 @@ def run(args: argparse.Namespace) -> None:
         add_to_run_report(Path(args.adapter, "eval", "report.md"), report)
     print(format_scores(named_scores))
     print(f"Report: {out / 'report.md'}")
-
-
-def load_for_generation(adapter: str | None, model_name: str | None,
-                        device: str) -> tuple[torch.nn.Module, Any, str | None, str]:
-    """The model (with the run's adapter, if any), its tokenizer with the chat template training
-    used, the run's system prompt, and the base model's name."""
-    config = build_config(saved_run_config(adapter) if adapter else None)
-    if adapter and not Path(adapter, "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter}: no adapter_config.json here; pass a training output directory")
-    name = model_name or config.model.model
-    policy = device_policy(device, config.model.dtype)
-    model_path = resolve_model_path(name)
-    tokenizer = load_tokenizer(adapter or model_path, config.model.trust_remote_code)
-    ensure_chat_template(tokenizer)
-    model = load_model(model_path, policy.load_dtype, resolve_attention("auto", policy.device),
-                       config.model.trust_remote_code)
-    if adapter:
-        model = load_adapter(model, adapter)
-    return model.to(policy.device).eval(), tokenizer, config.data.system_prompt, name
 
 
 def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalPrompt], settings: dict[str, Any],
