@@ -16,14 +16,20 @@ from sft.config.yaml_io import did_you_mean, read_sections, top_level_keys
 from sft.errors import ConfigError
 
 
+def flat_name(section: type, field_name: str) -> str:
+    """A field's name as a flag and an override: the section's prefix (lora_) and the field's name."""
+    return getattr(section, "FLAG_PREFIX", "") + field_name
+
+
 @functools.cache
 def fields_of(config_class: type[SFTConfig]) -> dict[str, tuple[str, dataclasses.Field]]:
-    """Flat field name -> (its section, the field) for a kind of configuration."""
+    """Flat name (``max_steps``, ``lora_r``) -> (its section, the field) for a kind of configuration."""
     owners: dict[str, tuple[str, dataclasses.Field]] = {}
     for group, cls in config_class.sections().items():
         for f in dataclasses.fields(cls):
-            assert f.name not in owners, f"field {f.name} is defined twice"
-            owners[f.name] = (group, f)
+            name = flat_name(cls, f.name)
+            assert name not in owners, f"field {name} is defined twice"
+            owners[name] = (group, f)
     return owners
 
 
@@ -50,7 +56,8 @@ def build_config(config_path: str | Path | None = None, overrides: dict[str, Any
     for key, value in (overrides or {}).items():
         if key not in fields:
             raise ConfigError(f"unknown option {key!r}{did_you_mean(key, fields)}")
-        values.setdefault(fields[key][0], {})[key] = value
+        group, owner = fields[key]
+        values.setdefault(group, {})[owner.name] = value
     groups = {}
     for group, cls in sections.items():
         hints = typing.get_type_hints(cls)

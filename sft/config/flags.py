@@ -9,7 +9,7 @@ import inspect
 import typing
 from typing import Any
 
-from sft.config.build import build_config, fields_of
+from sft.config.build import build_config, fields_of, flat_name
 from sft.config.sections import SFTConfig
 from sft.config.yaml_io import did_you_mean
 
@@ -38,17 +38,16 @@ class StrictArgumentParser(argparse.ArgumentParser):
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[SFTConfig] = SFTConfig) -> None:
     """Add ``--config`` and one flag per field; flags left out do not override the YAML."""
     parser.add_argument("--config", metavar="YAML", help="preset to start from (configs/*.yaml)")
-    sections = config_class.sections()
-    docs = _field_docs(sections.values())
-    for group, cls in sections.items():
+    for group, cls in config_class.sections().items():
         section = parser.add_argument_group(f"{group} options")
+        docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             annotation = typing.get_type_hints(cls)[f.name]
             metavar = "A,B,..." if typing.get_origin(annotation) is list else None
-            section.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                                 metavar=metavar,
-                                 help=f"{docs.get(f.name, '')} (default: {default})")
+            name = flat_name(cls, f.name)
+            section.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
+                                 metavar=metavar, help=f"{docs.get(f.name, '')} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace, config_class: type[SFTConfig] = SFTConfig) -> SFTConfig:
@@ -56,13 +55,12 @@ def config_from_args(args: argparse.Namespace, config_class: type[SFTConfig] = S
     return build_config(args.config, overrides, config_class)
 
 
-def _field_docs(classes: typing.Iterable[type]) -> dict[str, str]:
-    """The docstring under each field, so --help and the code say the same thing."""
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a section, so --help and the code say the same thing."""
     docs: dict[str, str] = {}
-    for cls in classes:
-        body = ast.parse(inspect.getsource(cls)).body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split()).replace("%", "%%")
     return docs

@@ -63,25 +63,29 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    lora_r: int = 16
+    FLAG_PREFIX: typing.ClassVar[str] = "lora_"
+    """The section's flags and flat names are lora_r, lora_alpha, ... (``--lora-r``): a bare
+    ``--r`` or ``--alpha`` would say nothing. In YAML both ``lora: {r: 16}`` and the flat
+    ``lora: {lora_r: 16}`` (presets and saved runs of earlier versions) are read."""
+
+    r: int = 16
     """Rank of the LoRA update matrices."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator; the update is scaled by lora_alpha / lora_r."""
-    lora_dropout: float = 0.05
+    alpha: int = 32
+    """LoRA scaling numerator; the update is scaled by alpha / r."""
+    dropout: float = 0.05
     """Dropout on the LoRA input."""
-    lora_target_modules: list[str] = field(
+    target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                  "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get adapters (all attention and MLP projections of a Llama block)."""
 
     def __post_init__(self) -> None:
-        _require(self.lora_r > 0, f"lora_r: must be > 0, got {self.lora_r}")
-        _require(self.lora_alpha > 0, f"lora_alpha: must be > 0, got {self.lora_alpha}")
-        _require(0.0 <= self.lora_dropout < 1.0,
-                 f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
-        _require(len(self.lora_target_modules) > 0, "lora_target_modules: must name at least one module")
-        _require("lm_head" not in self.lora_target_modules,
-                 "lora_target_modules: lm_head cannot take an adapter here (the loss runs the head's "
+        _require(self.r > 0, f"r: must be > 0, got {self.r}")
+        _require(self.alpha > 0, f"alpha: must be > 0, got {self.alpha}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
+        _require(len(self.target_modules) > 0, "target_modules: must name at least one module")
+        _require("lm_head" not in self.target_modules,
+                 "target_modules: lm_head cannot take an adapter here (the loss runs the head's "
                  "base weight on answer tokens only)")
 
 

@@ -71,7 +71,10 @@ def read_sections(path: str | Path, sections: dict[str, type]) -> dict[str, dict
     loaded = _load_yaml(path) or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected sections {', '.join(sections)} at the top level")
-    owners = {f.name: group for group, cls in sections.items() for f in dataclasses.fields(cls)}
+    owners: dict[str, tuple[str, str]] = {}  # a key as YAML may write it -> (section, field name)
+    for group, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            owners[f.name] = owners[getattr(cls, "FLAG_PREFIX", "") + f.name] = (group, f.name)
     values: dict[str, dict[str, Any]] = {}
     for group, section in loaded.items():
         if group not in sections:
@@ -81,11 +84,13 @@ def read_sections(path: str | Path, sections: dict[str, type]) -> dict[str, dict
             raise ConfigError(f"{path}: section {group!r} must be a mapping")
         for key, value in section.items():
             owner = owners.get(key)
-            if owner != group:
+            if owner is None or owner[0] != group:
                 names = [f.name for f in dataclasses.fields(sections[group])]
-                hint = f" (it belongs in section {owner!r})" if owner else did_you_mean(str(key), names)
+                hint = f" (it belongs in section {owner[0]!r})" if owner else did_you_mean(str(key), names)
                 raise ConfigError(f"{path}: unknown key {group}.{key}{hint}")
-            values.setdefault(group, {})[key] = value
+            if owner[1] in values.get(group, {}):
+                raise ConfigError(f"{path}: {group}.{owner[1]} is given twice (as {key} too); keep one")
+            values.setdefault(group, {})[owner[1]] = value
     return values
 
 

@@ -215,8 +215,8 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
         model.enable_input_require_grads()
     lora = config.lora
     check_lora_targets(model, lora, config.model.model)
-    model = add_lora(model, LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                                       target_modules=lora.lora_target_modules, task_type="CAUSAL_LM"),
+    model = add_lora(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"),
                      policy.device)
     _keep_users_readme(model)
     if runtime.main_process:
@@ -245,14 +245,14 @@ def check_lora_targets(model: torch.nn.Module, lora: LoraSettings, model_name: s
     most the layer's smaller dimension). Checked on the loaded model, before adapters are added."""
     linear = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     layer_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
-    for target in lora.lora_target_modules:
+    for target in lora.target_modules:
         matched = [module for name, module in linear.items() if name == target or name.endswith(f".{target}")]
         if not matched:
             raise ConfigError(f"lora_target_modules: {model_name} has no linear layer {target!r}"
                               f"{did_you_mean(target, layer_names)}; its linear layers are {', '.join(layer_names)}")
         smallest = min(min(module.in_features, module.out_features) for module in matched)
-        if lora.lora_r > smallest:
-            raise ConfigError(f"lora_r: {lora.lora_r} exceeds {smallest}, the smaller dimension of the {target} layers "
+        if lora.r > smallest:
+            raise ConfigError(f"lora_r: {lora.r} exceeds {smallest}, the smaller dimension of the {target} layers "
                               f"of {model_name}; choose at most {smallest} (--lora-r; 8 to 64 is usual)")
 
 

@@ -62,8 +62,8 @@ def test_defaults_build() -> None:
     config = build_config()
     assert config == SFTConfig()
     assert config.model.model == "smollm2-135m-instruct"
-    assert config.lora.lora_r == 16
-    assert config.lora.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj",
+    assert config.lora.r == 16
+    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"]
     assert config.data.system_prompt is None
     assert config.training.max_steps == -1
@@ -73,8 +73,8 @@ def test_yaml_sections_load(tmp_path: Path) -> None:
     config = build_config(write_yaml(tmp_path, PRESET))
     assert config.model.model == "some/local-dir"
     assert config.model.dtype == "float32"
-    assert (config.lora.lora_r, config.lora.lora_alpha, config.lora.lora_dropout) == (8, 16, 0.0)
-    assert config.lora.lora_target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert (config.lora.r, config.lora.alpha, config.lora.dropout) == (8, 16, 0.0)
+    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
     assert (config.data.max_seq_length, config.data.system_prompt) == (128, "Be brief.")
     assert config.training.max_steps == 10
     assert config.training.learning_rate == 1e-3  # PyYAML reads "1e-3" as a string
@@ -89,7 +89,7 @@ def test_yaml_sections_load(tmp_path: Path) -> None:
 def test_overrides_beat_yaml(tmp_path: Path) -> None:
     config = build_config(write_yaml(tmp_path, PRESET), {"max_steps": "2"})
     assert config.training.max_steps == 2
-    assert config.lora.lora_r == 8
+    assert config.lora.r == 8
 
 
 def test_cli_flags_beat_yaml(tmp_path: Path) -> None:
@@ -98,9 +98,9 @@ def test_cli_flags_beat_yaml(tmp_path: Path) -> None:
                     "--lora-target-modules", "q_proj,v_proj"])
     assert config.training.max_steps == 2
     assert config.training.learning_rate == 1e-4
-    assert config.lora.lora_target_modules == ["q_proj", "v_proj"]
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
     # Flags left out do not override the YAML.
-    assert config.lora.lora_r == 8
+    assert config.lora.r == 8
     assert config.data.system_prompt == "Be brief."
     assert config.training.gradient_checkpointing is True
 
@@ -108,9 +108,9 @@ def test_cli_flags_beat_yaml(tmp_path: Path) -> None:
 def test_cli_without_config_uses_defaults() -> None:
     config = parse(["--gradient-checkpointing", "false", "--lora-dropout", "0"])
     assert config.training.gradient_checkpointing is False
-    assert config.lora.lora_dropout == 0.0
+    assert config.lora.dropout == 0.0
     defaults = SFTConfig()
-    assert config.lora == dataclasses.replace(defaults.lora, lora_dropout=0.0)
+    assert config.lora == dataclasses.replace(defaults.lora, dropout=0.0)
     assert (config.model, config.data, config.training, config.eval) == (
         defaults.model, defaults.data, defaults.training, defaults.eval)
 
@@ -147,14 +147,14 @@ def test_unknown_override_suggests_the_close_name() -> None:
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("lora:\n  lora_r: abc\n", "lora.lora_r: expected an integer, got 'abc'"),
-    ("lora:\n  lora_r: 8.5\n", "lora.lora_r: expected an integer, got 8.5"),
-    ("lora:\n  lora_r: true\n", "lora.lora_r: expected an integer, got True"),
+    ("lora:\n  lora_r: abc\n", "lora.r: expected an integer, got 'abc'"),
+    ("lora:\n  lora_r: 8.5\n", "lora.r: expected an integer, got 8.5"),
+    ("lora:\n  lora_r: true\n", "lora.r: expected an integer, got True"),
     ("training:\n  gradient_checkpointing: maybe\n",
      "training.gradient_checkpointing: expected true or false, got 'maybe'"),
     ("training:\n  learning_rate: fast\n", "training.learning_rate: expected a number, got 'fast'"),
     ("model:\n  model: 5\n", "model.model: expected a string, got 5"),
-    ("lora:\n  lora_target_modules: 5\n", "lora.lora_target_modules: expected a list, got 5"),
+    ("lora:\n  lora_target_modules: 5\n", "lora.target_modules: expected a list, got 5"),
 ])
 def test_wrong_types_name_the_field(tmp_path: Path, text: str, expected: str) -> None:
     assert config_error(tmp_path, text) == expected
@@ -163,10 +163,10 @@ def test_wrong_types_name_the_field(tmp_path: Path, text: str, expected: str) ->
 @pytest.mark.parametrize("text, field", [
     ("training:\n  learning_rate: 0\n", "training.learning_rate"),
     ("training:\n  learning_rate: -1.0e-4\n", "training.learning_rate"),
-    ("lora:\n  lora_r: 0\n", "lora.lora_r"),
-    ("lora:\n  lora_r: -4\n", "lora.lora_r"),
-    ("lora:\n  lora_dropout: 1.0\n", "lora.lora_dropout"),
-    ("lora:\n  lora_target_modules: []\n", "lora.lora_target_modules"),
+    ("lora:\n  lora_r: 0\n", "lora.r"),
+    ("lora:\n  lora_r: -4\n", "lora.r"),
+    ("lora:\n  lora_dropout: 1.0\n", "lora.dropout"),
+    ("lora:\n  lora_target_modules: []\n", "lora.target_modules"),
     ("data:\n  max_seq_length: 4\n", "data.max_seq_length"),
     ("training:\n  warmup_ratio: 1.0\n", "training.warmup_ratio"),
     ("training:\n  batch_size: 0\n", "training.batch_size"),
@@ -252,3 +252,20 @@ def test_a_dpo_run_config_reads_back_as_dpo_and_an_sft_one_as_sft(tmp_path: Path
     assert type(build_config(tmp_path / "sft.yaml")) is SFTConfig
     with pytest.raises(ConfigError, match="unknown option 'beta'"):
         build_config(None, {"beta": 0.2})
+
+
+def test_lora_fields_read_as_r_alpha_and_as_the_flat_names_of_earlier_presets(tmp_path: Path) -> None:
+    """Sections name their fields plainly (lora.r); flags keep the section's prefix (--lora-r),
+    and a preset or saved run written with the flat names (lora_r) still reads."""
+    new = tmp_path / "new.yaml"
+    new.write_text("lora:\n  r: 8\n  alpha: 16\n")
+    old = tmp_path / "old.yaml"
+    old.write_text("lora:\n  lora_r: 8\n  lora_alpha: 16\n")
+    assert (build_config(new).lora.r, build_config(new).lora.alpha) == (8, 16)
+    assert build_config(old).to_dict() == build_config(new).to_dict()
+    assert build_config(None, {"lora_r": 4}).lora.r == 4
+    both = tmp_path / "both.yaml"
+    both.write_text("lora:\n  r: 8\n  lora_r: 16\n")
+    with pytest.raises(ConfigError, match="lora.r is given twice"):
+        build_config(both)
+    assert "r: 8" in build_config(new).to_yaml()

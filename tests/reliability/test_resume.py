@@ -23,8 +23,8 @@ def resume_flags(tiny_model_dir: Path, data: tuple[Path, Path], run: Path, **cha
 
 
 @pytest.mark.parametrize("flag, value, field", [
-    ("lora_r", 8, "lora.lora_r"),
-    ("lora_target_modules", "q_proj,v_proj", "lora.lora_target_modules"),
+    ("lora_r", 8, "lora.r"),
+    ("lora_target_modules", "q_proj,v_proj", "lora.target_modules"),
     ("max_seq_length", 48, "data.max_seq_length"),
     ("train_file", "OTHER_DATA", "data.train_file"),
     ("model", "OTHER_MODEL", "model.model"),
