@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sft.config import ConfigError, build_config
 from sft.export.merge import main as merge_main
-from sft.modeling.models import load_adapter
+from sft.inference.loading import attach_adapter
 from sft.recipes.sft import train
 from sft.training.plots import main as plot_main
 from tests.tiny import tiny_run_overrides, write_prepared_split
@@ -38,7 +38,7 @@ def test_merged_model_gives_the_logits_of_base_plus_adapter(run_dir: Path, tiny_
     assert merge_main(["--adapter", str(run_dir), "--out", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    adapted = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run_dir)).eval()
+    adapted = attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir, "tiny").eval()
     ids = tokenizer("Describe the ocean in one sentence.", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,6 @@ converted once into a plain safetensors directory under the cache and loaded fro
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
@@ -183,23 +181,3 @@ def _not_found_message(path: str, exc: OSError) -> str:
     return (f"could not load {path!r}: {exc}\n"
             f"If the Hugging Face Hub cannot be reached, download the model elsewhere and pass its local "
             f"directory, or use the bundled offline model ({bundled}).")
-
-
-def load_adapter(base: PreTrainedModel, adapter_dir: str) -> PeftModel:
-    """Base model + the LoRA adapter saved in ``adapter_dir`` (safetensors only), or a clear error
-    when the adapter was trained on another base model."""
-    config_file = Path(adapter_dir, "adapter_config.json")
-    try:
-        trained_on = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelNotFoundError(f"{config_file}: not a readable adapter config ({exc})") from None
-    if not Path(adapter_dir, "adapter_model.safetensors").is_file():
-        raise ModelNotFoundError(f"{adapter_dir}: no adapter_model.safetensors (only safetensors adapters are loaded)")
-    try:
-        return PeftModel.from_pretrained(base, adapter_dir)
-    except RuntimeError as exc:
-        if "size mismatch" not in str(exc):
-            raise
-        raise ModelNotFoundError(
-            f"{adapter_dir}: the adapter's shapes do not fit the base model {base.name_or_path!r}; it was trained "
-            f"on {trained_on!r}. Pass the base model it was trained on (--model).") from None

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sft.config import ConfigError, build_config
-from sft.errors import TrainingInterrupted, run_command
-from sft.modeling.models import ModelNotFoundError, load_adapter
+from sft.errors import ModelNotFoundError, TrainingInterrupted, run_command
+from sft.inference.loading import attach_adapter
 from sft.recipes.sft import main, train
 from sft.training.checkpoints import STAGING_DIR, latest_complete_checkpoint
 from sft.training.interrupt import SAME_INTERRUPT_SECONDS, GracefulInterrupt
@@ -155,8 +155,8 @@ def test_uncached_hub_model_offline_names_the_bundled_model(tmp_path: Path) -> N
 
 def test_adapter_for_another_base_model_is_a_clear_error(uninterrupted: Path, tmp_path: Path) -> None:
     other = build_tiny_model_dir(tmp_path / "other", build_tokenizer("chatml"), hidden_size=48)
-    with pytest.raises(ModelNotFoundError, match="do not fit the base model"):
-        load_adapter(AutoModelForCausalLM.from_pretrained(other), str(uninterrupted))
+    with pytest.raises(ModelNotFoundError, match="does not fit the base model 'other'"):
+        attach_adapter(AutoModelForCausalLM.from_pretrained(other), uninterrupted, "other")
 
 
 def test_only_safetensors_adapters_are_loaded(uninterrupted: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -164,8 +164,8 @@ def test_only_safetensors_adapters_are_loaded(uninterrupted: Path, tmp_path: Pat
     pickled.mkdir()
     shutil.copy(uninterrupted / "adapter_config.json", pickled)
     (pickled / "adapter_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(ModelNotFoundError, match="only safetensors"):
-        load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(pickled))
+    with pytest.raises(ModelNotFoundError, match="only intact safetensors adapters are loaded"):
+        attach_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), pickled, "tiny")
 
 
 def test_no_unsafe_loading_in_the_package() -> None:
