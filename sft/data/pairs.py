@@ -51,7 +51,7 @@ class PairStats:
 
 def encode_pair(tokenizer: PreTrainedTokenizerBase, pair: dict[str, Any], max_seq_length: int,
                 system_prompt: str | None) -> tuple[dict[str, list[int]], bool]:
-    """``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` of one pair (as
+    """``prompt_ids``, ``chosen_ids`` and ``rejected_ids`` (and the ``id``) of one pair (as
     ``sft.data.prepared.read_preferences`` gives it, with the configured system prompt where the
     pair has none), each answer within ``max_seq_length`` together with the prompt, and whether
     either answer was cut. Answers left empty (the prompt fills the budget) are returned as they
@@ -65,7 +65,8 @@ def encode_pair(tokenizer: PreTrainedTokenizerBase, pair: dict[str, Any], max_se
                       len(example["labels"]))
         prompt_ids, answers[side] = example["input_ids"][:scored], example["input_ids"][scored:]
         truncated = truncated or cut
-    return {"prompt_ids": prompt_ids} | {f"{side}_ids": ids for side, ids in answers.items()}, truncated
+    ids = {"prompt_ids": prompt_ids} | {f"{side}_ids": answer for side, answer in answers.items()}
+    return ({"id": pair["id"]} if "id" in pair else {}) | ids, truncated
 
 
 def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, Any]], max_seq_length: int,

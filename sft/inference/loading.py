@@ -33,7 +33,7 @@ from sft.errors import ConfigError, ModelNotFoundError
 from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import DevicePolicy, device_policy
 from sft.modeling.models import check_4bit_supported, load_model, load_tokenizer, resolve_model_path
-from sft.training.checkpoints import safetensors_damage
+from sft.training.checkpoints import SFT_ADAPTER_DIR, safetensors_damage
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -126,13 +126,26 @@ def attach_adapter(base: PreTrainedModel, adapter_dir: Path, model_name: str) ->
     return model
 
 
+def folded_adapter(adapter_dir: Path) -> Path | None:
+    """The SFT adapter a DPO run (or one of its checkpoint-N) was trained on top of, or None.
+
+    Such a run keeps a copy in its own sft_adapter/ folder; its adapter fits base + that adapter
+    merged, not the base alone, so loading folds that one in first."""
+    for run_dir in (adapter_dir, adapter_dir.parent):
+        if (run_dir / SFT_ADAPTER_DIR / ADAPTER_CONFIG).is_file():
+            return run_dir / SFT_ADAPTER_DIR
+    return None
+
+
 def load_run(adapter_dir: str | Path | None, config: SFTConfig, model_name: str | None = None,
              device: str | None = None) -> LoadedRun:
     """Base model (+ adapter), tokenizer, configuration and device policy of a run, ready to use.
 
     The tokenizer comes from the adapter directory when there is one: it carries the chat
-    template training used (the fallback included). A run trained on a 4-bit base is loaded in
-    4-bit where that can run (CUDA), else on the full-precision base, which its adapter fits."""
+    template training used (the fallback included). A DPO run trained on top of an SFT adapter is
+    loaded on base + that adapter merged, so ``adapter(False)`` is its reference model. A run
+    trained on a 4-bit base is loaded in 4-bit where that can run (CUDA), else on the
+    full-precision base, which its adapter fits."""
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     if adapter_dir is not None:
         check_adapter_dir(adapter_dir)
@@ -151,6 +164,9 @@ def load_run(adapter_dir: str | Path | None, config: SFTConfig, model_name: str 
                                                                          policy.device), trust,
                        load_in_4bit_compute=policy.compute_dtype if quantized else None, device=policy.device)
     if adapter_dir is not None:
+        sft_adapter = folded_adapter(adapter_dir)
+        if sft_adapter is not None:  # a DPO run's adapter continues base + its SFT adapter
+            model = attach_adapter(model, sft_adapter, name).merge_and_unload()
         model = attach_adapter(model, adapter_dir, name)
     if not quantized:  # a 4-bit model is placed on its GPU when loaded
         model = model.to(policy.device)

@@ -31,8 +31,10 @@ RUN_FILES = (
     "sft_config.yaml", "data_report.json", "loss.png", "reference_logps.safetensors", "reference_logps.json",
     STAGING_DIR,
 )
-RUN_DIRS = ("eval", "runs")
-"""Folders a run fills: evaluation reports, TensorBoard logs."""
+SFT_ADAPTER_DIR = "sft_adapter"
+"""Where a DPO run keeps the SFT adapter it was trained on top of (folded into the base first)."""
+RUN_DIRS = ("eval", "runs", SFT_ADAPTER_DIR)
+"""Folders a run fills: evaluation reports, TensorBoard logs, a DPO run's SFT adapter."""
 
 
 def checkpoint_step(path: Path) -> int | None:
