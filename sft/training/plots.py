@@ -1,4 +1,5 @@
-"""`sft plot DIR`: the training and validation loss of a run against the optimizer step.
+"""`sft plot DIR`: the training and validation loss of a run against the optimizer step (and,
+beside it, a DPO run's rewards).
 
 Training writes ``loss.png`` into its output directory at the end; this command redraws it from
 ``trainer_state.json`` at any time (also for a run still in progress, from its latest checkpoint).
@@ -61,8 +62,33 @@ def _image_format(out: Path) -> str:
     return image_format
 
 
+_REWARD_SERIES = {"rewards/chosen": "tab:green", "rewards/rejected": "tab:red", "rewards/margins": "tab:purple",
+                  "rewards/accuracies": "tab:gray"}
+"""A DPO run's logged rewards (beta x log-probability ratio to the reference) and their colours."""
+
+
+def _plot_rewards(axes: Any, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Rewards of the chosen and rejected answers and their margin; reward accuracy on its own scale."""
+    for key, colour in _REWARD_SERIES.items():
+        if key != "rewards/accuracies" and series[key]:
+            axes.plot(*zip(*series[key], strict=True), label=key.removeprefix("rewards/"), color=colour, linewidth=1.2)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("reward (beta x log-ratio to the reference)")
+    axes.set_title("training rewards")
+    axes.grid(alpha=0.3)
+    accuracy = axes.twinx()
+    accuracy.plot(*zip(*series["rewards/accuracies"], strict=True), label="accuracy",
+                  color=_REWARD_SERIES["rewards/accuracies"], linestyle="--", linewidth=1.0)
+    accuracy.set_ylim(-0.05, 1.05)
+    accuracy.set_ylabel("reward accuracy")
+    lines, labels = axes.get_legend_handles_labels()
+    more_lines, more_labels = accuracy.get_legend_handles_labels()
+    axes.legend(lines + more_lines, labels + more_labels, loc="upper left")
+
+
 def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw train and validation loss of a run into an image (PNG by default); returns its path."""
+    """Draw train and validation loss of a run into an image (PNG by default), beside its
+    rewards for a DPO run; returns its path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -72,18 +98,24 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else run_dir / PLOT_FILE
     image_format = _image_format(out)
     history = _read_history(_state_file(run_dir))
-    train = [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
-    val = [(entry["step"], entry["eval_loss"]) for entry in history if "eval_loss" in entry]
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        axes.plot(*zip(*train), label="train", color="tab:blue", linewidth=1.2)
-    if val:
-        axes.plot(*zip(*val), label="validation", color="tab:orange", marker="o", linewidth=1.5)
+    series = {key: [(entry["step"], entry[key]) for entry in history if key in entry]
+              for key in ("loss", "eval_loss", *_REWARD_SERIES)}
+    preference = bool(series["rewards/margins"])  # a DPO run: its rewards get a panel of their own
+    figure, panels = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=120,
+                                  squeeze=False)
+    axes = panels[0][0]
+    if series["loss"]:
+        axes.plot(*zip(*series["loss"], strict=True), label="train", color="tab:blue", linewidth=1.2)
+    if series["eval_loss"]:
+        axes.plot(*zip(*series["eval_loss"], strict=True), label="validation", color="tab:orange", marker="o",
+                  linewidth=1.5)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss (nats per answer token)")
+    axes.set_ylabel("DPO loss (mean over pairs)" if preference else "loss (nats per answer token)")
     axes.set_title(f"{run_dir.name}: training and validation loss")
     axes.grid(alpha=0.3)
     axes.legend()
+    if preference:
+        _plot_rewards(panels[0][1], series)
     figure.tight_layout()
     try:
         with atomic_file(out, "wb") as handle:
