@@ -90,3 +90,12 @@ def test_answers_of_other_settings_are_not_mixed_in(tiny_model_dir: Path, input_
     assert main([*args, "--max-new-tokens", "3"]) == 0
     assert main([*args, "--max-new-tokens", "4"]) == 2
     assert "pass another --out" in capsys.readouterr().err
+
+
+def test_answers_longer_than_the_model_reads_are_refused(tiny_model_dir: Path, input_data: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--input-data", str(input_data),
+            "--max-new-tokens", "300"]  # the tiny model takes 256 positions
+    assert main(args) == 2
+    assert "lower --max-new-tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -34,7 +34,7 @@ from sft.errors import run_command
 from sft.inference.generate import Answer, generate_greedy
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
-from sft.inference.loading import load_run, run_config
+from sft.inference.loading import check_prompt_fits, load_run, run_config
 
 REFERENCE_MAX_NEW_TOKENS = 1280
 """The answer length the reference evaluation allows."""
@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
     run = load_run(args.adapter, run_config(args.adapter), args.model, args.device)
     system_prompt = run.config.data.system_prompt
+    check_prompt_fits(run, max(len(encode_question(run.tokenizer, p.prompt, system_prompt)) for p in prompts),
+                      args.max_new_tokens)
     variants = {"base": (run.model_name, None)}
     if args.adapter:
         adapter = Path(args.adapter).resolve()
