@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("sft.recipes.dpo", "train a LoRA adapter on preference pairs with DPO (after SFT: --sft-adapter)"),
     "eval": ("sft.inference.evaluate", "compare base model and adapter: validation loss, generations"),
     "eval-dpo": ("sft.inference.preference_eval", "compare base, SFT and DPO on held-out preference pairs"),
+    "onpolicy-pairs": ("sft.inference.onpolicy", "preference pairs from an SFT run's own answers (rejected) and "
+                                                 "the references (chosen)"),
     "plot": ("sft.training.plots", "draw a run's training and validation loss (loss.png)"),
     "merge": ("sft.export.merge", "fold the adapter into the base model: a standalone model directory"),
     "chat": ("sft.inference.chat", "talk to base + adapter in the terminal (or --prompt for one answer)"),

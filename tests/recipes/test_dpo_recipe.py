@@ -15,9 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from sft.config import RUN_CONFIG_FILE, build_config
 from sft.data.pairs import encode_pairs
-from sft.data.prepared import read_preferences
+from sft.data.prepared import read_conversations, read_preferences
+from sft.data.templates import encode_prompt, render_prompt
 from sft.export.merge import merge
 from sft.inference.loading import load_run, run_config
+from sft.inference.onpolicy import main as onpolicy_main
 from sft.inference.preference_eval import main as eval_dpo_main
 from sft.recipes import dpo as dpo_recipe
 from sft.recipes.sft import main as sft_main
@@ -194,3 +196,24 @@ def test_eval_dpo_puts_base_sft_and_dpo_side_by_side(dpo_run: Path, capsys: pyte
     report = (dpo_run / "eval" / "preference_report.md").read_text()
     assert "| SFT (reference) |" in report and "**DPO**" in report
     assert "preference accuracy" in capsys.readouterr().out
+
+
+def test_onpolicy_pairs_reject_the_sft_models_own_answers(sft_run: Path, tiny_model_dir: Path, tmp_path: Path,
+                                                          pair_files: tuple[Path, Path]) -> None:
+    source = Path(build_config(sft_run / RUN_CONFIG_FILE).data.train_file)
+    out = tmp_path / "onpolicy.jsonl"
+    assert onpolicy_main(["--adapter", str(sft_run), "--source", str(source), "--out", str(out), "--limit", "4",
+                          "--max-new-tokens", "6"]) == 0
+    pairs = read_preferences(out)  # the prepared layout DPO reads
+    conversations = read_conversations(source)[:4]
+    assert len(pairs) == 4  # a random tiny model never says the reference
+    run = load_run(sft_run, run_config(sft_run))
+    for pair, conversation in zip(pairs, conversations, strict=True):
+        assert pair["prompt"] == conversation["messages"][:-1]
+        assert pair["chosen"] == conversation["messages"][-1]["content"]
+        prompt_ids = encode_prompt(run.tokenizer, render_prompt(run.tokenizer, pair["prompt"]))
+        with torch.no_grad():
+            greedy = run.model.generate(torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False)[0]
+        assert pair["rejected"] == run.tokenizer.decode(greedy[len(prompt_ids):], skip_special_tokens=True).strip()
+    assert dpo_recipe.main(_dpo_flags(tiny_model_dir, (out, pair_files[1]), tmp_path / "dpo", max_steps=1,
+                                      sft_adapter=sft_run)) == 0
