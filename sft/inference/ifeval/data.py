@@ -20,6 +20,7 @@ from pathlib import Path
 from sft.config import StrictArgumentParser
 from sft.data.sources import describe_json_type, read_source
 from sft.errors import DataError, run_command
+from sft.files import atomic_file
 from sft.inference.ifeval.instructions import bind
 
 DEFAULT_INPUT_DATA = Path("data/ifeval/input_data.jsonl")
@@ -108,9 +109,8 @@ def fetch_prompts(out: Path, url: str = SOURCE_URL, sha256: str = SOURCE_SHA256)
     if digest != sha256:
         raise DataError(f"{url}: sha256 {digest} is not the expected {sha256}; the file was not saved")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(out.name + ".tmp")
-    staging.write_bytes(data)
-    staging.replace(out)
+    with atomic_file(out, "wb") as handle:
+        handle.write(data)
 
 
 def main(argv: list[str] | None = None) -> int:
