@@ -15,7 +15,9 @@ on CPU, bfloat16 on CUDA), each in a fresh process so that its peak memory is it
 - ``sft``: this project's recipe, built by its stages as ``sft dpo`` builds it: each pair's chosen
   and rejected sequence packed into one row, per-sequence attention, the head on answer tokens
   only, the reference log-probabilities computed once before training (timed separately), and
-  ``--sft-micro-batch`` pairs per forward pass (gradient accumulation makes up the step).
+  ``--sft-micro-batch`` pairs per forward pass (gradient accumulation makes up the step);
+- ``sft_gc``: the same with ``gradient_checkpointing: true``, which trades speed for memory as
+  TRL's default does.
 
 The pairs are those our tokenization keeps (TRL drops the same ones: a prompt that fills the
 maximum length); the benchmark checks that TRL's token ids equal ours. Reported: pairs/s and
@@ -42,19 +44,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("sft", "trl")
+CONTENDERS = ("sft", "sft_gc", "trl")
 DEFAULT_DATA = "data/demo_dpo/processed/dpo_train.jsonl"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def benchmark_pairs(data: Path, count: int, max_length: int) -> tuple[list[dict], list[dict]]:
+def benchmark_pairs(data: Path, count: int, max_length: int, model: str) -> tuple[list[dict], list[dict]]:
     """The first ``count`` pairs of ``data`` that keep an answer token within ``max_length``: as
     read (for TRL) and as our tokenization encodes them."""
     from sft.data.pairs import encode_pair
     from sft.data.prepared import read_preferences
     from sft.modeling.models import load_tokenizer, resolve_model_path
 
-    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    tokenizer = load_tokenizer(resolve_model_path(model))
     raw, encoded = [], []
     for pair in read_preferences(data):
         ids, _ = encode_pair(tokenizer, pair, max_length, None)
@@ -92,31 +94,37 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     from sft.training.stages import load_lora_model, setup_runtime
 
     total_steps = args.warmup + args.steps
-    raw, encoded = benchmark_pairs(Path(args.data), args.pairs_per_step * total_steps, args.max_length)
+    raw, encoded = benchmark_pairs(Path(args.data), args.pairs_per_step * total_steps, args.max_length, args.model)
     output_dir = tempfile.mkdtemp(prefix="bench-dpo-")
-    micro = args.sft_micro_batch if args.contender == "sft" else args.pairs_per_step
+    micro = args.pairs_per_step if args.contender == "trl" else args.sft_micro_batch
     # The sft contender is configured as `sft dpo` would be, and built by the same stages.
     config = build_config(None, {
-        "model": "smollm2-135m-instruct", "device": args.device, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
+        "model": args.model, "device": args.device, "lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0,
         "lora_target_modules": LORA_TARGETS, "batch_size": micro, "eval_batch_size": args.pairs_per_step,
         "gradient_accumulation_steps": args.pairs_per_step // micro, "learning_rate": args.learning_rate,
         "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": total_steps, "logging_steps": 1,
-        "seed": 0, "output_dir": output_dir, "max_seq_length": args.max_length, "beta": 0.1}, DPOConfig)
+        "seed": 0, "output_dir": output_dir, "max_seq_length": args.max_length, "beta": 0.1,
+        "gradient_checkpointing": args.contender != "sft"}, DPOConfig)
     runtime = setup_runtime(config)
     policy = runtime.policy
     step_times: list[float] = []
+    step_cpu_times: list[float] = []
 
     class StepTimer(TrainerCallback):
+        """Wall-clock and process CPU seconds of each optimizer step. On a shared machine the CPU
+        seconds (all threads together) show the work done when other jobs stretch the wall clock."""
+
         def on_step_begin(self, *_: Any, **__: Any) -> None:
             _sync(policy.device)
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
             _sync(policy.device)
             step_times.append(time.perf_counter() - self.start)
+            step_cpu_times.append(time.process_time() - self.cpu_start)
 
     reference_seconds, same_tokens = None, None
-    if args.contender == "sft":
+    if args.contender.startswith("sft"):
         tokenizer = load_tokenizer(resolve_model_path(config.model.model))
         model = load_lora_model(config, runtime)
         start = time.perf_counter()
@@ -125,7 +133,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         trainer = build_trainer(config, runtime, model, tokenizer, pairs["train"], [], callbacks=[StepTimer()],
                                 save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
                                 dataloader_pin_memory=False)
-        settings = {"gradient_checkpointing": False, "attention": runtime.attention, "micro_batch": micro}
+        settings = {"gradient_checkpointing": config.training.gradient_checkpointing, "attention": runtime.attention,
+                    "micro_batch": micro}
     else:
         from datasets import Dataset
         from trl import DPOConfig as TRLConfig
@@ -164,7 +173,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "contender": args.contender, "device": policy.device, "dtype": str(policy.compute_dtype).removeprefix("torch."),
         "settings": settings, "pairs_per_step": args.pairs_per_step, "steps_timed": args.steps,
         "seconds_per_step": seconds / args.steps, "pairs_per_s": args.pairs_per_step * args.steps / seconds,
-        "step_seconds": step_times, "reference_seconds": reference_seconds, "same_tokens": same_tokens,
+        "step_seconds": step_times, "cpu_seconds_per_step": sum(step_cpu_times[args.warmup:]) / args.steps,
+        "step_cpu_seconds": step_cpu_times, "reference_seconds": reference_seconds, "same_tokens": same_tokens,
         "tokens_per_pair": sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
                                for p in encoded) / len(encoded),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
@@ -177,7 +187,7 @@ def run_contender(args: argparse.Namespace, contender: str) -> dict[str, Any]:
     command = [sys.executable, __file__, "--worker", contender, "--data", args.data, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--pairs-per-step", str(args.pairs_per_step),
                "--sft-micro-batch", str(args.sft_micro_batch), "--max-length", str(args.max_length),
-               "--learning-rate", str(args.learning_rate), "--device", args.device]
+               "--learning-rate", str(args.learning_rate), "--device", args.device, "--model", args.model]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -189,13 +199,14 @@ def run_contender(args: argparse.Namespace, contender: str) -> dict[str, Any]:
 def table(results: list[dict[str, Any]]) -> str:
     trl = next(r for r in results if r["contender"] == "trl")
     memory = "peak GPU GB" if trl["peak_gpu_gb"] is not None else "peak RSS GB"
-    lines = [f"| trainer | pairs/s | s/step | {memory} | vs TRL: speed | vs TRL: memory | reference pass, s | "
-             "loss, first / last step |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| trainer | pairs/s | s/step | CPU s/step | {memory} | vs TRL: speed | vs TRL: memory | "
+             "reference pass, s | loss, first / last step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         mem, trl_mem = (r["peak_gpu_gb"], trl["peak_gpu_gb"]) if r["peak_gpu_gb"] is not None \
             else (r["peak_rss_gb"], trl["peak_rss_gb"])
         reference = "-" if r["reference_seconds"] is None else f"{r['reference_seconds']:.1f} (once)"
-        lines.append(f"| {r['contender']} | {r['pairs_per_s']:.3f} | {r['seconds_per_step']:.1f} | {mem:.2f} | "
+        lines.append(f"| {r['contender']} | {r['pairs_per_s']:.3f} | {r['seconds_per_step']:.1f} | "
+                     f"{r['cpu_seconds_per_step']:.1f} | {mem:.2f} | "
                      f"{r['pairs_per_s'] / trl['pairs_per_s']:.2f}x | {mem / trl_mem:.2f}x | {reference} | "
                      f"{r['losses'][0]:.4f} / {r['losses'][-1]:.4f} |")
     return "\n".join(lines)
@@ -212,10 +223,13 @@ def main() -> int:
     parser.add_argument("--pairs-per-step", type=int, default=8,
                         help="pairs per optimizer step (TRL's batch; default 8)")
     parser.add_argument("--sft-micro-batch", type=int, default=1,
-                        help="pairs per forward pass of the sft contender (default 1: the least memory)")
+                        help="pairs per forward pass of the sft contenders (default 1: the least memory)")
     parser.add_argument("--max-length", type=int, default=1024, help="TRL's default max_length")
     parser.add_argument("--learning-rate", type=float, default=5e-5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="the bundled model (default), or a model directory with its tokenizer (on an offline "
+                             "GPU machine: random weights built from a config)")
     parser.add_argument("--out", default="benchmarks/results/dpo-throughput.json", help="JSON results file")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -249,7 +263,7 @@ def main() -> int:
         "command": " ".join(["python", "benchmarks/dpo_throughput.py", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads()},
-        "settings": {k: getattr(args, k) for k in ("data", "pairs_per_step", "sft_micro_batch", "max_length",
+        "settings": {k: getattr(args, k) for k in ("model", "data", "pairs_per_step", "sft_micro_batch", "max_length",
                                                    "learning_rate", "steps", "warmup")},
         "results": results, "table": report}, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")
