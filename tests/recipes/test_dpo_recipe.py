@@ -139,6 +139,20 @@ def test_resume_reads_the_reference_cache_and_continues(tiny_model_dir: Path, sf
     assert len(calls) == 4  # another tokenization: recomputed
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_first_step_on_cuda_in_the_device_policys_precision(tiny_model_dir: Path, sft_run: Path,
+                                                            pair_files: tuple[Path, Path], tmp_path: Path) -> None:
+    """bfloat16 where the GPU has it: the reference pass runs in the precision training computes
+    in, so the first step is ln 2 up to that precision's rounding."""
+    output_dir = tmp_path / "dpo"
+    assert dpo_recipe.main(_dpo_flags(tiny_model_dir, pair_files, output_dir, sft_adapter=sft_run, device="cuda",
+                                      max_steps=3, learning_rate=5e-3)) == 0
+    losses = logged(output_dir)
+    assert losses[1] == pytest.approx(math.log(2), abs=2e-3)
+    assert logged(output_dir, "rewards/margins")[1] == pytest.approx(0.0, abs=2e-2)
+    assert abs(losses[3] - math.log(2)) > 2e-3
+
+
 def test_without_an_sft_adapter_the_base_is_the_reference(tiny_model_dir: Path, pair_files: tuple[Path, Path],
                                                           tmp_path: Path) -> None:
     output_dir = tmp_path / "dpo"

@@ -40,26 +40,38 @@ def _plain_answer_logps(model: torch.nn.Module, pair: dict) -> list[float]:
     """Sum of answer-token log-probabilities from a plain full-logits forward pass of one sequence."""
     result = []
     for side in ("chosen", "rejected"):
-        ids = torch.tensor([pair["prompt_ids"] + pair[f"{side}_ids"]])
+        ids = torch.tensor([pair["prompt_ids"] + pair[f"{side}_ids"]], device=model.device)
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, :-1].double()
-        token_logps = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+        token_logps = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1).cpu()
         result.append(float(token_logps[-len(pair[f"{side}_ids"]):].sum()))
     return result
 
 
+_NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+ON_DEVICES = [
+    pytest.param("cpu", torch.float32, 1e-4, id="cpu-float32"),
+    pytest.param("cuda", torch.float32, 1e-3, id="cuda-float32", marks=_NO_CUDA),
+    # bfloat16 rounds each token's log-probability to ~1e-2; a leak across sequences costs nats
+    pytest.param("cuda", torch.bfloat16, 0.25, id="cuda-bfloat16", marks=_NO_CUDA),
+]
+
+
+@pytest.mark.parametrize(("device", "dtype", "tolerance"), ON_DEVICES)
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_batched_pair_logps_equal_one_sequence_at_a_time(tiny_model_dir: Path, pairs: list[dict], packing: bool,
-                                                         chatml_tokenizer) -> None:
-    model = _model(tiny_model_dir).eval()
+                                                         chatml_tokenizer, device: str, dtype: torch.dtype,
+                                                         tolerance: float) -> None:
+    model = _model(tiny_model_dir).eval().to(device, dtype)
     batch = PairCollator(packing, chatml_tokenizer.pad_token_id)(pairs)
     if packing:
         assert batch["input_ids"].shape[0] == 1 and len(batch["packed_boundaries"]) == 2 * len(pairs) + 1
+    on_device = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     with torch.no_grad():
-        batched = answer_logps(model, batch)
+        batched = answer_logps(model, on_device).cpu()
     expected = torch.tensor([_plain_answer_logps(model, pair) for pair in pairs], dtype=torch.float64)
     assert batched.shape == (len(pairs), 2)
-    assert torch.allclose(batched.double(), expected, atol=1e-4, rtol=0)
+    assert torch.allclose(batched.double(), expected, atol=tolerance, rtol=0)
 
 
 def test_reference_logps_are_the_base_models_with_the_adapter_disabled(tiny_model_dir: Path,
