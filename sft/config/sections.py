@@ -44,8 +44,10 @@ class ModelConfig:
     """``auto`` picks per device (float32 on CPU and MPS, bfloat16 on CUDA where supported,
     else float16 mixed precision); or one of float32, bfloat16, float16."""
     attn_implementation: str = "auto"
-    """Attention kernel: auto (FlashAttention varlen on CUDA when flash-attn is installed, else
-    varlen_sdpa: one SDPA call per packed example), varlen_sdpa, sdpa, eager or flash_attention_2."""
+    """Attention kernel: auto (flash-attn's varlen kernel on CUDA when installed, else
+    varlen_sdpa: PyTorch's varlen FlashAttention on CUDA in bf16/fp16, one block-diagonal SDPA
+    call on MPS and CUDA float32, one SDPA call per packed example on CPU), varlen_sdpa, sdpa,
+    eager or flash_attention_2."""
     trust_remote_code: bool = False
     """Run code shipped with a Hub model. Off unless you trust the model's author."""
     load_in_4bit: bool = False

@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from sft.files import atomic_paths
 from sft.training.preference import REFERENCE_KEY, PairCollator, pairs_answer_logps
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -100,11 +101,11 @@ def cached_reference_logps(model: torch.nn.Module, splits: dict[str, list[dict[s
         stored_keys[split] = key
     if computed:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(path.name + ".tmp")
-        save_file({split: logps.contiguous() for split, logps in results.items()}, staging,
-                  metadata={"keys": json.dumps({split: stored_keys[split] for split in results}),
-                            "identity": json.dumps(identity)})
-        staging.replace(path)  # a run killed while writing leaves no half file under the real name
+        # a run killed while writing leaves no half file under the real name, nor a user's X.tmp touched
+        with atomic_paths([path]) as (staging,):
+            save_file({split: logps.contiguous() for split, logps in results.items()}, staging,
+                      metadata={"keys": json.dumps({split: stored_keys[split] for split in results}),
+                                "identity": json.dumps(identity)})
     return results, computed
 
 
