@@ -230,6 +230,30 @@ def test_add_lora_uses_fast_dropout_on_cpu_and_keeps_peft_layout(tiny_model_dir:
     assert {k for k, _ in fast.named_parameters()} == {k for k, _ in plain.named_parameters()}
 
 
+def test_wrapping_and_loading_an_adapter_warn_nothing_a_user_cannot_act_on(tiny_model_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    """PEFT's read of ``is_gradient_checkpointing`` is deprecated in transformers 5; not our users' concern."""
+    import warnings
+
+    from peft import PeftModel
+
+    from sft.modeling.lora import add_lora, peft_wrapping
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    with warnings.catch_warnings(record=True) as plain_warnings:
+        warnings.simplefilter("always")
+        get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, "cpu")
+        with peft_wrapping():
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path))
+    deprecation = [w for w in plain_warnings if "is_gradient_checkpointing" in str(w.message)]
+    assert deprecation or not hasattr(type(AutoModelForCausalLM.from_pretrained(tiny_model_dir)),
+                                      "is_gradient_checkpointing"), "the filter has nothing left to hide"
+    assert not [w for w in ours if "is_gradient_checkpointing" in str(w.message)]
+
+
 def test_adapters_reading_one_input_share_one_dropout_mask(tiny_model_dir: Path) -> None:
     from sft.modeling.lora import add_lora
 

@@ -32,6 +32,7 @@ from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ModelNotFoundError
 from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import DevicePolicy, device_policy
+from sft.modeling.lora import peft_wrapping
 from sft.modeling.models import check_4bit_supported, load_model, load_tokenizer, resolve_model_path
 from sft.training.checkpoints import SFT_ADAPTER_DIR, safetensors_damage
 
@@ -107,7 +108,8 @@ def attach_adapter(base: PreTrainedModel, adapter_dir: Path, model_name: str) ->
             f"{trained_on!r}. Pass that base model with --model.")
 
     try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(base, str(adapter_dir))
     except RuntimeError as exc:
         if "size mismatch" not in str(exc):
             raise

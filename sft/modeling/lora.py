@@ -12,8 +12,11 @@ on other devices PEFT's dropout is kept.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 import weakref
+from collections.abc import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -82,9 +85,19 @@ class FastDropout(torch.nn.Module):
         return f"p={self.p}"
 
 
+@contextlib.contextmanager
+def peft_wrapping() -> Iterator[None]:
+    """PEFT (0.21) reads ``model.is_gradient_checkpointing``, which transformers 5 reports as
+    deprecated on every wrap: a warning about PEFT's code that users cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
+
+
 def add_lora(model: torch.nn.Module, config: LoraConfig, device: str) -> PeftModel:
     """Wrap ``model`` with LoRA adapters; on CPU their dropout is FastDropout."""
-    model = get_peft_model(model, config)
+    with peft_wrapping():
+        model = get_peft_model(model, config)
     if device == "cpu" and config.lora_dropout > 0:
         shared = _LastInput()
         for module in model.modules():
