@@ -9,6 +9,7 @@ A failure removes the temporary file or folder (and only it) and leaves what was
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -174,3 +175,15 @@ def safetensors_damage(path: Path) -> str | None:
     if 8 + header_size + end > size:
         return f"{path}: truncated ({size} bytes, {8 + header_size + end} expected)"
     return None
+
+
+def sha256_of_files(paths: Sequence[str | os.PathLike[str]]) -> str:
+    """One sha256 over the names and contents of ``paths``, in order: what a small artifact (an
+    adapter) is identified by where a path alone could name retrained weights."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -29,21 +29,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from sft.files import atomic_paths
+from sft.files import atomic_paths, sha256_of_files
 from sft.training.preference import REFERENCE_KEY, PairCollator, pairs_answer_logps
 
 REFERENCE_FILE = "reference_logps.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
-
-
-def _sha256_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode())
-        with path.open("rb") as file:
-            for block in iter(lambda: file.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def reference_identity(model_path: str, sft_adapter: str | None, dtype: torch.dtype) -> dict[str, Any]:
@@ -58,7 +48,7 @@ def reference_identity(model_path: str, sft_adapter: str | None, dtype: torch.dt
                                  for p in Path(model_path).iterdir() if p.suffix in _WEIGHT_SUFFIXES)
     adapter = None
     if sft_adapter is not None:
-        adapter = _sha256_files([Path(sft_adapter, "adapter_config.json"),
+        adapter = sha256_of_files([Path(sft_adapter, "adapter_config.json"),
                                  Path(sft_adapter, "adapter_model.safetensors")])
     return {"base": base, "sft_adapter_sha256": adapter, "dtype": str(dtype).removeprefix("torch.")}
 

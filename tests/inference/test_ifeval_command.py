@@ -92,6 +92,19 @@ def test_answers_of_other_settings_are_not_mixed_in(tiny_model_dir: Path, input_
     assert "pass another --out" in capsys.readouterr().err
 
 
+def test_answers_of_an_adapter_retrained_in_place_are_not_reused(run_dir: Path, tiny_model_dir: Path,
+                                                                  input_data: Path, capsys: pytest.CaptureFixture) -> None:
+    """Same run folder, same settings, other weights (a resumed or retrained run): its old answers
+    would be scored as the new adapter's."""
+    args = ["--adapter", str(run_dir), "--input-data", str(input_data), "--max-new-tokens", "3", "--limit", "1"]
+    assert main(args) == 0
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora).save_pretrained(run_dir)
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "adapter_sha256" in capsys.readouterr().err
+
+
 def test_answers_longer_than_the_model_reads_are_refused(tiny_model_dir: Path, input_data: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "out"), "--input-data", str(input_data),

@@ -34,7 +34,15 @@ from sft.errors import run_command
 from sft.inference.generate import Answer, generate_greedy
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
-from sft.inference.loading import check_prompt_fits, load_run, run_config
+from sft.files import sha256_of_files
+from sft.inference.loading import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_prompt_fits,
+    folded_adapter,
+    load_run,
+    run_config,
+)
 
 REFERENCE_MAX_NEW_TOKENS = 1280
 """The answer length the reference evaluation allows."""
@@ -100,6 +108,8 @@ def run(args: argparse.Namespace) -> None:
         with run.adapter(enabled=adapter is not None):
             settings = {"model": run.model_name, "adapter": adapter, "system_prompt": system_prompt,
                         "max_new_tokens": args.max_new_tokens}
+            if adapter is not None:  # a run resumed or retrained in place keeps its path, not its answers
+                settings["adapter_sha256"] = adapter_fingerprint(Path(adapter))
             responses, generation[label] = answer_prompts(run.model, run.tokenizer, prompts, settings,
                                                           args.batch_size, out / variant)
         named_scores[label] = score_responses(prompts, responses, out / variant)
@@ -160,6 +170,15 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     totals = {**generation, "answers": len(answered), "new_tokens": sum(r["new_tokens"] for r in answered),
               "finished": sum(r["finished"] for r in answered)}
     return {p.prompt: done[p.prompt]["response"] for p in prompts}, totals
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """The content hash of the adapter that answers: its own files and, for a DPO run, the SFT
+    adapter folded in before it."""
+    files = [adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS]
+    if (folded := folded_adapter(adapter_dir)) is not None:
+        files += [folded / ADAPTER_CONFIG, folded / ADAPTER_WEIGHTS]
+    return sha256_of_files(files)
 
 
 def encode_question(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
