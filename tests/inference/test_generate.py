@@ -60,3 +60,30 @@ def test_each_answer_is_reported_once_as_it_completes(model_and_tokenizer) -> No
     assert sorted(index for index, _ in reported) == list(range(len(PROMPTS)))
     assert all(answers[index] == answer for index, answer in reported)
     assert all(answer.new_tokens == 5 and not answer.finished for answer in answers)
+
+
+def test_long_answers_grow_the_cache_and_still_equal_transformers_generate(model_and_tokenizer) -> None:
+    """100 new tokens after prompts of 1 to 13: every row's cache outgrows its first buffer (64
+    positions) at least once, and rows leave the batch between growths."""
+    from sft.inference.generate import GrowingCache
+
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    free_run = [reference_tokens(model, p, 100, stop_ids=[-1]) for p in prompts]
+    stop_ids = sorted({free_run[1][40], free_run[3][75]} - set(free_run[0]))
+    expected = [reference_tokens(model, p, 100, stop_ids) for p in prompts]
+    assert len({len(tokens) for tokens in expected}) > 1 and max(map(len, expected)) == 100
+
+    batched = generate_greedy(model, tokenizer, prompts, 100, stop_ids, batch_size=5)
+    for answer, tokens in zip(batched, expected):
+        assert answer.new_tokens == len(tokens)
+        assert answer.text == tokenizer.decode(tokens[:-1] if tokens[-1] in stop_ids else tokens,
+                                               skip_special_tokens=True).strip()
+
+    cache = GrowingCache()
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([prompts[2]]), past_key_values=cache, use_cache=True)
+        for _ in range(70):
+            model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert layer.keys.shape[-2] == len(prompts[2]) + 70 and layer._buffers[0].shape[-2] >= layer.keys.shape[-2]
