@@ -34,6 +34,9 @@ def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
+TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
+"""The values of data.train_on: every answer of a conversation trained, or only the last."""
+
 
 @dataclass
 class ModelConfig:
@@ -114,8 +117,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(self.max_seq_length >= 8, f"max_seq_length: must be >= 8, got {self.max_seq_length}")
-        _require(self.train_on in ("all_assistant_turns", "last_assistant_turn"),
-                 f"train_on: expected all_assistant_turns or last_assistant_turn, got {self.train_on!r}")
+        _require(self.train_on in TRAIN_ON, f"train_on: expected {' or '.join(TRAIN_ON)}, got {self.train_on!r}")
 
 
 @dataclass

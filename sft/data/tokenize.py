@@ -31,14 +31,14 @@ from sft.data.templates import (
     template_name,
     with_system_prompt,
 )
+from sft.config.sections import TRAIN_ON
 from sft.errors import TemplateError
 
 IGNORE_INDEX = -100
 
-ALL_ASSISTANT_TURNS = "all_assistant_turns"
-LAST_ASSISTANT_TURN = "last_assistant_turn"
-TRAIN_ON = (ALL_ASSISTANT_TURNS, LAST_ASSISTANT_TURN)
-"""What ``data.train_on`` may say: every answer of a conversation is trained, or only its last."""
+ALL_ASSISTANT_TURNS, LAST_ASSISTANT_TURN = TRAIN_ON
+"""What ``data.train_on`` may say (defined with the configuration that validates it): every answer
+of a conversation is trained, or only its last."""
 
 TRUNCATION_MARGIN_TOKENS = 64
 """Tokens beyond max_seq_length that a message cut before tokenizing still yields, so that the
