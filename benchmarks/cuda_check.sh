@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one run: the CUDA tests, then the training benchmark on the
+# The checks that need a CUDA GPU, in one run: the CUDA tests (SFT and DPO), then the training benchmark on the
 # TinyLlama-1.1B architecture in bfloat16 at batch 8 and 32 (sft vs the plain transformers Trainer
 # vs TRL's defaults vs TRL padding-free, on FlashAttention where flash-attn is installed), with peak
 # GPU memory and the losses. Writes logs and JSON into OUT_DIR.
@@ -46,6 +46,10 @@ for name in ("flash_attn", "bitsandbytes", "trl"):
     print(name, "installed" if importlib.util.find_spec(name) else "missing")
 PY
 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py 2>&1 | tee "$out/tests.txt"
+# DPO on CUDA: packed pair log-probs against one sequence at a time (float32 and bfloat16), and the
+# first step at ln 2 in the device policy's precision.
+python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_preference.py tests/recipes/test_dpo_recipe.py \
+    -k cuda 2>&1 | tee "$out/tests-dpo.txt"
 for batch in 8 32; do
     python3 benchmarks/throughput.py --assets benchmarks/assets --device cuda --models tinyllama-arch \
         --contenders sft,trl,trl_padding_free,hf_trainer --batch-size "$batch" --tinyllama-steps 10 --warmup 2 \
