@@ -34,7 +34,7 @@ from sft.errors import run_command
 from sft.inference.generate import Answer, generate_greedy
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
-from sft.files import sha256_of_files
+from sft.files import atomic_write_text, sha256_of_files
 from sft.inference.loading import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
                                                           args.batch_size, out / variant)
         named_scores[label] = score_responses(prompts, responses, out / variant)
     report = render_report(named_scores, generation, len(prompts), system_prompt, args.max_new_tokens)
-    (out / "report.md").write_text(report, encoding="utf-8")
+    atomic_write_text(out / "report.md", report)
     if args.adapter:
         add_to_run_report(Path(args.adapter, "eval", "report.md"), report)
     print(format_scores(named_scores))
@@ -136,7 +136,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
         raise ConfigError(f"{answers_file} holds answers generated with {generation['settings']}, not {settings}; "
                           f"pass another --out or delete {out_dir}")
     generation = {"settings": settings, "seconds": generation.get("seconds", 0.0)}
-    generation_file.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(generation_file, json.dumps(generation, indent=2) + "\n")
     done = read_saved_answers(answers_file)
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
@@ -154,7 +154,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
                 done[todo[index].prompt] = record
                 elapsed = time.perf_counter() - started
                 generation["seconds"] = seconds_before + elapsed
-                generation_file.write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+                atomic_write_text(generation_file, json.dumps(generation, indent=2) + "\n")
                 new_tokens += answer.new_tokens
                 bar.set_postfix(new_tokens_per_s=f"{new_tokens / elapsed:.1f}")
                 bar.update()
@@ -194,7 +194,8 @@ def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
         return {}
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines[-1]:
-        path.write_text("\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""), encoding="utf-8")
+        # a kill during this rewrite must not cost the answers before the cut line
+        atomic_write_text(path, "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
     saved = {}
     for number, line in enumerate(lines[:-1], start=1):
         try:
@@ -236,7 +237,7 @@ def add_to_run_report(report_path: Path, section: str) -> None:
     else:
         text += ("\n" if text else "") + block
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(text, encoding="utf-8")
+    atomic_write_text(report_path, text)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from sft.files import atomic_files
 from sft.inference.ifeval.data import IFEvalPrompt
 
 LEVELS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -74,13 +75,13 @@ def score_responses(prompts: list[IFEvalPrompt], responses: dict[str, str], out_
     """Judge the prompts' responses; write ``eval_results_strict.jsonl``,
     ``eval_results_loose.jsonl`` (the reference's format) and ``scores.json`` into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
-    for mode in ("strict", "loose"):
-        results[mode] = result_records(prompts, responses, loose=mode == "loose")
-        with (out_dir / f"eval_results_{mode}.jsonl").open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(record) + "\n" for record in results[mode])
+    results = {mode: result_records(prompts, responses, loose=mode == "loose") for mode in ("strict", "loose")}
     scores = accuracies(results["strict"], results["loose"])
-    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    paths = [out_dir / "eval_results_strict.jsonl", out_dir / "eval_results_loose.jsonl", out_dir / "scores.json"]
+    with atomic_files(paths) as (strict, loose, scores_file):  # the three replace the old ones together
+        for handle, mode in ((strict, "strict"), (loose, "loose")):
+            handle.writelines(json.dumps(record) + "\n" for record in results[mode])
+        scores_file.write(json.dumps(scores, indent=2) + "\n")
     return scores
 
 
