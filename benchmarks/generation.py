@@ -88,8 +88,8 @@ def main() -> None:
     header = (f"{run.model_name}, {len(prompts)} IFEval prompts, greedy, at most {args.max_new_tokens} new tokens, "
               f"{run.policy.device}, {str(run.policy.compute_dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads")
     print(header + "\n")
-    lines = ["| contender | batch size | answers | new tokens | seconds | answers/s | new tokens/s | vs hf-generate "
-             "| answers equal to one at a time |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| contender | batch size | answers | new tokens | seconds | answers/s | new tokens/s | vs hf-generate "
+              "| answers equal to one at a time |"), "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     baseline = generate_greedy(model, tokenizer, prompts, args.max_new_tokens, stop_ids, 1) \
         if any(size != 1 or name != "sft" for size in args.batch_sizes for name in contenders) else None

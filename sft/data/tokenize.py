@@ -23,6 +23,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from sft.config.sections import TRAIN_ON
 from sft.data.templates import (
     Message,
     encode_prompt,
@@ -31,7 +32,6 @@ from sft.data.templates import (
     template_name,
     with_system_prompt,
 )
-from sft.config.sections import TRAIN_ON
 from sft.errors import TemplateError
 
 IGNORE_INDEX = -100

@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from sft.config import ConfigError, StrictArgumentParser
 from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
 from sft.errors import run_command
+from sft.files import atomic_write_text, sha256_of_files
 from sft.inference.generate import Answer, generate_greedy
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
-from sft.files import atomic_write_text, sha256_of_files
 from sft.inference.loading import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
