@@ -31,7 +31,7 @@ import transformers
 from transformers import DynamicCache
 
 from sft.data.templates import end_of_turn_ids
-from sft.inference.generate import Answer, generate_greedy
+from sft.inference.generate import Answer, GrowingCache, generate_greedy
 from sft.inference.ifeval.command import encode_question
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, read_prompts
 from sft.inference.loading import load_run, run_config
@@ -101,9 +101,8 @@ def main() -> None:
             if name == "hf-generate":
                 answers = hf_generate(model, tokenizer, prompts, args.max_new_tokens, stop_ids, batch_size)
             else:
-                new_cache = DynamicCache if name == "sft-dynamic" else None
                 answers = generate_greedy(model, tokenizer, prompts, args.max_new_tokens, stop_ids, batch_size,
-                                          **({"new_cache": new_cache} if new_cache else {}))
+                                          new_cache=DynamicCache if name == "sft-dynamic" else GrowingCache)
             seconds = time.perf_counter() - started
             tokens = sum(a.new_tokens for a in answers)
             reference = baseline or answers

@@ -34,6 +34,7 @@ def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
+
 TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 """The values of data.train_on: every answer of a conversation trained, or only the last."""
 

@@ -49,7 +49,7 @@ def reference_identity(model_path: str, sft_adapter: str | None, dtype: torch.dt
     adapter = None
     if sft_adapter is not None:
         adapter = sha256_of_files([Path(sft_adapter, "adapter_config.json"),
-                                 Path(sft_adapter, "adapter_model.safetensors")])
+                                   Path(sft_adapter, "adapter_model.safetensors")])
     return {"base": base, "sft_adapter_sha256": adapter, "dtype": str(dtype).removeprefix("torch.")}
 
 
