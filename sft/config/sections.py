@@ -84,6 +84,10 @@ class LoraSettings:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                  "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get adapters (all attention and MLP projections of a Llama block)."""
+    fused: bool = True
+    """Run the adapted layers that read one input (q, k, v; gate, up) as one function: one base
+    matmul, one dropout mask, one adapter matmul. Same adapters and results; false runs PEFT's
+    layers one by one."""
 
     def __post_init__(self) -> None:
         _require(self.r > 0, f"r: must be > 0, got {self.r}")

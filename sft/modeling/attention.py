@@ -59,10 +59,12 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
                  dropout: float, scaling: float | None) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
+    # split, not slicing: the backward of a split is one concatenation, while each slice's
+    # backward writes a zero-filled gradient of the whole row (examples x tokens of work).
+    lengths = [end - start for start, end in zip(boundaries[:-1], boundaries[1:])]
     outputs = [
-        F.scaled_dot_product_attention(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-                                       dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
-        for start, end in zip(boundaries[:-1], boundaries[1:])
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
 

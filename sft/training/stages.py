@@ -217,7 +217,7 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
     check_lora_targets(model, lora, config.model.model)
     model = add_lora(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                        target_modules=lora.target_modules, task_type="CAUSAL_LM"),
-                     policy.device)
+                     policy.device, fused=lora.fused)
     _keep_users_readme(model)
     if runtime.main_process:
         model.print_trainable_parameters()

@@ -1,0 +1,283 @@
+"""Fused LoRA projections: the adapted layers that read one input run as one autograd node.
+
+A Llama block feeds its attention input to q, k and v and its MLP input to gate and up. PEFT runs
+each of those layers on its own: a base matmul, a dropout of the input, two small adapter matmuls,
+a scaling, an addition, each a separate kernel and each keeping its own tensors for the backward
+pass. Here the layers of one group run as one function:
+
+- one base matmul against the group's weights concatenated (the layers' weights become views of
+  that one tensor, so nothing is stored twice);
+- one dropout mask for the group, and one matmul with the group's A matrices concatenated;
+- each B product added into its slice of the output in the same kernel as its scaling (addmm);
+- for the backward pass only the dropped-out input, its one-byte mask and the rank-r products are
+  kept (PEFT keeps the input, the dropped-out input and the scaled outputs); the input gradient is
+  one matmul against the concatenated weights.
+
+Layers that read an input alone (o, down) are groups of one and get the same dropout and scaling
+fusion. The adapters, their names and the saved files stay PEFT's own; only ``forward`` changes.
+Where a condition of the fused path does not hold at a call (adapters disabled or merged, several
+adapters active, DoRA, a quantized base layer, mixed dtypes without autocast, or weights that
+were moved apart, as FSDP does), the layers run PEFT's forward unchanged.
+
+The dropout mask is FastDropout's (16 random bits per element, p rounded to a multiple of
+2**-16), drawn in the same order, so fused and unfused training draw the same masks.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+
+from sft.modeling.lora import FastDropout, random_keep_mask
+
+GROUPS = {("q_proj", "k_proj", "v_proj"): (False, False, True), ("gate_proj", "up_proj"): (False, False)}
+"""Sibling layers that read the same input, fused when all of them carry an adapter, with whether
+each output gets storage of its own. Outputs are otherwise views of the group's one output
+tensor, and a view kept for the backward pass keeps all of it: attention keeps v (not q and k,
+which it rotates first), so v is copied out, and the rest of the tensor is freed after rotation."""
+
+
+class _FusedLoraFunction(torch.autograd.Function):
+    """outputs_i = x @ W_i.T + bias_i + alpha_i * (dropout(x) @ A_i.T) @ B_i.T for a group of layers.
+
+    ``weight`` is the group's base weights concatenated ([sum of outputs, d]), ``alphas`` the LoRA
+    scalings (times 1 / (1 - p) with dropout), ``sizes`` the layers' output widths."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float,  # type: ignore[override]
+                alphas: tuple[float, ...], sizes: tuple[int, ...], ranks: tuple[int, ...],
+                own_storage: tuple[bool, ...], *adapters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        count = len(sizes)
+        a_list, b_list = adapters[:count], adapters[count:]
+        dtype = weight.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        ctx.input_dtype, ctx.input_shape = x.dtype, x.shape
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
+        w = weight.to(dtype)
+        a_cat = torch.cat([a.to(dtype) for a in a_list])
+        b_cast = [b.to(dtype) for b in b_list]
+        with torch.autocast(x.device.type, enabled=False):
+            out = flat @ w.T if bias is None else torch.addmm(bias.to(dtype), flat, w.T)
+            keep = None
+            if p > 0.0:
+                keep = random_keep_mask(flat.shape, p, flat.device)
+                dropped = flat * keep
+            else:
+                dropped = flat
+            low = dropped @ a_cat.T
+            for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_cast, alphas):
+                out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
+        ctx.save_for_backward(w, a_cat, *b_cast, dropped, keep, low)
+        ctx.meta = (alphas, sizes, ranks)
+        ctx.adapter_dtypes = [t.dtype for t in adapters]
+        lead = x.shape[:-1]
+        return tuple(out[:, start:start + size].clone().view(*lead, size) if own else
+                     out[:, start:start + size].view(*lead, size)
+                     for start, size, own in zip(_offsets(sizes), sizes, own_storage))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
+        alphas, sizes, ranks = ctx.meta
+        count = len(sizes)
+        w, a_cat, *rest = ctx.saved_tensors
+        b_list, (dropped, keep, low) = rest[:count], rest[count:]
+        dtype = w.dtype
+        rows, lead = dropped.shape[0], ctx.input_shape[:-1]
+        # cat reads strided gradients as they are (a reshape first would copy each of them)
+        grad_out = torch.cat([torch.zeros(*lead, size, dtype=dtype, device=w.device) if g is None else g.to(dtype)
+                              for g, size in zip(grads, sizes)], dim=-1).view(rows, -1)
+        grad_low, grad_b = [], []
+        for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
+            g = grad_out[:, col:col + size]
+            grad_low.append((g @ b).mul_(alpha))
+            grad_b.append((g.T @ low[:, row:row + rank]).mul_(alpha))
+        grad_low = torch.cat(grad_low, dim=1)
+        grad_a = (grad_low.T @ dropped).split(list(ranks))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if keep is None:
+                grad_x = torch.addmm(grad_out @ w, grad_low, a_cat)
+            else:
+                grad_x = (grad_out @ w).add_((grad_low @ a_cat).mul_(keep))
+            grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
+        adapter_grads = [g.to(d) for g, d in zip((*grad_a, *grad_b), ctx.adapter_dtypes)]
+        return (grad_x, None, None, None, None, None, None, None, *adapter_grads)
+
+
+def _offsets(sizes: Sequence[int]) -> list[int]:
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += size
+    return offsets
+
+
+class _Group:
+    """The layers of one group, and the outputs computed for members not called yet."""
+
+    def __init__(self, members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) -> None:
+        self.members = list(members)
+        self.own_storage = own_storage
+        self.enabled = True
+        self._reset()
+
+    def _reset(self) -> None:
+        self.input: weakref.ReferenceType | None = None
+        self.pending: dict[int, torch.Tensor] = {}
+        self.unused = 0
+
+    def __getstate__(self) -> dict:  # copies and pickles carry no half-consumed outputs
+        return {"members": self.members, "own_storage": self.own_storage, "enabled": self.enabled}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def take(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The output of member ``index`` for ``x`` if the group computed it already."""
+        if self.input is not None and self.input() is x and index in self.pending:
+            return self.pending.pop(index)
+        return None
+
+    def run(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Compute every member's output for ``x``; return member ``index``'s, keep the others
+        for their calls. None where the fused path does not apply (the caller runs PEFT's)."""
+        if self.pending:
+            # Outputs computed for members that were never called with that input: this model
+            # does not call the group together, and fusing would waste work. Stop fusing it.
+            self.unused += 1
+            self.pending = {}
+            if self.unused > 1:
+                self.enabled = False
+        arguments = self._arguments(x)
+        if arguments is None:
+            return None
+        outputs = _FusedLoraFunction.apply(x, *arguments)
+        self.input = weakref.ref(x)
+        self.pending = {i: out for i, out in enumerate(outputs) if i != index}
+        return outputs[index]
+
+    def _arguments(self, x: torch.Tensor) -> tuple | None:
+        if not self.enabled:
+            return None
+        p = None
+        a_list, b_list, alphas, ranks = [], [], [], []
+        for member in self.members:
+            if member.disable_adapters or member.merged or len(member.active_adapters) != 1:
+                return None
+            name = member.active_adapters[0]
+            if name not in member.lora_A or name in getattr(member, "lora_variant", {}):
+                return None
+            if type(member.base_layer) is not torch.nn.Linear:
+                return None
+            dropout = member.lora_dropout[name]
+            if isinstance(dropout, torch.nn.Identity):
+                rate = 0.0
+            elif isinstance(dropout, (torch.nn.Dropout, FastDropout)):
+                rate = dropout.p if dropout.training else 0.0
+            else:
+                return None
+            if p is not None and rate != p:
+                return None
+            p = rate
+            a, b = member.lora_A[name].weight, member.lora_B[name].weight
+            a_list.append(a)
+            b_list.append(b)
+            ranks.append(a.shape[0])
+            alphas.append(member.scaling[name])
+        weight = concatenated([m.base_layer.weight for m in self.members])
+        if weight is None:
+            return None
+        biases = [m.base_layer.bias for m in self.members]
+        if any(b is None for b in biases) and not all(b is None for b in biases):
+            return None
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and any(t.dtype != x.dtype for t in (weight, *a_list, *b_list)):
+            return None
+        if x.device != weight.device:
+            return None
+        keep_scale = 1.0 / (1.0 - p)  # as FastDropout's
+        sizes = tuple(m.base_layer.weight.shape[0] for m in self.members)
+        return (weight, bias, p, tuple(alpha * keep_scale for alpha in alphas), sizes, tuple(ranks),
+                self.own_storage, *a_list, *b_list)
+
+
+def concatenated(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The weights as one [sum of rows, d] tensor without a copy, where they lie one after
+    another in one storage (as fuse_lora_projections leaves them); else None."""
+    first = weights[0]
+    columns = first.shape[1]
+    storage = first.untyped_storage().data_ptr()
+    expected = first.data_ptr()
+    rows = 0
+    for w in weights:
+        if (w.dim() != 2 or w.shape[1] != columns or not w.is_contiguous() or w.dtype != first.dtype
+                or w.device != first.device or w.data_ptr() != expected
+                or w.untyped_storage().data_ptr() != storage):
+            return None
+        expected += w.numel() * w.element_size()
+        rows += w.shape[0]
+    return torch.as_strided(first.detach(), (rows, columns), (columns, 1))
+
+
+class FusedLinear(LoraLinear):
+    """PEFT's LoRA Linear whose forward runs its group's fused function (see the module text)."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        group: _Group | None = self.__dict__.get("_fused_group")
+        if group is None or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        index = self.__dict__["_fused_index"]
+        output = group.take(index, x)
+        if output is None:
+            output = group.run(index, x)
+        return output if output is not None else super().forward(x)
+
+
+def fuse_lora_projections(model: torch.nn.Module) -> int:
+    """Make the LoRA layers of ``model`` run fused (GROUPS together, the others alone); returns
+    the number of groups of more than one layer. The base weights of a group are moved into one
+    tensor, each layer's weight a view of it."""
+    fused = 0
+    for parent in list(model.modules()):
+        children = dict(parent.named_children())
+        taken: set[str] = set()
+        for names, own_storage in GROUPS.items():
+            members = [children.get(name) for name in names]
+            if all(type(m) is LoraLinear and _fusable(m) for m in members) and _same_input_width(members):
+                _make_group(members, own_storage)
+                taken.update(names)
+                fused += 1
+        for name, child in children.items():
+            if name not in taken and type(child) is LoraLinear and _fusable(child):
+                _make_group([child], (False,))
+    return fused
+
+
+def _fusable(layer: LoraLinear) -> bool:
+    return type(layer.base_layer) is torch.nn.Linear and not getattr(layer, "fan_in_fan_out", False)
+
+
+def _same_input_width(members: Sequence[LoraLinear]) -> bool:
+    weights = [m.base_layer.weight for m in members]
+    return all(w.shape[1] == weights[0].shape[1] and w.dtype == weights[0].dtype and w.device == weights[0].device
+               for w in weights)
+
+
+def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) -> None:
+    weights = [m.base_layer.weight for m in members]
+    if len(members) > 1 and concatenated(weights) is None:
+        joined = torch.cat([w.detach() for w in weights])
+        for member, start, weight in zip(members, _offsets([len(w) for w in weights]), weights):
+            member.base_layer.weight = torch.nn.Parameter(joined[start:start + len(weight)],
+                                                          requires_grad=weight.requires_grad)
+    group = _Group(members, own_storage)
+    for index, member in enumerate(members):
+        member.__class__ = FusedLinear
+        member.__dict__["_fused_group"] = group
+        member.__dict__["_fused_index"] = index

@@ -1,0 +1,157 @@
+"""Fused LoRA projections compute what PEFT's layers compute, and step aside where they cannot."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from sft.modeling.fused_lora import FusedLinear, fuse_lora_projections
+from sft.modeling.lora import add_lora
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _pair(model_dir: Path, dropout: float, dtype: torch.dtype = torch.float32, targets: list[str] = ALL_PROJECTIONS,
+          gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same base and the same (random, nonzero) adapters, PEFT's layers and fused."""
+    models = []
+    for fused in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(3)
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=targets)
+        models.append(add_lora(model, config, "cpu", fused=fused).train())
+    return models[0], models[1]
+
+
+def _loss_and_grads(model: torch.nn.Module, input_ids: torch.Tensor, seed: int = 7) -> tuple[float, dict]:
+    torch.manual_seed(seed)  # the same dropout masks for both
+    loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+INPUT = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.5])
+def test_fused_layers_give_peft_loss_and_gradients(tiny_model_dir: Path, dropout: float) -> None:
+    plain, fused = _pair(tiny_model_dir, dropout)
+    assert sum(isinstance(m, FusedLinear) for m in fused.modules()) == 2 * len(ALL_PROJECTIONS)
+    plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
+    fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain_grads.keys() == fused_grads.keys() and len(plain_grads) == 2 * 2 * len(ALL_PROJECTIONS)
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_different_dropout_mask_would_be_caught(tiny_model_dir: Path) -> None:
+    """The comparison above can fail: other masks (another seed) give another loss."""
+    plain, fused = _pair(tiny_model_dir, 0.5)
+    assert _loss_and_grads(fused, INPUT, seed=8)[0] != pytest.approx(_loss_and_grads(plain, INPUT)[0], rel=1e-6)
+
+
+def test_fused_layers_under_gradient_checkpointing(tiny_model_dir: Path) -> None:
+    plain, fused = _pair(tiny_model_dir, 0.1, gradient_checkpointing=True)
+    plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
+    fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_group_weights_are_views_of_one_tensor_and_files_stay_peft(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain, fused = _pair(tiny_model_dir, 0.0)
+    attention = fused.base_model.model.model.layers[0].self_attn
+    q, k, v = (getattr(attention, name).base_layer.weight for name in ("q_proj", "k_proj", "v_proj"))
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+    plain_attention = plain.base_model.model.model.layers[0].self_attn
+    torch.testing.assert_close(k, plain_attention.k_proj.base_layer.weight, rtol=0, atol=0)
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    plain.save_pretrained(tmp_path / "plain")
+    fused.save_pretrained(tmp_path / "fused")
+    plain_file, fused_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "fused"))
+    assert plain_file.keys() == fused_file.keys()
+    for key, tensor in plain_file.items():
+        assert torch.equal(fused_file[key], tensor), key
+
+
+def test_disabled_merged_and_second_adapters_run_peft_forward(tiny_model_dir: Path) -> None:
+    plain, fused = _pair(tiny_model_dir, 0.0)
+    plain.eval(), fused.eval()
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=INPUT).logits
+        with fused.disable_adapter():
+            torch.testing.assert_close(fused(input_ids=INPUT).logits, base)
+        adapted = plain(input_ids=INPUT).logits
+        torch.testing.assert_close(fused(input_ids=INPUT).logits, adapted)
+        assert (adapted - base).abs().max() > 1e-3  # the adapters change the output
+        fused.merge_adapter()
+        torch.testing.assert_close(fused(input_ids=INPUT).logits, adapted, rtol=1e-5, atol=1e-5)
+        fused.unmerge_adapter()
+        torch.testing.assert_close(fused(input_ids=INPUT).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_a_group_not_called_together_stops_fusing_and_stays_correct(tiny_model_dir: Path) -> None:
+    """A model that feeds q, k and v different inputs: the group notices and runs layer by layer."""
+    _, fused = _pair(tiny_model_dir, 0.0)
+    attention = fused.base_model.model.model.layers[0].self_attn
+    layers = [attention.q_proj, attention.k_proj, attention.v_proj]
+    inputs = [torch.randn(3, 32) for _ in layers]
+    expected = [LoraLinearForward(layer, x) for layer, x in zip(layers, inputs)]
+    for _ in range(3):
+        for layer, x, want in zip(layers, inputs, expected):
+            torch.testing.assert_close(layer(x), want)
+    assert not attention.q_proj._fused_group.enabled
+
+
+def LoraLinearForward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
+    from peft.tuners.lora import Linear
+
+    return Linear.forward(layer, x)
+
+
+def test_copies_of_a_fused_model_train_alike(tiny_model_dir: Path) -> None:
+    _, fused = _pair(tiny_model_dir, 0.1)
+    copied = copy.deepcopy(fused)
+    assert _loss_and_grads(copied, INPUT)[0] == pytest.approx(_loss_and_grads(fused, INPUT)[0], rel=1e-6)
+
+
+def test_fused_layers_under_the_cuda_policy_precision(tiny_model_dir: Path) -> None:
+    """bfloat16 base weights, float32 adapters (PEFT's default), bfloat16 autocast: the CUDA policy,
+    run on the CPU. Gradients come back in each adapter's own dtype and track float32 training
+    with the same dropout masks. (PEFT's layers are no reference here: in bfloat16 they cast the
+    input for each adapter, so q, k and v each draw their own mask.)"""
+    reference = _loss_and_grads(_pair(tiny_model_dir, 0.1)[0], INPUT)
+    _, fused = _pair(tiny_model_dir, 0.1, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = _loss_and_grads(fused, INPUT)
+    assert loss == pytest.approx(reference[0], rel=1e-2)
+    for name, grad in reference[1].items():
+        assert grads[name].dtype == grad.dtype == torch.float32, name
+        assert torch.nn.functional.cosine_similarity(grads[name].flatten(), grad.flatten(), dim=0) > 0.99, name
+
+
+def test_quantized_or_custom_base_layers_are_left_to_peft(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]), "cpu")
+    attention = model.base_model.model.model.layers[0].self_attn
+    attention.v_proj.base_layer = _OtherLinear(32, attention.v_proj.base_layer.out_features)
+    assert fuse_lora_projections(model) == 1  # layer 1's q, k, v; layer 0's v is not a plain Linear
+    assert type(attention.v_proj) is not FusedLinear
+    assert type(attention.q_proj) is FusedLinear and len(attention.q_proj._fused_group.members) == 1
+
+
+class _OtherLinear(torch.nn.Linear):
+    pass
