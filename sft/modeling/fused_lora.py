@@ -40,6 +40,46 @@ tensor, and a view kept for the backward pass keeps all of it: attention keeps v
 which it rotates first), so v is copied out, and the rest of the tensor is freed after rotation."""
 
 
+def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype where autocast is on, else the base weight's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return weight.dtype
+
+
+def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: float, alphas: Sequence[float],
+                  sizes: Sequence[int], ranks: Sequence[int], a_cat: torch.Tensor, b_list: Sequence[torch.Tensor]):
+    """The group's output [rows, sum of sizes] for flat [rows, d], all in one dtype; with the
+    dropout mask (None without dropout), the dropped-out input and the rank-r products."""
+    out = flat @ w.T if bias is None else torch.addmm(bias, flat, w.T)
+    keep = random_keep_mask(flat.shape, p, flat.device) if p > 0.0 else None
+    dropped = flat if keep is None else flat * keep
+    low = dropped @ a_cat.T
+    for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
+        out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
+    return out, keep, dropped, low
+
+
+def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor, b_list: Sequence[torch.Tensor],
+                   dropped: torch.Tensor, keep: torch.Tensor | None, low: torch.Tensor, alphas: Sequence[float],
+                   sizes: Sequence[int], ranks: Sequence[int], input_grad: bool):
+    """Gradients of _lora_forward's output: for flat (None unless ``input_grad``), each A, each B."""
+    grad_low, grad_b = [], []
+    for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
+        g = grad_out[:, col:col + size]
+        grad_low.append((g @ b).mul_(alpha))
+        grad_b.append((g.T @ low[:, row:row + rank]).mul_(alpha))
+    grad_low = torch.cat(grad_low, dim=1)
+    grad_a = list((grad_low.T @ dropped).split(list(ranks)))
+    grad_flat = None
+    if input_grad:
+        if keep is None:
+            grad_flat = torch.addmm(grad_out @ w, grad_low, a_cat)
+        else:
+            grad_flat = (grad_out @ w).add_((grad_low @ a_cat).mul_(keep))
+    return grad_flat, grad_a, grad_b
+
+
 class _FusedLoraFunction(torch.autograd.Function):
     """outputs_i = x @ W_i.T + bias_i + alpha_i * (dropout(x) @ A_i.T) @ B_i.T for a group of layers.
 
@@ -51,27 +91,15 @@ class _FusedLoraFunction(torch.autograd.Function):
                 alphas: tuple[float, ...], sizes: tuple[int, ...], ranks: tuple[int, ...],
                 own_storage: tuple[bool, ...], *adapters: torch.Tensor) -> tuple[torch.Tensor, ...]:
         count = len(sizes)
-        a_list, b_list = adapters[:count], adapters[count:]
-        dtype = weight.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = _compute_dtype(x, weight)
         ctx.input_dtype, ctx.input_shape = x.dtype, x.shape
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        w = weight.to(dtype)
-        a_cat = torch.cat([a.to(dtype) for a in a_list])
-        b_cast = [b.to(dtype) for b in b_list]
+        w, a_cat = weight.to(dtype), torch.cat([a.to(dtype) for a in adapters[:count]])
+        b_list = [b.to(dtype) for b in adapters[count:]]
         with torch.autocast(x.device.type, enabled=False):
-            out = flat @ w.T if bias is None else torch.addmm(bias.to(dtype), flat, w.T)
-            keep = None
-            if p > 0.0:
-                keep = random_keep_mask(flat.shape, p, flat.device)
-                dropped = flat * keep
-            else:
-                dropped = flat
-            low = dropped @ a_cat.T
-            for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_cast, alphas):
-                out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
-        ctx.save_for_backward(w, a_cat, *b_cast, dropped, keep, low)
+            out, keep, dropped, low = _lora_forward(x.reshape(-1, x.shape[-1]).to(dtype), w,
+                                                    None if bias is None else bias.to(dtype),
+                                                    p, alphas, sizes, ranks, a_cat, b_list)
+        ctx.save_for_backward(w, a_cat, *b_list, dropped, keep, low)
         ctx.meta = (alphas, sizes, ranks)
         ctx.adapter_dtypes = [t.dtype for t in adapters]
         lead = x.shape[:-1]
@@ -85,27 +113,57 @@ class _FusedLoraFunction(torch.autograd.Function):
         count = len(sizes)
         w, a_cat, *rest = ctx.saved_tensors
         b_list, (dropped, keep, low) = rest[:count], rest[count:]
-        dtype = w.dtype
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
         # cat reads strided gradients as they are (a reshape first would copy each of them)
-        grad_out = torch.cat([torch.zeros(*lead, size, dtype=dtype, device=w.device) if g is None else g.to(dtype)
-                              for g, size in zip(grads, sizes)], dim=-1).view(rows, -1)
-        grad_low, grad_b = [], []
-        for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
-            g = grad_out[:, col:col + size]
-            grad_low.append((g @ b).mul_(alpha))
-            grad_b.append((g.T @ low[:, row:row + rank]).mul_(alpha))
-        grad_low = torch.cat(grad_low, dim=1)
-        grad_a = (grad_low.T @ dropped).split(list(ranks))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            if keep is None:
-                grad_x = torch.addmm(grad_out @ w, grad_low, a_cat)
-            else:
-                grad_x = (grad_out @ w).add_((grad_low @ a_cat).mul_(keep))
+        grad_out = torch.cat([torch.zeros(*lead, size, dtype=w.dtype, device=w.device) if g is None
+                              else g.to(w.dtype) for g, size in zip(grads, sizes)], dim=-1).view(rows, -1)
+        grad_x, grad_a, grad_b = _lora_backward(grad_out, w, a_cat, b_list, dropped, keep, low, alphas, sizes, ranks,
+                                                ctx.needs_input_grad[0])
+        if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
         adapter_grads = [g.to(d) for g, d in zip((*grad_a, *grad_b), ctx.adapter_dtypes)]
         return (grad_x, None, None, None, None, None, None, None, *adapter_grads)
+
+
+class _SwiGLUDownFunction(torch.autograd.Function):
+    """down(silu(gate) * up) for a fused down projection (a group of one), keeping only gate, up
+    (which the gate/up group's output holds anyway), the dropout mask and the rank-r product:
+    the activation, the product and its dropped-out copy are recomputed in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                p: float, alphas: tuple[float, ...], sizes: tuple[int, ...], ranks: tuple[int, ...],
+                own_storage: tuple[bool, ...], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(gate, weight)
+        ctx.input_dtypes = (gate.dtype, up.dtype)
+        w, a_cast, b_cast = weight.to(dtype), a.to(dtype), b.to(dtype)
+        with torch.autocast(gate.device.type, enabled=False):
+            hidden = (torch.nn.functional.silu(gate.to(dtype)) * up.to(dtype)).view(-1, gate.shape[-1])
+            out, keep, _, low = _lora_forward(hidden, w, None if bias is None else bias.to(dtype), p, alphas, sizes,
+                                              ranks, a_cast, [b_cast])
+        ctx.save_for_backward(gate, up, w, a_cast, b_cast, keep, low)
+        ctx.meta = (alphas, sizes, ranks, dtype)
+        ctx.adapter_dtypes = (a.dtype, b.dtype)
+        return out.view(*gate.shape[:-1], sizes[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        gate, up, w, a_cat, b, keep, low = ctx.saved_tensors
+        alphas, sizes, ranks, dtype = ctx.meta
+        shape = gate.shape
+        gate, up = (t.to(dtype).view(-1, t.shape[-1]) for t in (gate, up))
+        sigmoid = torch.sigmoid(gate)
+        activation = gate * sigmoid
+        hidden = activation * up
+        dropped = hidden if keep is None else hidden.mul_(keep)
+        grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
+                                                     keep, low, alphas, sizes, ranks, True)
+        grad_up = grad_hidden * activation
+        # d silu / d gate = sigmoid * (1 + gate * (1 - sigmoid))
+        grad_gate = grad_hidden.mul_(up).mul_(sigmoid.mul_(activation.neg_().add_(gate).add_(1.0)))
+        return (grad_gate.view(shape).to(ctx.input_dtypes[0]), grad_up.view(shape).to(ctx.input_dtypes[1]),
+                None, None, None, None, None, None, None,
+                grad_a[0].to(ctx.adapter_dtypes[0]), grad_b[0].to(ctx.adapter_dtypes[1]))
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:
@@ -256,6 +314,7 @@ def fuse_lora_projections(model: torch.nn.Module) -> int:
         for name, child in children.items():
             if name not in taken and type(child) is LoraLinear and _fusable(child):
                 _make_group([child], (False,))
+    fuse_mlps(model)
     return fused
 
 
@@ -281,3 +340,49 @@ def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) ->
         member.__class__ = FusedLinear
         member.__dict__["_fused_group"] = group
         member.__dict__["_fused_index"] = index
+
+
+def _fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Llama MLP's forward, down(silu(gate(x)) * up(x)), with gate/up fused and the activation
+    inside the fused down projection; the class's own forward where the layers are not fused."""
+    gate_layer, up_layer, down_layer = self.gate_proj, self.up_proj, self.down_proj
+    pair, down = (layer.__dict__.get("_fused_group") for layer in (gate_layer, down_layer))
+    if (pair is None or down is None or up_layer.__dict__.get("_fused_group") is not pair
+            or len(down.members) != 1):
+        return type(self).__bases__[0].forward(self, x)
+    gate, up = gate_layer(x), up_layer(x)
+    arguments = down._arguments(gate)
+    if arguments is None:
+        return down_layer(self.act_fn(gate) * up)
+    return _SwiGLUDownFunction.apply(gate, up, *arguments)
+
+
+def _same_code(function: object, reference: object) -> bool:
+    code, expected = getattr(function, "__code__", None), getattr(reference, "__code__", None)
+    return (code is not None and expected is not None and code.co_code == expected.co_code
+            and code.co_names == expected.co_names and code.co_consts == expected.co_consts)
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _swap_class(module: torch.nn.Module, forward: object, prefix: str) -> None:
+    cls = type(module)
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"{prefix}{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+    module.__class__ = _FUSED_CLASSES[cls]
+
+
+def fuse_mlps(model: torch.nn.Module) -> int:
+    """Give the MLPs whose forward is Llama's SwiGLU (Llama, Mistral, Qwen2, ... copy it) and whose
+    projections are fused the fused forward above; returns how many."""
+    from transformers.activations import SiLUActivation
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    count = 0
+    for module in model.modules():
+        if (_same_code(type(module).forward, LlamaMLP.forward) and isinstance(module.act_fn, (SiLUActivation, torch.nn.SiLU))
+                and all(type(getattr(module, name, None)) is FusedLinear for name in ("gate_proj", "up_proj", "down_proj"))):
+            _swap_class(module, _fused_mlp_forward, "Fused")
+            count += 1
+    return count

@@ -46,6 +46,7 @@ INPUT = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37], [2, 4, 6, 8, 10, 12
 def test_fused_layers_give_peft_loss_and_gradients(tiny_model_dir: Path, dropout: float) -> None:
     plain, fused = _pair(tiny_model_dir, dropout)
     assert sum(isinstance(m, FusedLinear) for m in fused.modules()) == 2 * len(ALL_PROJECTIONS)
+    assert [type(layer.mlp).__name__ for layer in fused.base_model.model.model.layers] == ["FusedLlamaMLP"] * 2
     plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
     fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
     assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
@@ -101,6 +102,16 @@ def test_disabled_merged_and_second_adapters_run_peft_forward(tiny_model_dir: Pa
         torch.testing.assert_close(fused(input_ids=INPUT).logits, adapted, rtol=1e-5, atol=1e-5)
         fused.unmerge_adapter()
         torch.testing.assert_close(fused(input_ids=INPUT).logits, adapted, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_without_all_three_adapters_runs_its_own_forward(tiny_model_dir: Path) -> None:
+    plain, fused = _pair(tiny_model_dir, 0.0, targets=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    assert "Fused" not in type(fused.base_model.model.model.layers[0].mlp).__name__
+    plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
+    fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_group_not_called_together_stops_fusing_and_stays_correct(tiny_model_dir: Path) -> None:
