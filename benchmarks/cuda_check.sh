@@ -45,13 +45,13 @@ print("transformers", transformers.__version__, "peft", peft.__version__)
 for name in ("flash_attn", "bitsandbytes", "trl"):
     print(name, "installed" if importlib.util.find_spec(name) else "missing")
 PY
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py 2>&1 | tee "$out/tests.txt"
+python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py tests/modeling 2>&1 | tee "$out/tests.txt"
 # DPO on CUDA: packed pair log-probs against one sequence at a time (float32 and bfloat16), and the
 # first step at ln 2 in the device policy's precision.
 python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_preference.py tests/recipes/test_dpo_recipe.py \
     -k cuda 2>&1 | tee "$out/tests-dpo.txt"
 for batch in 8 32; do
     python3 benchmarks/throughput.py --assets benchmarks/assets --device cuda --models tinyllama-arch \
-        --contenders sft,trl,trl_padding_free,hf_trainer --batch-size "$batch" --tinyllama-steps 10 --warmup 2 \
+        --contenders sft,sft_unfused,trl,trl_padding_free,hf_trainer --batch-size "$batch" --tinyllama-steps 10 --warmup 2 \
         --rounds 2 --out "$out/throughput-cuda-b$batch.json" 2>&1 | tee "$out/throughput-b$batch.txt"
 done

@@ -9,7 +9,9 @@ same batch, optimizer, learning rate and precision (float32 on CPU, bfloat16 on 
 fresh process so peak memory is its own. Rounds alternate the contenders, so a slow minute of the
 machine does not fall on one of them. Contenders:
 
-- ``sft``: this project (padding-free packing, per-example attention, supervised-only chunked loss);
+- ``sft``: this project (padding-free packing, per-example attention, supervised-only chunked loss,
+  fused LoRA projections);
+- ``sft_unfused``: the same with ``lora.fused: false`` (PEFT's LoRA layers one by one);
 - ``trl``: TRL SFTTrainer with its defaults (completion-only loss, gradient checkpointing on);
 - ``trl_padding_free``: the same with ``padding_free=True`` (with FlashAttention where installed);
 - ``hf_trainer``: transformers.Trainer with a pad-to-longest collator and the model's own loss.
@@ -47,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("sft", "trl", "trl_padding_free", "hf_trainer")
+CONTENDERS = ("sft", "sft_unfused", "trl", "trl_padding_free", "hf_trainer")
 MODELS = ("smollm2-135m", "tinyllama-arch")
 ASSET_EXAMPLES = "examples.json"
 ASSET_TOKENIZER = "tokenizer"
@@ -197,7 +199,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "lora_alpha": 2 * args.lora_rank, "lora_dropout": args.lora_dropout, "lora_target_modules": LORA_TARGETS,
         "batch_size": args.batch_size, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
         "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": total_steps, "logging_steps": 1,
-        "seed": args.seed, "output_dir": output_dir, "max_seq_length": args.max_length})
+        "seed": args.seed, "output_dir": output_dir, "max_seq_length": args.max_length,
+        "lora_fused": args.contender != "sft_unfused"})
     runtime = setup_runtime(config)
     policy = runtime.policy
     peer_attention = "sdpa"
@@ -223,12 +226,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             _sync(policy.device)
             step_times.append(time.perf_counter() - self.start)
 
-    if args.contender == "sft":
+    if args.contender.startswith("sft"):
         model = load_lora_model(config, runtime)
         trainer = build_trainer(config, runtime, model, None, examples, [], callbacks=[StepTimer()],
                                 save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
                                 dataloader_pin_memory=False)
-        settings = {"gradient_checkpointing": False,
+        settings = {"gradient_checkpointing": False, "fused_lora": config.lora.fused,
                     "attention": resolve_attention(config.model.attn_implementation, policy.device)}
     else:
         model = AutoModelForCausalLM.from_pretrained(config.model.model, dtype=policy.load_dtype,

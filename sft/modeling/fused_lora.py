@@ -187,6 +187,7 @@ class _Group:
         self.input: weakref.ReferenceType | None = None
         self.pending: dict[int, torch.Tensor] = {}
         self.unused = 0
+        self.fused_calls = 0
 
     def __getstate__(self) -> dict:  # copies and pickles carry no half-consumed outputs
         return {"members": self.members, "own_storage": self.own_storage, "enabled": self.enabled}
@@ -260,6 +261,7 @@ class _Group:
         if x.device != weight.device:
             return None
         keep_scale = 1.0 / (1.0 - p)  # as FastDropout's
+        self.fused_calls += 1
         sizes = tuple(m.base_layer.weight.shape[0] for m in self.members)
         return (weight, bias, p, tuple(alpha * keep_scale for alpha in alphas), sizes, tuple(ranks),
                 self.own_storage, *a_list, *b_list)

@@ -17,26 +17,37 @@ from sft.modeling.lora import add_lora
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
 def _pair(model_dir: Path, dropout: float, dtype: torch.dtype = torch.float32, targets: list[str] = ALL_PROJECTIONS,
-          gradient_checkpointing: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The same base and the same (random, nonzero) adapters, PEFT's layers and fused."""
+          gradient_checkpointing: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The same base and the same (random, nonzero) adapters, PEFT's layers and fused, built on
+    ``device`` (moving a fused model afterwards would give each layer its own weight again)."""
     models = []
     for fused in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         torch.manual_seed(3)
         config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=targets)
-        models.append(add_lora(model, config, "cpu", fused=fused).train())
+        models.append(add_lora(model, config, device, fused=fused).train())
     return models[0], models[1]
 
 
 def _loss_and_grads(model: torch.nn.Module, input_ids: torch.Tensor, seed: int = 7) -> tuple[float, dict]:
     torch.manual_seed(seed)  # the same dropout masks for both
+    input_ids = input_ids.to(model.device)
     loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fused_groups_ran(model: torch.nn.Module) -> int:
+    """How many groups ran their fused function."""
+    groups = {id(m._fused_group): m._fused_group for m in model.modules() if isinstance(m, FusedLinear)}
+    return sum(group.fused_calls > 0 for group in groups.values())
 
 
 INPUT = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37], [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]])
@@ -49,6 +60,7 @@ def test_fused_layers_give_peft_loss_and_gradients(tiny_model_dir: Path, dropout
     assert [type(layer.mlp).__name__ for layer in fused.base_model.model.model.layers] == ["FusedLlamaMLP"] * 2
     plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
     fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
+    assert _fused_groups_ran(fused) == 2 * 4  # per layer: q/k/v, o, gate/up, down
     assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
     assert plain_grads.keys() == fused_grads.keys() and len(plain_grads) == 2 * 2 * len(ALL_PROJECTIONS)
     for name, grad in plain_grads.items():
@@ -166,3 +178,30 @@ def test_quantized_or_custom_base_layers_are_left_to_peft(tiny_model_dir: Path) 
 
 class _OtherLinear(torch.nn.Linear):
     pass
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layers_on_cuda(tiny_model_dir: Path, dtype: torch.dtype) -> None:
+    """float32: PEFT's loss and gradients (no dropout: PEFT draws its masks otherwise on CUDA).
+    bfloat16 weights under bfloat16 autocast (the CUDA policy): fused float32 with the same masks."""
+    if dtype == torch.float32:
+        plain, fused = _pair(tiny_model_dir, 0.0, device="cuda")
+        reference = _loss_and_grads(plain, INPUT)
+        result = _loss_and_grads(fused, INPUT)
+        tolerance = dict(rel=1e-4, rtol=1e-3, atol=1e-5, cosine=None)
+    else:
+        reference = _loss_and_grads(_pair(tiny_model_dir, 0.1, device="cuda")[1], INPUT)
+        _, fused = _pair(tiny_model_dir, 0.1, dtype=dtype, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            result = _loss_and_grads(fused, INPUT)
+        tolerance = dict(rel=1e-2, cosine=0.99)
+    assert _fused_groups_ran(fused) == 2 * 4
+    assert result[0] == pytest.approx(reference[0], rel=tolerance["rel"])
+    for name, grad in reference[1].items():
+        assert result[1][name].dtype == grad.dtype == torch.float32, name
+        if tolerance["cosine"] is None:
+            torch.testing.assert_close(result[1][name], grad, rtol=tolerance["rtol"], atol=tolerance["atol"], msg=name)
+        else:
+            cosine = torch.nn.functional.cosine_similarity(result[1][name].flatten(), grad.flatten(), dim=0)
+            assert cosine > tolerance["cosine"], name
