@@ -270,6 +270,8 @@ class _Group:
 def concatenated(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
     """The weights as one [sum of rows, d] tensor without a copy, where they lie one after
     another in one storage (as fuse_lora_projections leaves them); else None."""
+    if any(type(w) not in (torch.Tensor, torch.nn.Parameter) for w in weights):
+        return None  # a tensor subclass (FSDP's DTensor, a quantized weight) has no plain storage
     first = weights[0]
     columns = first.shape[1]
     storage = first.untyped_storage().data_ptr()

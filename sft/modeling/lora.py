@@ -26,7 +26,10 @@ _INT16_MIN = -(2**15)
 
 
 def random_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A boolean mask, True with probability 1 - p (p rounded to a multiple of 2**-16)."""
+    """A boolean mask, True with probability 1 - p (p rounded to a multiple of 2**-16 on CPU and
+    CUDA; elsewhere, MPS say, drawn as floats, where 64-bit integer draws are not a given)."""
+    if device.type not in ("cpu", "cuda"):
+        return torch.rand(shape, device=device) >= p
     count = math.prod(shape)
     words = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
     bits = words.view(torch.int16)[:count].view(shape)
