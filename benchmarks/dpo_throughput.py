@@ -16,6 +16,7 @@ on CPU, bfloat16 on CUDA), each in a fresh process so that its peak memory is it
   and rejected sequence packed into one row, per-sequence attention, the head on answer tokens
   only, the reference log-probabilities computed once before training (timed separately), and
   ``--sft-micro-batch`` pairs per forward pass (gradient accumulation makes up the step);
+- ``sft_unfused``: the same with ``lora.fused: false`` (PEFT's LoRA layers one by one);
 - ``sft_gc``: the same with ``gradient_checkpointing: true``, which trades speed for memory as
   TRL's default does.
 
@@ -44,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("sft", "sft_gc", "trl")
+CONTENDERS = ("sft", "sft_unfused", "sft_gc", "trl")
 DEFAULT_DATA = "data/demo_dpo/processed/dpo_train.jsonl"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -104,7 +105,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "gradient_accumulation_steps": args.pairs_per_step // micro, "learning_rate": args.learning_rate,
         "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": total_steps, "logging_steps": 1,
         "seed": 0, "output_dir": output_dir, "max_seq_length": args.max_length, "beta": 0.1,
-        "gradient_checkpointing": args.contender == "sft_gc"}, DPOConfig)
+        "gradient_checkpointing": args.contender == "sft_gc", "lora_fused": args.contender != "sft_unfused"},
+        DPOConfig)
     runtime = setup_runtime(config)
     policy = runtime.policy
     step_times: list[float] = []

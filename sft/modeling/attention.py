@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -61,7 +62,7 @@ def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bo
     gqa = query.shape[1] != key.shape[1]
     # split, not slicing: the backward of a split is one concatenation, while each slice's
     # backward writes a zero-filled gradient of the whole row (examples x tokens of work).
-    lengths = [end - start for start, end in zip(boundaries[:-1], boundaries[1:])]
+    lengths = [end - start for start, end in itertools.pairwise(boundaries)]
     outputs = [
         F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
         for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
@@ -71,7 +72,7 @@ def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bo
 
 def block_diagonal_causal_mask(boundaries: list[int], device: torch.device) -> torch.Tensor:
     """[tokens, tokens] boolean mask: True where a token may attend (same example, not later)."""
-    lengths = torch.tensor([end - start for start, end in zip(boundaries[:-1], boundaries[1:])], device=device)
+    lengths = torch.tensor([end - start for start, end in itertools.pairwise(boundaries)], device=device)
     example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
     same_example = example[:, None] == example[None, :]
     return same_example.tril_()
@@ -90,7 +91,7 @@ def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if cu_seq_lens is None or cu_seq_lens.device != query.device:
         cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32, device=query.device)
-    max_length = kwargs.get("max_length_q") or max(b - a for a, b in zip(boundaries[:-1], boundaries[1:]))
+    max_length = kwargs.get("max_length_q") or max(b - a for a, b in itertools.pairwise(boundaries))
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # [tokens, heads, dim]
     output = torch_varlen_attention()(q, k, v, cu_seq_lens.to(torch.int32), cu_seq_lens.to(torch.int32),
                                       int(max_length), int(max_length), scaling)

@@ -132,14 +132,14 @@ def test_a_group_not_called_together_stops_fusing_and_stays_correct(tiny_model_d
     attention = fused.base_model.model.model.layers[0].self_attn
     layers = [attention.q_proj, attention.k_proj, attention.v_proj]
     inputs = [torch.randn(3, 32) for _ in layers]
-    expected = [LoraLinearForward(layer, x) for layer, x in zip(layers, inputs)]
+    expected = [_peft_forward(layer, x) for layer, x in zip(layers, inputs)]
     for _ in range(3):
         for layer, x, want in zip(layers, inputs, expected):
             torch.testing.assert_close(layer(x), want)
     assert not attention.q_proj._fused_group.enabled
 
 
-def LoraLinearForward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # noqa: N802
+def _peft_forward(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     from peft.tuners.lora import Linear
 
     return Linear.forward(layer, x)
@@ -189,13 +189,13 @@ def test_fused_layers_on_cuda(tiny_model_dir: Path, dtype: torch.dtype) -> None:
         plain, fused = _pair(tiny_model_dir, 0.0, device="cuda")
         reference = _loss_and_grads(plain, INPUT)
         result = _loss_and_grads(fused, INPUT)
-        tolerance = dict(rel=1e-4, rtol=1e-3, atol=1e-5, cosine=None)
+        tolerance = {"rel": 1e-4, "rtol": 1e-3, "atol": 1e-5, "cosine": None}
     else:
         reference = _loss_and_grads(_pair(tiny_model_dir, 0.1, device="cuda")[1], INPUT)
         _, fused = _pair(tiny_model_dir, 0.1, dtype=dtype, device="cuda")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             result = _loss_and_grads(fused, INPUT)
-        tolerance = dict(rel=1e-2, cosine=0.99)
+        tolerance = {"rel": 1e-2, "cosine": 0.99}
     assert _fused_groups_ran(fused) == 2 * 4
     assert result[0] == pytest.approx(reference[0], rel=tolerance["rel"])
     for name, grad in reference[1].items():
