@@ -76,7 +76,7 @@ def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor,
         if keep is None:
             grad_flat = torch.addmm(grad_out @ w, grad_low, a_cat)
         else:
-            grad_flat = (grad_out @ w).add_((grad_low @ a_cat).mul_(keep))
+            grad_flat = (grad_out @ w).addcmul_(grad_low @ a_cat, keep)
     return grad_flat, grad_a, grad_b
 
 
@@ -152,15 +152,13 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         alphas, sizes, ranks, dtype = ctx.meta
         shape = gate.shape
         gate, up = (t.to(dtype).view(-1, t.shape[-1]) for t in (gate, up))
-        sigmoid = torch.sigmoid(gate)
-        activation = gate * sigmoid
+        activation = torch.nn.functional.silu(gate)
         hidden = activation * up
         dropped = hidden if keep is None else hidden.mul_(keep)
         grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
                                                      keep, low, alphas, sizes, ranks, True)
         grad_up = grad_hidden * activation
-        # d silu / d gate = sigmoid * (1 + gate * (1 - sigmoid))
-        grad_gate = grad_hidden.mul_(up).mul_(sigmoid.mul_(activation.neg_().add_(gate).add_(1.0)))
+        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
         return (grad_gate.view(shape).to(ctx.input_dtypes[0]), grad_up.view(shape).to(ctx.input_dtypes[1]),
                 None, None, None, None, None, None, None,
                 grad_a[0].to(ctx.adapter_dtypes[0]), grad_b[0].to(ctx.adapter_dtypes[1]))
