@@ -85,9 +85,10 @@ class LoraSettings:
                                  "gate_proj", "up_proj", "down_proj"])
     """Linear layers that get adapters (all attention and MLP projections of a Llama block)."""
     fused: bool = True
-    """Run the adapted layers that read one input (q, k, v; gate, up) as one function: one base
-    matmul, one dropout mask, one adapter matmul. Same adapters and results; false runs PEFT's
-    layers one by one."""
+    """Run the adapted layers that read one input (q, k, v; gate, up) as one function (one base
+    matmul, one dropout mask, one adapter matmul), the SwiGLU activation inside the down
+    projection, and each RMSNorm as one function. Same adapters and results; false runs PEFT's
+    layers one by one and the model's own MLP and norms."""
 
     def __post_init__(self) -> None:
         _require(self.r > 0, f"r: must be > 0, got {self.r}")

@@ -317,6 +317,7 @@ def fuse_lora_projections(model: torch.nn.Module) -> int:
             if name not in taken and type(child) is LoraLinear and _fusable(child):
                 _make_group([child], (False,))
     fuse_mlps(model)
+    fuse_rms_norms(model)
     return fused
 
 
@@ -342,6 +343,52 @@ def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) ->
         member.__class__ = FusedLinear
         member.__dict__["_fused_group"] = group
         member.__dict__["_fused_index"] = index
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """Llama's RMSNorm, weight * (x / rms(x)) computed in float32 and cast back to x's dtype before
+    the weight, as transformers computes it; keeps x and the reciprocal rms, as autograd does, but
+    its backward is three passes over x instead of autograd's eight (2.2 ms against 4.8 ms forward
+    and backward for 1,767 x 576 float32 on 2 CPU cores)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (x32 * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, rstd, weight = ctx.saved_tensors
+        x32 = x.float()
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            normalized = (x32 * rstd).to(x.dtype)
+            grad_weight = (grad * normalized).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normalized = (grad * weight).float()
+        # d/dx of x * rstd: rstd * g - x * rstd^3 * mean(g * x)
+        coefficient = torch.linalg.vecdot(grad_normalized, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+        grad_x = grad_normalized.mul_(rstd).addcmul_(x32, coefficient, value=-1.0)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def _fused_rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def fuse_rms_norms(model: torch.nn.Module) -> int:
+    """Give the RMSNorms whose forward is Llama's (Llama, Mistral, Qwen2, ... copy it) the one-function
+    forward above; returns how many."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    count = 0
+    for module in model.modules():
+        if _same_code(type(module).forward, LlamaRMSNorm.forward) and isinstance(
+                getattr(module, "weight", None), torch.Tensor):
+            _swap_class(module, _fused_rms_norm_forward, "Fused")
+            count += 1
+    return count
 
 
 def _fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

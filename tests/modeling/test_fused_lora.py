@@ -58,6 +58,7 @@ def test_fused_layers_give_peft_loss_and_gradients(tiny_model_dir: Path, dropout
     plain, fused = _pair(tiny_model_dir, dropout)
     assert sum(isinstance(m, FusedLinear) for m in fused.modules()) == 2 * len(ALL_PROJECTIONS)
     assert [type(layer.mlp).__name__ for layer in fused.base_model.model.model.layers] == ["FusedLlamaMLP"] * 2
+    assert sum(type(m).__name__ == "FusedLlamaRMSNorm" for m in fused.modules()) == 2 * 2 + 1
     plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
     fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
     assert _fused_groups_ran(fused) == 2 * 4  # per layer: q/k/v, o, gate/up, down
@@ -205,3 +206,37 @@ def test_fused_layers_on_cuda(tiny_model_dir: Path, dtype: torch.dtype) -> None:
         else:
             cosine = torch.nn.functional.cosine_similarity(result[1][name].flatten(), grad.flatten(), dim=0)
             assert cosine > tolerance["cosine"], name
+
+
+@pytest.mark.parametrize(("x_dtype", "weight_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                       (torch.bfloat16, torch.float32)])
+def test_fused_rms_norm_gives_transformers_values_and_gradients(x_dtype: torch.dtype,
+                                                                weight_dtype: torch.dtype) -> None:
+    """float32; bfloat16 (the CUDA policy); a bfloat16 stream through a float32 norm (QLoRA's)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from sft.modeling.fused_lora import fuse_rms_norms
+
+    torch.manual_seed(0)
+    norms = [LlamaRMSNorm(48, eps=1e-5).to(weight_dtype) for _ in range(2)]
+    with torch.no_grad():
+        norms[0].weight.uniform_(0.5, 1.5)
+        norms[1].weight.copy_(norms[0].weight)
+    holder = torch.nn.Sequential(norms[1])
+    assert fuse_rms_norms(holder) == 1 and type(norms[1]).__name__ == "FusedLlamaRMSNorm"
+    x = (torch.randn(3, 7, 48) * 3).to(x_dtype)
+    grad = torch.randn(3, 7, 48)
+    results = []
+    for norm in norms:
+        inp = x.clone().requires_grad_()
+        out = norm(inp)
+        out.backward(grad.to(out.dtype))
+        results.append((out, inp.grad, norm.weight.grad))
+    (out, grad_x, grad_w), (fused_out, fused_grad_x, fused_grad_w) = results
+    assert fused_out.dtype == out.dtype and fused_grad_x.dtype == x_dtype and fused_grad_w.dtype == weight_dtype
+    exact = x_dtype == torch.float32
+    torch.testing.assert_close(fused_out, out, rtol=1e-6 if exact else 0, atol=1e-6 if exact else 0)
+    torch.testing.assert_close(fused_grad_x.float(), grad_x.float(), rtol=1e-5 if exact else 2e-2,
+                               atol=1e-5 if exact else 2e-2)
+    torch.testing.assert_close(fused_grad_w.float(), grad_w.float(), rtol=1e-5 if exact else 2e-2,
+                               atol=1e-5 if exact else 5e-2)
