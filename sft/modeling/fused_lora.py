@@ -14,7 +14,8 @@ pass. Here the layers of one group run as one function:
   one matmul against the concatenated weights.
 
 Layers that read an input alone (o, down) are groups of one and get the same dropout and scaling
-fusion. The adapters, their names and the saved files stay PEFT's own; only ``forward`` changes.
+fusion. Two more functions of a Llama block run as one node: the SwiGLU activation inside the
+down projection (recomputed in the backward pass from gate and up), and each RMSNorm. The adapters, their names and the saved files stay PEFT's own; only ``forward`` changes.
 Where a condition of the fused path does not hold at a call (adapters disabled or merged, several
 adapters active, DoRA, a quantized base layer, mixed dtypes without autocast, or weights that
 were moved apart, as FSDP does), the layers run PEFT's forward unchanged.
@@ -25,6 +26,7 @@ The dropout mask is FastDropout's (16 random bits per element, p rounded to a mu
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from collections.abc import Sequence
 
@@ -165,11 +167,8 @@ class _SwiGLUDownFunction(torch.autograd.Function):
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:
-    offsets, total = [], 0
-    for size in sizes:
-        offsets.append(total)
-        total += size
-    return offsets
+    """Where each of ``sizes`` starts when they are laid one after another."""
+    return list(itertools.accumulate(sizes[:-1], initial=0))
 
 
 class _Group:
@@ -392,17 +391,12 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
 
 
 def _fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A Llama MLP's forward, down(silu(gate(x)) * up(x)), with gate/up fused and the activation
-    inside the fused down projection; the class's own forward where the layers are not fused."""
-    gate_layer, up_layer, down_layer = self.gate_proj, self.up_proj, self.down_proj
-    pair, down = (layer.__dict__.get("_fused_group") for layer in (gate_layer, down_layer))
-    if (pair is None or down is None or up_layer.__dict__.get("_fused_group") is not pair
-            or len(down.members) != 1):
-        return type(self).__bases__[0].forward(self, x)
-    gate, up = gate_layer(x), up_layer(x)
-    arguments = down._arguments(gate)
+    """A Llama MLP's forward, down(silu(gate(x)) * up(x)), with gate/up fused (fuse_mlps checked
+    the groups) and the activation inside the fused down projection where it can run."""
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    arguments = self.down_proj._fused_group._arguments(gate)
     if arguments is None:
-        return down_layer(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(gate) * up)
     return _SwiGLUDownFunction.apply(gate, up, *arguments)
 
 
@@ -430,8 +424,14 @@ def fuse_mlps(model: torch.nn.Module) -> int:
 
     count = 0
     for module in model.modules():
-        if (_same_code(type(module).forward, LlamaMLP.forward) and isinstance(module.act_fn, (SiLUActivation, torch.nn.SiLU))
-                and all(type(getattr(module, name, None)) is FusedLinear for name in ("gate_proj", "up_proj", "down_proj"))):
+        if not (_same_code(type(module).forward, LlamaMLP.forward)
+                and isinstance(module.act_fn, (SiLUActivation, torch.nn.SiLU))):
+            continue
+        layers = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if not all(type(layer) is FusedLinear for layer in layers):
+            continue
+        pair, up_pair, down = (layer._fused_group for layer in layers)
+        if pair is up_pair and len(pair.members) == 2 and len(down.members) == 1:
             _swap_class(module, _fused_mlp_forward, "Fused")
             count += 1
     return count
