@@ -55,7 +55,8 @@ def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     dropout mask (None without dropout), the dropped-out input and the rank-r products."""
     out = flat @ w.T if bias is None else torch.addmm(bias, flat, w.T)
     keep = random_keep_mask(flat.shape, p, flat.device) if p > 0.0 else None
-    dropped = flat if keep is None else flat * keep
+    # where, not a product: a product with a boolean mask converts the mask to floats first
+    dropped = flat if keep is None else torch.where(keep, flat, flat.new_zeros(()))
     low = dropped @ a_cat.T
     for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
         out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
@@ -116,9 +117,11 @@ class _FusedLoraFunction(torch.autograd.Function):
         w, a_cat, *rest = ctx.saved_tensors
         b_list, (dropped, keep, low) = rest[:count], rest[count:]
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
-        # cat reads strided gradients as they are (a reshape first would copy each of them)
-        grad_out = torch.cat([torch.zeros(*lead, size, dtype=w.dtype, device=w.device) if g is None
-                              else g.to(w.dtype) for g, size in zip(grads, sizes)], dim=-1).view(rows, -1)
+        grad_out = _side_by_side(grads, rows, w.dtype)
+        if grad_out is None:
+            # cat reads strided gradients as they are (a reshape first would copy each of them)
+            grad_out = torch.cat([torch.zeros(*lead, size, dtype=w.dtype, device=w.device) if g is None
+                                  else g.to(w.dtype) for g, size in zip(grads, sizes)], dim=-1).view(rows, -1)
         grad_x, grad_a, grad_b = _lora_backward(grad_out, w, a_cat, b_list, dropped, keep, low, alphas, sizes, ranks,
                                                 ctx.needs_input_grad[0])
         if grad_x is not None:
@@ -156,14 +159,37 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         gate, up = (t.to(dtype).view(-1, t.shape[-1]) for t in (gate, up))
         activation = torch.nn.functional.silu(gate)
         hidden = activation * up
-        dropped = hidden if keep is None else hidden.mul_(keep)
+        dropped = hidden if keep is None else torch.where(keep, hidden, hidden.new_zeros(()), out=hidden)
         grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
                                                      keep, low, alphas, sizes, ranks, True)
-        grad_up = grad_hidden * activation
-        grad_gate = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
+        # gate's and up's gradients side by side in one tensor, as the gate/up group's output lies,
+        # so that its backward reads them without concatenating
+        width = gate.shape[-1]
+        joined = grad_hidden.new_empty(grad_hidden.shape[0], 2 * width)
+        grad_up = torch.mul(grad_hidden, activation, out=joined[:, width:])
+        grad_gate = torch.ops.aten.silu_backward.grad_input(grad_hidden.mul_(up), gate, grad_input=joined[:, :width])
         return (grad_gate.view(shape).to(ctx.input_dtypes[0]), grad_up.view(shape).to(ctx.input_dtypes[1]),
                 None, None, None, None, None, None, None,
                 grad_a[0].to(ctx.adapter_dtypes[0]), grad_b[0].to(ctx.adapter_dtypes[1]))
+
+
+def _side_by_side(grads: Sequence[torch.Tensor | None], rows: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The gradients as one [rows, sum of widths] tensor without a copy, where they are column
+    blocks of one such tensor, in order (as _SwiGLUDownFunction returns them); else None."""
+    if any(g is None or g.dtype != dtype for g in grads):
+        return None
+    total = sum(g.shape[-1] for g in grads)
+    expected = grads[0].data_ptr()
+    for g in grads:
+        try:
+            flat = g.view(rows, g.shape[-1])
+        except RuntimeError:  # strides that no [rows, width] view has
+            return None
+        if (flat.stride(1) != 1 or (rows > 1 and flat.stride(0) != total) or flat.data_ptr() != expected
+                or g.untyped_storage().data_ptr() != grads[0].untyped_storage().data_ptr()):
+            return None
+        expected += g.shape[-1] * g.element_size()
+    return grads[0].as_strided((rows, total), (total, 1))
 
 
 def _offsets(sizes: Sequence[int]) -> list[int]:

@@ -69,6 +69,39 @@ def test_fused_layers_give_peft_loss_and_gradients(tiny_model_dir: Path, dropout
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_gate_up_backward_reads_the_swiglu_gradients_in_place(tiny_model_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused MLP hands gate's and up's gradients over as column blocks of one tensor, so the
+    gate/up group's backward reads them without a concatenation (as o's reads its one gradient);
+    q/k/v's gradients come apart from attention and are joined."""
+    from sft.modeling import fused_lora
+
+    found = []
+    original = fused_lora._side_by_side
+
+    def recording(grads, rows, dtype):
+        joined = original(grads, rows, dtype)
+        found.append((tuple(g.shape[-1] for g in grads), joined is not None))
+        return joined
+
+    monkeypatch.setattr(fused_lora, "_side_by_side", recording)
+    _, fused = _pair(tiny_model_dir, 0.1)
+    _loss_and_grads(fused, INPUT)
+    config = fused.base_model.model.config
+    gate_up = (config.intermediate_size, config.intermediate_size)
+    layers = config.num_hidden_layers
+    assert sorted(shapes for shapes, joined in found if joined) == [(config.hidden_size,)] * layers + [gate_up] * layers
+    assert [len(shapes) for shapes, joined in found if not joined] == [3] * layers
+
+    rows = torch.zeros(6, 10)
+    left, right = rows[:, :4], rows[:, 4:]
+    assert original([left, right], 6, torch.float32).data_ptr() == rows.data_ptr()
+    assert original([right, left], 6, torch.float32) is None  # out of order
+    assert original([rows[:, :3], rows[:, 4:]], 6, torch.float32) is None  # a gap between them
+    assert original([left, torch.zeros(6, 6)], 6, torch.float32) is None  # apart
+    assert original([left, right], 6, torch.bfloat16) is None
+
+
 def test_a_different_dropout_mask_would_be_caught(tiny_model_dir: Path) -> None:
     """The comparison above can fail: other masks (another seed) give another loss."""
     plain, fused = _pair(tiny_model_dir, 0.5)
