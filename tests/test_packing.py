@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,34 @@ def test_the_packing_test_detects_attention_across_examples(tiny_model_dir: Path
     start, end = batch["packed_boundaries"][1:3]
     ids = torch.tensor([examples[1]["input_ids"]])
     assert (_target_logprobs(leaked[:, start:end], ids) - _target_logprobs(alone, ids)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_packed_attention_gives_each_examples_attention_and_gradients(dtype: torch.dtype) -> None:
+    """The CPU path (one FlashAttention call per example into one output) against SDPA run on each
+    example alone: outputs and query/key/value gradients, grouped-query heads, an example of one token."""
+    heads, kv_heads, dim = 4, 2, 8
+    boundaries = [0, 5, 6, 15, 18]  # lengths 5, 1, 9, 3
+    torch.manual_seed(0)
+    # laid out as a model gives them: [1, tokens, heads, dim] viewed as [1, heads, tokens, dim]
+    q, k, v = (torch.randn(1, 18, h, dim).to(dtype).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
+    grad = torch.randn(1, 18, heads, dim).to(dtype)
+    results = []
+    for packed in (True, False):
+        inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if packed:
+            out = sft.modeling.attention.varlen_sdpa_attention(None, *inputs, None, scaling=0.3,
+                                                               packed_boundaries=boundaries)[0]
+        else:
+            out = torch.cat([F.scaled_dot_product_attention(*(t[:, :, a:b] for t in inputs), is_causal=True, scale=0.3,
+                                                            enable_gqa=True).transpose(1, 2)
+                             for a, b in itertools.pairwise(boundaries)], dim=1)
+        out.backward(grad)
+        results.append((out, *(t.grad for t in inputs)))
+    assert results[0][0].shape == (1, 18, heads, dim) and results[0][0].is_contiguous()
+    for ours, alone in zip(*results):
+        assert ours.abs().max() > 0
+        torch.testing.assert_close(ours, alone, rtol=0, atol=0)
 
 
 def test_packing_collator_layout(examples: list[dict]) -> None:

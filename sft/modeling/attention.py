@@ -10,8 +10,9 @@ attention function, keeps attention inside each example the cheapest way each de
   per example would be a Python loop of small kernels, which on a GPU is launch overhead.
 - MPS, and CUDA in float32 (FlashAttention has no float32 kernel): one SDPA call over the row
   with a block-diagonal causal mask. Correct everywhere, and one kernel per layer.
-- CPU: one causal SDPA call per example. Measured faster here than the masked call (attention is
-  quadratic, and the mask's cross-example blocks are pure waste on a device without launch costs).
+- CPU: one causal FlashAttention call per example (PyTorch's CPU kernel, the one SDPA picks),
+  written into one output. Measured faster here than the masked call (attention is quadratic,
+  and the mask's cross-example blocks are pure waste on a device without launch costs).
 
 ``flash_attention_2`` (the ``flash-attn`` package's varlen kernel, through transformers) is used
 on CUDA when installed; ``sdpa``/``eager`` let transformers build the block-diagonal mask from the
@@ -60,14 +61,54 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
                  dropout: float, scaling: float | None) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
+    lengths = [end - start for start, end in itertools.pairwise(boundaries)]
+    if dropout == 0.0:
+        return _PerExampleAttention.apply(query, key, value, lengths, scaling)
     # split, not slicing: the backward of a split is one concatenation, while each slice's
     # backward writes a zero-filled gradient of the whole row (examples x tokens of work).
-    lengths = [end - start for start, end in itertools.pairwise(boundaries)]
     outputs = [
         F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
         for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+class _PerExampleAttention(torch.autograd.Function):
+    """One causal FlashAttention call (PyTorch's CPU kernel, as SDPA picks it) per example, written
+    into one [1, tokens, heads, dim] output. That output is what the backward pass keeps (SDPA's
+    own calls each keep theirs, and the concatenation the output projection reads is a second
+    copy), so the output projection's saved input and attention's are one tensor."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
+                lengths: list[int], scale: float | None) -> torch.Tensor:
+        _, heads, tokens, dim = query.shape
+        output = query.new_empty(1, tokens, heads, dim)
+        log_sum_exps = []
+        for q, k, v, out in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
+                                output.split(lengths, dim=1)):
+            result, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, 0.0, True, scale=scale)
+            out.copy_(result.transpose(1, 2))
+            log_sum_exps.append(log_sum_exp)
+        ctx.save_for_backward(query, key, value, output, *log_sum_exps)
+        ctx.lengths, ctx.scale = lengths, scale
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        query, key, value, output, *log_sum_exps = ctx.saved_tensors
+        lengths = ctx.lengths
+        grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        for q, k, v, out, g, log_sum_exp, dq, dk, dv in zip(
+                query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
+                output.split(lengths, dim=1), grad.split(lengths, dim=1), log_sum_exps,
+                *(t.split(lengths, dim=2) for t in grads)):
+            results = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g.transpose(1, 2), q, k, v, out.transpose(1, 2), log_sum_exp, 0.0, True, scale=ctx.scale)
+            for target, result in zip((dq, dk, dv), results):
+                target.copy_(result)
+        return *grads, None, None
 
 
 def block_diagonal_causal_mask(boundaries: list[int], device: torch.device) -> torch.Tensor:

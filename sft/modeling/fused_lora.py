@@ -9,9 +9,11 @@ pass. Here the layers of one group run as one function:
   that one tensor, so nothing is stored twice);
 - one dropout mask for the group, and one matmul with the group's A matrices concatenated;
 - each B product added into its slice of the output in the same kernel as its scaling (addmm);
-- for the backward pass only the dropped-out input, its one-byte mask and the rank-r products are
-  kept (PEFT keeps the input, the dropped-out input and the scaled outputs); the input gradient is
-  one matmul against the concatenated weights.
+- for the backward pass only the one-byte mask, the rank-r products and what the dropped-out
+  input is rebuilt from are kept: tensors another function keeps anyway (the attention output
+  the output projection reads; an RMSNorm's input and 1/rms, from which its output is
+  recomputed), so no activation is kept twice (PEFT keeps the input, the dropped-out input and
+  the scaled outputs); the input gradient is one matmul against the concatenated weights.
 
 Layers that read an input alone (o, down) are groups of one and get the same dropout and scaling
 fusion. Two more functions of a Llama block run as one node: the SwiGLU activation inside the
@@ -40,6 +42,10 @@ GROUPS = {("q_proj", "k_proj", "v_proj"): (False, False, True), ("gate_proj", "u
 each output gets storage of its own. Outputs are otherwise views of the group's one output
 tensor, and a view kept for the backward pass keeps all of it: attention keeps v (not q and k,
 which it rotates first), so v is copied out, and the rest of the tensor is freed after rotation."""
+
+
+REBUILD = "_sft_rebuild"
+"""Attribute of a tensor: (function, tensors) giving the tensor again from tensors kept anyway."""
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -98,11 +104,23 @@ class _FusedLoraFunction(torch.autograd.Function):
         ctx.input_dtype, ctx.input_shape = x.dtype, x.shape
         w, a_cat = weight.to(dtype), torch.cat([a.to(dtype) for a in adapters[:count]])
         b_list = [b.to(dtype) for b in adapters[count:]]
+        flat = x.reshape(-1, x.shape[-1]).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            out, keep, dropped, low = _lora_forward(x.reshape(-1, x.shape[-1]).to(dtype), w,
-                                                    None if bias is None else bias.to(dtype),
+            out, keep, dropped, low = _lora_forward(flat, w, None if bias is None else bias.to(dtype),
                                                     p, alphas, sizes, ranks, a_cat, b_list)
-        ctx.save_for_backward(w, a_cat, *b_list, dropped, keep, low)
+        # Keep what the dropped-out input is rebuilt from where that costs no memory of its own:
+        # the input itself (attention keeps the tensor the output projection reads), or what an
+        # RMSNorm keeps anyway for the norm output q/k/v and gate/up read. A converted copy of
+        # the input (autocast) is kept dropped out, as it is.
+        ctx.rebuild = None
+        if flat.dtype != x.dtype or flat.data_ptr() != x.data_ptr():
+            kept = (dropped,)
+        elif (recipe := getattr(x, REBUILD, None)) is not None:
+            ctx.rebuild, kept = recipe
+        else:
+            kept = (flat,)
+        ctx.rebuilt = kept[0] is not dropped
+        ctx.save_for_backward(w, a_cat, *b_list, keep, low, *kept)
         ctx.meta = (alphas, sizes, ranks)
         ctx.adapter_dtypes = [t.dtype for t in adapters]
         lead = x.shape[:-1]
@@ -115,7 +133,12 @@ class _FusedLoraFunction(torch.autograd.Function):
         alphas, sizes, ranks = ctx.meta
         count = len(sizes)
         w, a_cat, *rest = ctx.saved_tensors
-        b_list, (dropped, keep, low) = rest[:count], rest[count:]
+        b_list, (keep, low, *kept) = rest[:count], rest[count:]
+        dropped = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept)
+        if ctx.rebuilt:
+            dropped = dropped.reshape(-1, dropped.shape[-1])
+            if keep is not None:
+                dropped = torch.where(keep, dropped, dropped.new_zeros(()))
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
         grad_out = _side_by_side(grads, rows, w.dtype)
         if grad_out is None:
@@ -377,14 +400,16 @@ class _RMSNormFunction(torch.autograd.Function):
     and backward for 1,767 x 576 float32 on 2 CPU cores)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, rstd, weight)
-        return weight * (x32 * rstd).to(x.dtype)
+        ctx.mark_non_differentiable(rstd)
+        return weight * (x32 * rstd).to(x.dtype), rstd  # as _rms_norm_output
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor | None):  # type: ignore[override]
         x, rstd, weight = ctx.saved_tensors
         x32 = x.float()
         grad_weight = None
@@ -398,8 +423,16 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x.to(x.dtype), grad_weight, None
 
 
+def _rms_norm_output(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return weight * (x.float() * rstd).to(x.dtype)
+
+
 def _fused_rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    output, rstd = _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    if torch.is_grad_enabled():
+        # what a fused group reading this output keeps in its place: the norm keeps these anyway
+        setattr(output, REBUILD, (_rms_norm_output, (hidden_states, rstd, self.weight)))
+    return output
 
 
 def fuse_rms_norms(model: torch.nn.Module) -> int:

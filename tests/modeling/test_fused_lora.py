@@ -102,6 +102,51 @@ def test_gate_up_backward_reads_the_swiglu_gradients_in_place(tiny_model_dir: Pa
     assert original([left, right], 6, torch.bfloat16) is None
 
 
+def _saved_bytes_per_token(model: torch.nn.Module, tokens: int) -> float:
+    """Bytes one decoder layer keeps for its backward pass on a packed row of ``tokens`` (two
+    examples), each storage counted once, the model's parameters not counted."""
+    decoder = model.base_model.model.model
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    x = torch.randn(1, tokens, decoder.config.hidden_size, requires_grad=True)
+    positions = torch.cat([torch.arange(tokens // 2), torch.arange(tokens - tokens // 2)])[None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        cos_sin = decoder.rotary_emb(x, positions)
+        decoder.layers[0](x, position_embeddings=cos_sin, position_ids=positions,
+                          packed_boundaries=[0, tokens // 2, tokens])
+    return sum(kept.values())
+
+
+def test_a_fused_layer_keeps_each_activation_once(tiny_model_dir: Path) -> None:
+    """What a fused Llama layer keeps per token, counted: the norms' inputs, the rotated q and k, v,
+    attention's output (which the output projection reads, so it is kept once), gate and up,
+    the rank-r products and one-byte dropout masks. The norm outputs and the dropped-out inputs
+    are rebuilt in the backward pass, not kept."""
+    _, fused = _pair(tiny_model_dir, 0.1)
+    config = fused.base_model.model.config
+    h, i, heads, kv, d = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                          config.num_key_value_heads, config.hidden_size // config.num_attention_heads)
+    r = 4
+    floats = (h + 1  # input norm: its input and 1 / rms
+              + 3 * r  # q/k/v's rank-r products
+              + 2 * d  # rotary cos and sin
+              + h + 2 * kv * d  # rotated q and k, and v
+              + h + heads  # attention's output and log-sum-exp
+              + r  # o's rank-r product
+              + h + 1  # post-attention norm
+              + 2 * r + 2 * i + r)  # gate/up's products, gate and up, down's product
+    masks = 3 * h + i  # bytes: q/k/v's, o's, gate/up's, down's
+    per_token = (_saved_bytes_per_token(fused, 60) - _saved_bytes_per_token(fused, 20)) / 40
+    assert per_token == 4 * floats + masks
+
+
 def test_a_different_dropout_mask_would_be_caught(tiny_model_dir: Path) -> None:
     """The comparison above can fail: other masks (another seed) give another loss."""
     plain, fused = _pair(tiny_model_dir, 0.5)
