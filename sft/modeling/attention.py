@@ -82,15 +82,7 @@ class _PerExampleAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
                 lengths: list[int], scale: float | None) -> torch.Tensor:
-        _, heads, tokens, dim = query.shape
-        output = query.new_empty(1, tokens, heads, dim)
-        log_sum_exps = []
-        for q, k, v, out in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
-                                output.split(lengths, dim=1)):
-            result, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, True, scale=scale)
-            out.copy_(result.transpose(1, 2))
-            log_sum_exps.append(log_sum_exp)
+        output, log_sum_exps = _attend(query, key, value, lengths, scale)
         ctx.save_for_backward(query, key, value, output, *log_sum_exps)
         ctx.lengths, ctx.scale = lengths, scale
         return output
@@ -109,6 +101,82 @@ class _PerExampleAttention(torch.autograd.Function):
             for target, result in zip((dq, dk, dv), results):
                 target.copy_(result)
         return *grads, None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
+           transpose: bool = False) -> torch.Tensor:
+    """transformers' rotary embedding, x * cos + rotate_half(x) * sin, written into ``out`` in three
+    passes (transformers' takes six, and eight more backward); with ``transpose``, its transpose:
+    the gradient with respect to x. x and out: [..., tokens, dim]; cos and sin broadcast to them."""
+    half = x.shape[-1] // 2
+    torch.mul(x, cos, out=out)
+    # forward: out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2; transposed: x2 s2 and -x1 s1 instead
+    sign = 1.0 if transpose else -1.0
+    first, second = (sin[..., half:], sin[..., :half]) if transpose else (sin[..., :half], sin[..., half:])
+    out[..., :half].addcmul_(x[..., half:], first, value=sign)
+    out[..., half:].addcmul_(x[..., :half], second, value=-sign)
+    return out
+
+
+class PackedRotaryAttention(torch.autograd.Function):
+    """Rotary embedding and causal attention within each packed example, from the q, k and v
+    projections ([1, tokens, heads x dim]) to attention's output ([1, tokens, heads x dim]), as a
+    Llama attention computes them between its projections. One FlashAttention call (PyTorch's CPU
+    kernel) per example, as in _PerExampleAttention. The backward pass writes each example's
+    gradients, rotated back, straight into one [1, tokens, q + k + v widths] tensor and hands
+    out column blocks of it, so a fused q/k/v projection reads them without concatenating."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
+                cos: torch.Tensor, sin: torch.Tensor, lengths: list[int], scale: float | None) -> torch.Tensor:
+        dim = cos.shape[-1]
+        q, k, v = (_heads_first(t, dim) for t in (query, key, value))
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q, k = rotary(q, cos, sin, torch.empty_like(q)), rotary(k, cos, sin, torch.empty_like(k))
+        output, log_sum_exps = _attend(q, k, v, lengths, scale)
+        ctx.save_for_backward(q, k, v, output, cos, sin, *log_sum_exps)
+        ctx.lengths, ctx.scale = lengths, scale
+        return output.flatten(2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        q, k, v, output, cos, sin, *log_sum_exps = ctx.saved_tensors
+        lengths = ctx.lengths
+        widths = [t.shape[1] * t.shape[3] for t in (q, k, v)]
+        joined = grad.new_empty(1, grad.shape[1], sum(widths))
+        grads = joined.split(widths, dim=-1)
+        dq, dk, dv = (_heads_first(g, q.shape[-1]) for g in grads)
+        grad = _heads_first(grad.contiguous(), q.shape[-1])
+        for (q_i, k_i, v_i, out_i, g_i, cos_i, sin_i, dq_i, dk_i, dv_i), log_sum_exp in zip(zip(*(
+                t.split(lengths, dim=2) for t in (q, k, v, output.transpose(1, 2), grad, cos, sin, dq, dk, dv))),
+                log_sum_exps):
+            grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                g_i, q_i, k_i, v_i, out_i, log_sum_exp, 0.0, True, scale=ctx.scale)
+            rotary(grad_q, cos_i, sin_i, dq_i, transpose=True)
+            rotary(grad_k, cos_i, sin_i, dk_i, transpose=True)
+            dv_i.copy_(grad_v)
+        return *grads, None, None, None, None
+
+
+def _heads_first(projection: torch.Tensor, dim: int) -> torch.Tensor:
+    """[1, tokens, heads x dim] as [1, heads, tokens, dim], a view (as Llama's attention takes it)."""
+    return projection.view(1, projection.shape[1], -1, dim).transpose(1, 2)
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+            scale: float | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Causal FlashAttention per example into one [1, tokens, heads, dim] output; with each
+    example's log-sum-exp, which the backward kernel takes."""
+    _, heads, tokens, dim = query.shape
+    output = query.new_empty(1, tokens, heads, dim)
+    log_sum_exps = []
+    for q, k, v, out in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
+                            output.split(lengths, dim=1)):
+        result, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, True, scale=scale)
+        out.copy_(result.transpose(1, 2))
+        log_sum_exps.append(log_sum_exp)
+    return output, log_sum_exps
 
 
 def block_diagonal_causal_mask(boundaries: list[int], device: torch.device) -> torch.Tensor:

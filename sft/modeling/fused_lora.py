@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
+from sft.modeling.attention import VARLEN_SDPA, PackedRotaryAttention
 from sft.modeling.lora import FastDropout, random_keep_mask
 
 GROUPS = {("q_proj", "k_proj", "v_proj"): (False, False, True), ("gate_proj", "up_proj"): (False, False)}
@@ -366,6 +367,7 @@ def fuse_lora_projections(model: torch.nn.Module) -> int:
                 _make_group([child], (False,))
     fuse_mlps(model)
     fuse_rms_norms(model)
+    fuse_attention(model)
     return fused
 
 
@@ -492,5 +494,45 @@ def fuse_mlps(model: torch.nn.Module) -> int:
         pair, up_pair, down = (layer._fused_group for layer in layers)
         if pair is up_pair and len(pair.members) == 2 and len(down.members) == 1:
             _swap_class(module, _fused_mlp_forward, "Fused")
+            count += 1
+    return count
+
+
+def _fused_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
+                             position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             attention_mask: torch.Tensor | None = None, past_key_values: object = None,
+                             **kwargs) -> tuple[torch.Tensor, None]:
+    """A Llama attention's forward (fuse_attention checked it is one) where its rotary embedding
+    and packed attention run as one function (PackedRotaryAttention): a packed row on the CPU,
+    no cache, no attention dropout, one dtype throughout. Anything else runs the model's own."""
+    boundaries = kwargs.get("packed_boundaries")
+    cos, sin = position_embeddings if position_embeddings is not None else (None, None)
+    if (boundaries is None or past_key_values is not None or cos is None or hidden_states.shape[0] != 1
+            or hidden_states.device.type != "cpu" or self.config._attn_implementation != VARLEN_SDPA
+            or (self.training and self.attention_dropout > 0) or torch.is_autocast_enabled("cpu")
+            or cos.requires_grad or sin.requires_grad or not hidden_states.dtype == cos.dtype == sin.dtype):
+        return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask,
+                                               past_key_values, **kwargs)
+    query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+    lengths = [end - start for start, end in itertools.pairwise(boundaries)]
+    output = PackedRotaryAttention.apply(query, key, value, cos, sin, lengths, self.scaling)
+    return self.o_proj(output), None
+
+
+def fuse_attention(model: torch.nn.Module) -> int:
+    """Give the attention modules whose forward and rotary embedding are Llama's (Llama and the
+    models that copy both) the forward above; returns how many."""
+    import sys
+
+    from transformers.models.llama import modeling_llama
+
+    count = 0
+    for module in model.modules():
+        cls = type(module)
+        rotate = getattr(sys.modules.get(cls.__module__), "apply_rotary_pos_emb", None)
+        if (_same_code(cls.forward, modeling_llama.LlamaAttention.forward)
+                and _same_code(rotate, modeling_llama.apply_rotary_pos_emb)
+                and isinstance(getattr(module, "head_dim", None), int)):
+            _swap_class(module, _fused_attention_forward, "Fused")
             count += 1
     return count

@@ -21,12 +21,13 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 
 
 def _pair(model_dir: Path, dropout: float, dtype: torch.dtype = torch.float32, targets: list[str] = ALL_PROJECTIONS,
-          gradient_checkpointing: bool = False, device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
+          gradient_checkpointing: bool = False, device: str = "cpu",
+          attention: str = "sdpa") -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same base and the same (random, nonzero) adapters, PEFT's layers and fused, built on
     ``device`` (moving a fused model afterwards would give each layer its own weight again)."""
     models = []
     for fused in (False, True):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention).to(device)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
@@ -145,6 +146,88 @@ def test_a_fused_layer_keeps_each_activation_once(tiny_model_dir: Path) -> None:
     masks = 3 * h + i  # bytes: q/k/v's, o's, gate/up's, down's
     per_token = (_saved_bytes_per_token(fused, 60) - _saved_bytes_per_token(fused, 20)) / 40
     assert per_token == 4 * floats + masks
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_model_dir: Path, dropout: float,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packed row (as the trainer feeds it) through the fused layers, whose attention runs the
+    rotary embedding and per-example attention as one function, against PEFT's layers and
+    transformers' attention."""
+    from sft.modeling import fused_lora
+    from sft.modeling.attention import PackedRotaryAttention
+
+    calls = []
+
+    class Counting(PackedRotaryAttention):
+        @classmethod
+        def apply(cls, *args):  # type: ignore[override]
+            calls.append(args[5])
+            return PackedRotaryAttention.apply(*args)
+
+    monkeypatch.setattr(fused_lora, "PackedRotaryAttention", Counting)
+    plain, fused = _pair(tiny_model_dir, dropout, attention="varlen_sdpa")
+    assert [type(layer.self_attn).__name__ for layer in fused.base_model.model.model.layers] == [
+        "FusedLlamaAttention"] * 2
+    lengths = [7, 1, 12, 4]
+    torch.manual_seed(5)
+    input_ids = torch.randint(3, 60, (1, sum(lengths)))
+    packed = {"position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+              "packed_boundaries": [0, 7, 8, 20, 24]}
+    results = []
+    for model in (plain, fused):
+        torch.manual_seed(7)
+        loss = model(input_ids=input_ids, labels=input_ids, use_cache=False, **packed).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert calls == [lengths, lengths]  # one call per layer
+    (plain_loss, plain_grads), (fused_loss, fused_grads) = results
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_rotary_attention_gives_transformers_values_and_gradients(dtype: torch.dtype) -> None:
+    """PackedRotaryAttention against transformers' rotary embedding and SDPA run on each example
+    alone, grouped-query heads; its input gradients are column blocks of one tensor."""
+    import itertools
+
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from sft.modeling.attention import PackedRotaryAttention
+
+    heads, kv_heads, dim, lengths = 4, 2, 8, [5, 1, 9, 3]
+    tokens = sum(lengths)
+    torch.manual_seed(0)
+    qkv = torch.randn(1, tokens, (heads + 2 * kv_heads) * dim).to(dtype)
+    positions = torch.cat([torch.arange(n) for n in lengths]).float()
+    angles = positions[:, None] / 100 ** (torch.arange(0, dim, 2).float() / dim)
+    cos, sin = (f(torch.cat([angles, angles], dim=-1))[None].to(dtype) for f in (torch.cos, torch.sin))
+    grad = torch.randn(1, tokens, heads * dim).to(dtype)
+    results = []
+    for ours in (True, False):
+        joined = qkv.clone().requires_grad_()
+        query, key, value = joined.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        if ours:
+            out = PackedRotaryAttention.apply(query, key, value, cos, sin, lengths, 0.3)
+            grads = torch.autograd.grad(out, (query, key, value), grad, retain_graph=True)
+            assert grads[1].data_ptr() == grads[0].data_ptr() + heads * dim * grads[0].element_size()
+            out.backward(grad)
+        else:
+            q, k, v = (t.view(1, tokens, -1, dim).transpose(1, 2) for t in (query, key, value))
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            bounds = [0, *itertools.accumulate(lengths)]
+            out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, scale=0.3, enable_gqa=True)
+                for a, b in itertools.pairwise(bounds)], dim=2).transpose(1, 2).flatten(2)
+            out.backward(grad)
+        results.append((out, joined.grad))
+    exact = dtype == torch.float32
+    for ours, reference in zip(*results):
+        assert ours.dtype == dtype and reference.abs().max() > 0
+        torch.testing.assert_close(ours, reference, rtol=1e-5 if exact else 2e-2, atol=1e-5 if exact else 2e-2)
 
 
 def test_a_different_dropout_mask_would_be_caught(tiny_model_dir: Path) -> None:
