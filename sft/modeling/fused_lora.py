@@ -16,8 +16,10 @@ pass. Here the layers of one group run as one function:
   the scaled outputs); the input gradient is one matmul against the concatenated weights.
 
 Layers that read an input alone (o, down) are groups of one and get the same dropout and scaling
-fusion. Two more functions of a Llama block run as one node: the SwiGLU activation inside the
-down projection (recomputed in the backward pass from gate and up), and each RMSNorm. The adapters, their names and the saved files stay PEFT's own; only ``forward`` changes.
+fusion. More functions of a Llama block run as one node each: the SwiGLU activation inside the
+down projection (recomputed in the backward pass from gate and up), each RMSNorm, and, on a
+packed CPU row, the rotary embedding with the per-example attention (PackedRotaryAttention).
+The adapters, their names and the saved files stay PEFT's own; only ``forward`` changes.
 Where a condition of the fused path does not hold at a call (adapters disabled or merged, several
 adapters active, DoRA, a quantized base layer, mixed dtypes without autocast, or weights that
 were moved apart, as FSDP does), the layers run PEFT's forward unchanged.
@@ -83,10 +85,12 @@ def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor,
     grad_a = list((grad_low.T @ dropped).split(list(ranks)))
     grad_flat = None
     if input_grad:
-        if keep is None:
-            grad_flat = torch.addmm(grad_out @ w, grad_low, a_cat)
-        else:
-            grad_flat = (grad_out @ w).addcmul_(grad_low @ a_cat, keep)
+        # the adapters' part first, masked in place; the base matmul then adds itself into it
+        # inside the matmul kernel (beta 1), where adding it afterwards would be one more pass
+        grad_flat = grad_low @ a_cat
+        if keep is not None:
+            torch.where(keep, grad_flat, grad_flat.new_zeros(()), out=grad_flat)
+        grad_flat.addmm_(grad_out, w)
     return grad_flat, grad_a, grad_b
 
 

@@ -188,6 +188,18 @@ def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_mode
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_fused_attention_steps_aside_for_generation_with_a_cache(tiny_model_dir: Path) -> None:
+    """Generation (a KV cache, no packed row) runs the model's own attention in a fused model and
+    gives PEFT's greedy tokens."""
+    plain, fused = _pair(tiny_model_dir, 0.1, attention="varlen_sdpa")
+    prompt = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.no_grad():
+        tokens = [model.eval().generate(input_ids=prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+                  for model in (plain, fused)]
+    assert tokens[0].shape == (1, 11)
+    assert torch.equal(tokens[0], tokens[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_rotary_attention_gives_transformers_values_and_gradients(dtype: torch.dtype) -> None:
     """PackedRotaryAttention against transformers' rotary embedding and SDPA run on each example
