@@ -11,7 +11,8 @@ attention function, keeps attention inside each example the cheapest way each de
 - MPS, and CUDA in float32 (FlashAttention has no float32 kernel): one SDPA call over the row
   with a block-diagonal causal mask. Correct everywhere, and one kernel per layer.
 - CPU: one causal FlashAttention call per example (PyTorch's CPU kernel, the one SDPA picks),
-  written into one output. Measured faster here than the masked call (attention is quadratic,
+  written into one output (with the fused layers, the rotary embedding runs in the same function:
+  PackedRotaryAttention). Measured faster here than the masked call (attention is quadratic,
   and the mask's cross-example blocks are pure waste on a device without launch costs).
 
 ``flash_attention_2`` (the ``flash-attn`` package's varlen kernel, through transformers) is used
@@ -106,7 +107,7 @@ class _PerExampleAttention(torch.autograd.Function):
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
            transpose: bool = False) -> torch.Tensor:
     """transformers' rotary embedding, x * cos + rotate_half(x) * sin, written into ``out`` in three
-    passes (transformers' takes six, and eight more backward); with ``transpose``, its transpose:
+    kernels (transformers' takes five, and more backward); with ``transpose``, its transpose:
     the gradient with respect to x. x and out: [..., tokens, dim]; cos and sin broadcast to them."""
     half = x.shape[-1] // 2
     torch.mul(x, cos, out=out)
