@@ -166,6 +166,15 @@ def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_mode
             return PackedRotaryAttention.apply(*args)
 
     monkeypatch.setattr(fused_lora, "PackedRotaryAttention", Counting)
+    joined = []
+    side_by_side = fused_lora._side_by_side
+
+    def recording(grads, rows, dtype):
+        found = side_by_side(grads, rows, dtype)
+        joined.append((len(grads), found is not None))
+        return found
+
+    monkeypatch.setattr(fused_lora, "_side_by_side", recording)
     plain, fused = _pair(tiny_model_dir, dropout, attention="varlen_sdpa")
     assert [type(layer.self_attn).__name__ for layer in fused.base_model.model.model.layers] == [
         "FusedLlamaAttention"] * 2
@@ -181,6 +190,8 @@ def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_mode
         loss.backward()
         results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     assert calls == [lengths, lengths]  # one call per layer
+    # every group's backward, q/k/v's included, read its gradients without concatenating them
+    assert sorted(joined) == sorted([(3, True), (1, True), (2, True)] * 2)
     (plain_loss, plain_grads), (fused_loss, fused_grads) = results
     assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
     for name, grad in plain_grads.items():
