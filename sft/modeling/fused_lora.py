@@ -48,7 +48,8 @@ which it rotates first), so v is copied out, and the rest of the tensor is freed
 
 
 REBUILD = "_sft_rebuild"
-"""Attribute of a tensor: (function, tensors) giving the tensor again from tensors kept anyway."""
+"""Attribute of a tensor: (function, tensors, version) giving the tensor again from tensors kept
+anyway, as long as the tensor's version (its count of in-place changes) is still ``version``."""
 
 
 def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -120,8 +121,8 @@ class _FusedLoraFunction(torch.autograd.Function):
         ctx.rebuild = None
         if flat.dtype != x.dtype or flat.data_ptr() != x.data_ptr():
             kept = (dropped,)
-        elif (recipe := getattr(x, REBUILD, None)) is not None:
-            ctx.rebuild, kept = recipe
+        elif (recipe := getattr(x, REBUILD, None)) is not None and recipe[2] == x._version:
+            ctx.rebuild, kept = recipe[:2]
         else:
             kept = (flat,)
         ctx.rebuilt = kept[0] is not dropped
@@ -437,7 +438,7 @@ def _fused_rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) 
     output, rstd = _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
     if torch.is_grad_enabled():
         # what a fused group reading this output keeps in its place: the norm keeps these anyway
-        setattr(output, REBUILD, (_rms_norm_output, (hidden_states, rstd, self.weight)))
+        setattr(output, REBUILD, (_rms_norm_output, (hidden_states, rstd, self.weight), output._version))
     return output
 
 

@@ -253,6 +253,21 @@ def test_packed_rotary_attention_gives_transformers_values_and_gradients(dtype: 
         torch.testing.assert_close(ours, reference, rtol=1e-5 if exact else 2e-2, atol=1e-5 if exact else 2e-2)
 
 
+def test_a_norm_output_changed_in_place_is_kept_not_rebuilt(tiny_model_dir: Path) -> None:
+    """A fused group rebuilds its input from the RMSNorm's saved tensors only while that input is
+    the norm's output as computed: changed in place (by a forward hook, say), it is kept as it is,
+    and the gradients stay PEFT's."""
+    plain, fused = _pair(tiny_model_dir, 0.1)
+    for model in (plain, fused):
+        for layer in model.base_model.model.model.layers:
+            layer.input_layernorm.register_forward_hook(lambda module, args, output: output.mul_(1.5))
+    plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
+    fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_a_different_dropout_mask_would_be_caught(tiny_model_dir: Path) -> None:
     """The comparison above can fail: other masks (another seed) give another loss."""
     plain, fused = _pair(tiny_model_dir, 0.5)
