@@ -28,7 +28,7 @@ import functools
 import importlib.util
 import inspect
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +59,15 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     return _block_diagonal(query, key, value, boundaries, dropout, scaling), None
 
 
+def example_lengths(boundaries: list[int]) -> list[int]:
+    """The packed examples' lengths from their boundaries ([0, end of the first, ...])."""
+    return [end - start for start, end in itertools.pairwise(boundaries)]
+
+
 def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
                  dropout: float, scaling: float | None) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
-    lengths = [end - start for start, end in itertools.pairwise(boundaries)]
+    lengths = example_lengths(boundaries)
     if dropout == 0.0:
         return _PerExampleAttention.apply(query, key, value, lengths, scaling)
     # split, not slicing: the backward of a split is one concatenation, while each slice's
@@ -91,15 +96,11 @@ class _PerExampleAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         query, key, value, output, *log_sum_exps = ctx.saved_tensors
-        lengths = ctx.lengths
         grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        for q, k, v, out, g, log_sum_exp, dq, dk, dv in zip(
-                query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
-                output.split(lengths, dim=1), grad.split(lengths, dim=1), log_sum_exps,
-                *(t.split(lengths, dim=2) for t in grads)):
-            results = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                g.transpose(1, 2), q, k, v, out.transpose(1, 2), log_sum_exp, 0.0, True, scale=ctx.scale)
-            for target, result in zip((dq, dk, dv), results):
+        for results, targets in zip(_attend_backward(grad, query, key, value, output, log_sum_exps, ctx.lengths,
+                                                     ctx.scale),
+                                    zip(*(t.split(ctx.lengths, dim=2) for t in grads))):
+            for target, result in zip(targets, results):
                 target.copy_(result)
         return *grads, None, None
 
@@ -146,16 +147,13 @@ class PackedRotaryAttention(torch.autograd.Function):
         widths = [t.shape[1] * t.shape[3] for t in (q, k, v)]
         joined = grad.new_empty(1, grad.shape[1], sum(widths))
         grads = joined.split(widths, dim=-1)
-        dq, dk, dv = (_heads_first(g, q.shape[-1]) for g in grads)
-        grad = _heads_first(grad.contiguous(), q.shape[-1])
-        for (q_i, k_i, v_i, out_i, g_i, cos_i, sin_i, dq_i, dk_i, dv_i), log_sum_exp in zip(zip(*(
-                t.split(lengths, dim=2) for t in (q, k, v, output.transpose(1, 2), grad, cos, sin, dq, dk, dv))),
-                log_sum_exps):
-            grad_q, grad_k, grad_v = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                g_i, q_i, k_i, v_i, out_i, log_sum_exp, 0.0, True, scale=ctx.scale)
-            rotary(grad_q, cos_i, sin_i, dq_i, transpose=True)
-            rotary(grad_k, cos_i, sin_i, dk_i, transpose=True)
-            dv_i.copy_(grad_v)
+        targets = zip(*(t.split(lengths, dim=2) for t in (cos, sin, *(_heads_first(g, q.shape[-1]) for g in grads))))
+        grad = grad.contiguous().view(output.shape)
+        for (grad_q, grad_k, grad_v), (cos_i, sin_i, dq, dk, dv) in zip(
+                _attend_backward(grad, q, k, v, output, log_sum_exps, lengths, ctx.scale), targets):
+            rotary(grad_q, cos_i, sin_i, dq, transpose=True)
+            rotary(grad_k, cos_i, sin_i, dk, transpose=True)
+            dv.copy_(grad_v)
         return *grads, None, None, None, None
 
 
@@ -180,9 +178,21 @@ def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths
     return output, log_sum_exps
 
 
+def _attend_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     output: torch.Tensor, log_sum_exps: list[torch.Tensor], lengths: list[int],
+                     scale: float | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each example's query, key and value gradients ([1, heads, length, dim]) from _attend's
+    output and log-sum-exps and the output's gradient ([1, tokens, heads, dim])."""
+    for q, k, v, out, g, log_sum_exp in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                                            value.split(lengths, dim=2), output.split(lengths, dim=1),
+                                            grad.split(lengths, dim=1), log_sum_exps):
+        yield torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            g.transpose(1, 2), q, k, v, out.transpose(1, 2), log_sum_exp, 0.0, True, scale=scale)
+
+
 def block_diagonal_causal_mask(boundaries: list[int], device: torch.device) -> torch.Tensor:
     """[tokens, tokens] boolean mask: True where a token may attend (same example, not later)."""
-    lengths = torch.tensor([end - start for start, end in itertools.pairwise(boundaries)], device=device)
+    lengths = torch.tensor(example_lengths(boundaries), device=device)
     example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
     same_example = example[:, None] == example[None, :]
     return same_example.tril_()
@@ -201,7 +211,7 @@ def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if cu_seq_lens is None or cu_seq_lens.device != query.device:
         cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32, device=query.device)
-    max_length = kwargs.get("max_length_q") or max(b - a for a, b in itertools.pairwise(boundaries))
+    max_length = kwargs.get("max_length_q") or max(example_lengths(boundaries))
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # [tokens, heads, dim]
     output = torch_varlen_attention()(q, k, v, cu_seq_lens.to(torch.int32), cu_seq_lens.to(torch.int32),
                                       int(max_length), int(max_length), scaling)

@@ -31,13 +31,14 @@ The dropout mask is FastDropout's (16 random bits per element, p rounded to a mu
 from __future__ import annotations
 
 import itertools
+import sys
 import weakref
 from collections.abc import Sequence
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from sft.modeling.attention import VARLEN_SDPA, PackedRotaryAttention
+from sft.modeling.attention import VARLEN_SDPA, PackedRotaryAttention, example_lengths
 from sft.modeling.lora import FastDropout, random_keep_mask
 
 GROUPS = {("q_proj", "k_proj", "v_proj"): (False, False, True), ("gate_proj", "up_proj"): (False, False)}
@@ -62,7 +63,7 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: float, alphas: Sequence[float],
                   sizes: Sequence[int], ranks: Sequence[int], a_cat: torch.Tensor, b_list: Sequence[torch.Tensor]):
     """The group's output [rows, sum of sizes] for flat [rows, d], all in one dtype; with the
-    dropout mask (None without dropout), the dropped-out input and the rank-r products."""
+    dropout mask (None without dropout) and the rank-r products."""
     out = flat @ w.T if bias is None else torch.addmm(bias, flat, w.T)
     keep = random_keep_mask(flat.shape, p, flat.device) if p > 0.0 else None
     # where, not a product: a product with a boolean mask converts the mask to floats first
@@ -70,7 +71,7 @@ def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     low = dropped @ a_cat.T
     for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
         out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
-    return out, keep, dropped, low
+    return out, keep, low
 
 
 def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor, b_list: Sequence[torch.Tensor],
@@ -112,20 +113,18 @@ class _FusedLoraFunction(torch.autograd.Function):
         b_list = [b.to(dtype) for b in adapters[count:]]
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
-            out, keep, dropped, low = _lora_forward(flat, w, None if bias is None else bias.to(dtype),
+            out, keep, low = _lora_forward(flat, w, None if bias is None else bias.to(dtype),
                                                     p, alphas, sizes, ranks, a_cat, b_list)
-        # Keep what the dropped-out input is rebuilt from where that costs no memory of its own:
-        # the input itself (attention keeps the tensor the output projection reads), or what an
-        # RMSNorm keeps anyway for the norm output q/k/v and gate/up read. A converted copy of
-        # the input (autocast) is kept dropped out, as it is.
-        ctx.rebuild = None
-        if flat.dtype != x.dtype or flat.data_ptr() != x.data_ptr():
-            kept = (dropped,)
-        elif (recipe := getattr(x, REBUILD, None)) is not None and recipe[2] == x._version:
+        # Keep the input, not its dropped-out copy (rebuilt in the backward pass), and where it is
+        # an RMSNorm's output still as the norm left it, what the norm keeps anyway instead: the
+        # attention output the output projection reads is kept by attention too, so neither costs
+        # memory of its own. (A copy converted under autocast is the one tensor kept of its size.)
+        recipe = getattr(x, REBUILD, None)
+        as_is = flat.dtype == x.dtype and flat.data_ptr() == x.data_ptr()
+        if recipe is not None and recipe[2] == x._version and as_is:
             ctx.rebuild, kept = recipe[:2]
         else:
-            kept = (flat,)
-        ctx.rebuilt = kept[0] is not dropped
+            ctx.rebuild, kept = None, (flat,)
         ctx.save_for_backward(w, a_cat, *b_list, keep, low, *kept)
         ctx.meta = (alphas, sizes, ranks)
         ctx.adapter_dtypes = [t.dtype for t in adapters]
@@ -140,11 +139,8 @@ class _FusedLoraFunction(torch.autograd.Function):
         count = len(sizes)
         w, a_cat, *rest = ctx.saved_tensors
         b_list, (keep, low, *kept) = rest[:count], rest[count:]
-        dropped = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept)
-        if ctx.rebuilt:
-            dropped = dropped.reshape(-1, dropped.shape[-1])
-            if keep is not None:
-                dropped = torch.where(keep, dropped, dropped.new_zeros(()))
+        flat = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept).reshape(-1, w.shape[1])
+        dropped = flat if keep is None else torch.where(keep, flat, flat.new_zeros(()))
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
         grad_out = _side_by_side(grads, rows, w.dtype)
         if grad_out is None:
@@ -173,7 +169,7 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         w, a_cast, b_cast = weight.to(dtype), a.to(dtype), b.to(dtype)
         with torch.autocast(gate.device.type, enabled=False):
             hidden = (torch.nn.functional.silu(gate.to(dtype)) * up.to(dtype)).view(-1, gate.shape[-1])
-            out, keep, _, low = _lora_forward(hidden, w, None if bias is None else bias.to(dtype), p, alphas, sizes,
+            out, keep, low = _lora_forward(hidden, w, None if bias is None else bias.to(dtype), p, alphas, sizes,
                                               ranks, a_cast, [b_cast])
         ctx.save_for_backward(gate, up, w, a_cast, b_cast, keep, low)
         ctx.meta = (alphas, sizes, ranks, dtype)
@@ -413,7 +409,7 @@ class _RMSNormFunction(torch.autograd.Function):
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         ctx.save_for_backward(x, rstd, weight)
         ctx.mark_non_differentiable(rstd)
-        return weight * (x32 * rstd).to(x.dtype), rstd  # as _rms_norm_output
+        return _rms_norm_output(x, rstd, weight), rstd
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _: torch.Tensor | None):  # type: ignore[override]
@@ -519,16 +515,13 @@ def _fused_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
         return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask,
                                                past_key_values, **kwargs)
     query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-    lengths = [end - start for start, end in itertools.pairwise(boundaries)]
-    output = PackedRotaryAttention.apply(query, key, value, cos, sin, lengths, self.scaling)
+    output = PackedRotaryAttention.apply(query, key, value, cos, sin, example_lengths(boundaries), self.scaling)
     return self.o_proj(output), None
 
 
 def fuse_attention(model: torch.nn.Module) -> int:
     """Give the attention modules whose forward and rotary embedding are Llama's (Llama and the
     models that copy both) the forward above; returns how many."""
-    import sys
-
     from transformers.models.llama import modeling_llama
 
     count = 0
