@@ -203,8 +203,9 @@ def test_logits_in_forward_gives_the_chunked_head_loss_and_gradients(tiny_model_
     assert no_logits[1] == 0
     assert kept_logits[1] == (n if collate == "packed" else batch["input_ids"].shape[1])
     torch.testing.assert_close(in_forward, chunked, rtol=1e-5, atol=1e-5)
+    # gradients reach 6 in size: float32 rounding of the two head computations differs by ~3e-6
     for name, grad in forward_grads.items():
-        torch.testing.assert_close(grad, chunked_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grad, chunked_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir: Path, examples: list[dict],

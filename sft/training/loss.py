@@ -51,19 +51,34 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
+        rows = min(chunk_tokens, hidden.shape[0])
+        # one float32 logits buffer for every chunk, each pass over it in place: the normalizer is
+        # max + log(sum(exp(logits - max))) as logsumexp computes it, but without logsumexp's
+        # [chunk, vocab] temporary, and softmax is the exponentials divided by their sum
+        buffer = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start:start + chunk_tokens].to(dtype)
                 t = targets[start:start + chunk_tokens]
-                logits = (h @ head.T).float()
-                log_normalizer = torch.logsumexp(logits, dim=-1)
-                total += (log_normalizer - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                logits = buffer[:h.shape[0]]
+                if dtype == torch.float32:
+                    torch.mm(h, head.T, out=logits)
+                else:
+                    logits.copy_(h @ head.T)
+                target_logits = logits.gather(1, t[:, None])
+                peak = logits.amax(dim=-1, keepdim=True)
+                exponentials = logits.sub_(peak).exp_()
+                sums = exponentials.sum(dim=-1, keepdim=True)
+                total += (sums.log() + peak - target_logits).sum()
                 if needs_hidden_grad or needs_weight_grad:
-                    # softmax - one_hot, computed in place: no second [chunk, vocab] buffer
-                    grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+                    # softmax - one_hot, in the same buffer
+                    grad_logits = exponentials.div_(sums)
                     grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                     if needs_hidden_grad:
-                        grad_hidden[start:start + chunk_tokens] = grad_logits.to(dtype) @ head
+                        if dtype == torch.float32 and grad_hidden.dtype == dtype:
+                            torch.mm(grad_logits, head, out=grad_hidden[start:start + chunk_tokens])
+                        else:
+                            grad_hidden[start:start + chunk_tokens] = grad_logits.to(dtype) @ head
                     if needs_weight_grad:
                         grad_weight += grad_logits.T @ h.float()
         ctx.save_for_backward(grad_hidden, grad_weight)
