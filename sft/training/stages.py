@@ -35,7 +35,7 @@ from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
 from sft.files import atomic_write_text, unwritable_reason
 from sft.modeling.attention import resolve_attention
-from sft.modeling.devices import DevicePolicy, device_policy
+from sft.modeling.devices import DevicePolicy, device_policy, keep_freed_cpu_memory
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
 from sft.training.checkpoints import (
@@ -94,6 +94,8 @@ def setup_runtime(config: SFTConfig) -> Runtime:
     if policy.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls (Ampere+)
         torch.backends.cudnn.allow_tf32 = True
+    if policy.device == "cpu":
+        keep_freed_cpu_memory()  # a step reuses the pages the step before freed
     set_seed(config.training.seed)
     runtime = Runtime(policy, state, attention)
     data = config.data
