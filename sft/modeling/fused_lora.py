@@ -60,14 +60,21 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def _dropped(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x with the elements the boolean mask drops set to zero: a product with the mask's bytes (0
+    or 1), which PyTorch runs vectorized. ``torch.where`` and a product with the boolean mask
+    itself run element by element (1.6x to 2.3x slower on [1260, 576] and [1260, 1536] float32,
+    2 CPU cores), and a float copy of the mask would be one more pass."""
+    return torch.mul(x, keep.view(torch.uint8), out=out)
+
+
 def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: float, alphas: Sequence[float],
                   sizes: Sequence[int], ranks: Sequence[int], a_cat: torch.Tensor, b_list: Sequence[torch.Tensor]):
     """The group's output [rows, sum of sizes] for flat [rows, d], all in one dtype; with the
     dropout mask (None without dropout) and the rank-r products."""
     out = flat @ w.T if bias is None else torch.addmm(bias, flat, w.T)
     keep = random_keep_mask(flat.shape, p, flat.device) if p > 0.0 else None
-    # where, not a product: a product with a boolean mask converts the mask to floats first
-    dropped = flat if keep is None else torch.where(keep, flat, flat.new_zeros(()))
+    dropped = flat if keep is None else _dropped(flat, keep)
     low = dropped @ a_cat.T
     for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
         out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
@@ -92,7 +99,7 @@ def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor,
         # inside the matmul kernel (beta 1), where adding it afterwards would be one more pass
         grad_flat = grad_low @ a_cat
         if keep is not None:
-            torch.where(keep, grad_flat, grad_flat.new_zeros(()), out=grad_flat)
+            _dropped(grad_flat, keep, out=grad_flat)
         grad_flat.addmm_(grad_out, w)
     return grad_flat, grad_a, grad_b
 
@@ -141,7 +148,7 @@ class _FusedLoraFunction(torch.autograd.Function):
         w, a_cat, *rest = ctx.saved_tensors
         b_list, (keep, low, *kept) = rest[:count], rest[count:]
         flat = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept).reshape(-1, w.shape[1])
-        dropped = flat if keep is None else torch.where(keep, flat, flat.new_zeros(()))
+        dropped = flat if keep is None else _dropped(flat, keep)
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
         grad_out = _side_by_side(grads, rows, w.dtype)
         if grad_out is None:
@@ -185,7 +192,7 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         gate, up = (t.to(dtype).view(-1, t.shape[-1]) for t in (gate, up))
         activation = torch.nn.functional.silu(gate)
         hidden = activation * up
-        dropped = hidden if keep is None else torch.where(keep, hidden, hidden.new_zeros(()), out=hidden)
+        dropped = hidden if keep is None else _dropped(hidden, keep, out=hidden)
         grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
                                                      keep, low, alphas, sizes, ranks, True)
         # gate's and up's gradients side by side in one tensor, as the gate/up group's output lies,

@@ -42,12 +42,13 @@ class _DropoutFunction(torch.autograd.Function):
         keep = random_keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
-        return x * keep.to(x.dtype).mul_(ctx.scale)
+        # a product with the mask's bytes runs vectorized; with the boolean mask it does not
+        return torch.mul(x, keep.view(torch.uint8)).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).mul_(ctx.scale), None
+        return torch.mul(grad, keep.view(torch.uint8)).mul_(ctx.scale), None
 
 
 class _LastInput:
