@@ -69,12 +69,14 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = Non
 
 
 def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: float, alphas: Sequence[float],
-                  sizes: Sequence[int], ranks: Sequence[int], a_cat: torch.Tensor, b_list: Sequence[torch.Tensor]):
+                  sizes: Sequence[int], ranks: Sequence[int], a_cat: torch.Tensor, b_list: Sequence[torch.Tensor],
+                  scratch: bool = False):
     """The group's output [rows, sum of sizes] for flat [rows, d], all in one dtype; with the
-    dropout mask (None without dropout) and the rank-r products."""
+    dropout mask (None without dropout) and the rank-r products. ``scratch``: flat is the
+    caller's own and may be overwritten (by its dropped-out copy, after the base matmul read it)."""
     out = flat @ w.T if bias is None else torch.addmm(bias, flat, w.T)
     keep = random_keep_mask(flat.shape, p, flat.device) if p > 0.0 else None
-    dropped = flat if keep is None else _dropped(flat, keep)
+    dropped = flat if keep is None else _dropped(flat, keep, out=flat if scratch else None)
     low = dropped @ a_cat.T
     for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
         out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
@@ -83,8 +85,10 @@ def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
 
 def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor, b_list: Sequence[torch.Tensor],
                    dropped: torch.Tensor, keep: torch.Tensor | None, low: torch.Tensor, alphas: Sequence[float],
-                   sizes: Sequence[int], ranks: Sequence[int], input_grad: bool):
-    """Gradients of _lora_forward's output: for flat (None unless ``input_grad``), each A, each B."""
+                   sizes: Sequence[int], ranks: Sequence[int], input_grad: bool, own_dropped: bool = False):
+    """Gradients of _lora_forward's output: for flat (None unless ``input_grad``), each A, each B.
+    ``own_dropped``: ``dropped`` is the caller's own, free once read, and takes flat's gradient
+    (writing into memory just used is faster than into a new tensor)."""
     grad_low, grad_b = [], []
     for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
         g = grad_out[:, col:col + size]
@@ -97,7 +101,7 @@ def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor,
     if input_grad:
         # the adapters' part first, masked in place; the base matmul then adds itself into it
         # inside the matmul kernel (beta 1), where adding it afterwards would be one more pass
-        grad_flat = grad_low @ a_cat
+        grad_flat = torch.mm(grad_low, a_cat, out=dropped) if own_dropped else grad_low @ a_cat
         if keep is not None:
             _dropped(grad_flat, keep, out=grad_flat)
         grad_flat.addmm_(grad_out, w)
@@ -147,8 +151,10 @@ class _FusedLoraFunction(torch.autograd.Function):
         count = len(sizes)
         w, a_cat, *rest = ctx.saved_tensors
         b_list, (keep, low, *kept) = rest[:count], rest[count:]
-        flat = kept[0] if ctx.rebuild is None else ctx.rebuild(*kept).reshape(-1, w.shape[1])
-        dropped = flat if keep is None else _dropped(flat, keep)
+        rebuilt = ctx.rebuild is not None
+        flat = ctx.rebuild(*kept).reshape(-1, w.shape[1]) if rebuilt else kept[0]
+        # a rebuilt input is this pass's own: its dropped-out copy overwrites it
+        dropped = flat if keep is None else _dropped(flat, keep, out=flat if rebuilt else None)
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
         grad_out = _side_by_side(grads, rows, w.dtype)
         if grad_out is None:
@@ -156,7 +162,7 @@ class _FusedLoraFunction(torch.autograd.Function):
             grad_out = torch.cat([torch.zeros(*lead, size, dtype=w.dtype, device=w.device) if g is None
                                   else g.to(w.dtype) for g, size in zip(grads, sizes)], dim=-1).view(rows, -1)
         grad_x, grad_a, grad_b = _lora_backward(grad_out, w, a_cat, b_list, dropped, keep, low, alphas, sizes, ranks,
-                                                ctx.needs_input_grad[0])
+                                                ctx.needs_input_grad[0], own_dropped=rebuilt or keep is not None)
         if grad_x is not None:
             grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
         adapter_grads = [g.to(d) for g, d in zip((*grad_a, *grad_b), ctx.adapter_dtypes)]
@@ -176,9 +182,9 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         ctx.input_dtypes = (gate.dtype, up.dtype)
         w, a_cast, b_cast = weight.to(dtype), a.to(dtype), b.to(dtype)
         with torch.autocast(gate.device.type, enabled=False):
-            hidden = (torch.nn.functional.silu(gate.to(dtype)) * up.to(dtype)).view(-1, gate.shape[-1])
+            hidden = torch.nn.functional.silu(gate.to(dtype)).mul_(up.to(dtype)).view(-1, gate.shape[-1])
             out, keep, low = _lora_forward(hidden, w, None if bias is None else bias.to(dtype), p, alphas, sizes,
-                                              ranks, a_cast, [b_cast])
+                                           ranks, a_cast, [b_cast], scratch=True)
         ctx.save_for_backward(gate, up, w, a_cast, b_cast, keep, low)
         ctx.meta = (alphas, sizes, ranks, dtype)
         ctx.adapter_dtypes = (a.dtype, b.dtype)
@@ -190,16 +196,17 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         alphas, sizes, ranks, dtype = ctx.meta
         shape = gate.shape
         gate, up = (t.to(dtype).view(-1, t.shape[-1]) for t in (gate, up))
-        activation = torch.nn.functional.silu(gate)
+        # gate's and up's gradients side by side in one tensor, as the gate/up group's output lies,
+        # so that its backward reads them without concatenating; up's is the activation times the
+        # product's gradient, computed in place where the activation lies
+        width = gate.shape[-1]
+        joined = gate.new_empty(gate.shape[0], 2 * width)
+        activation = torch.ops.aten.silu.out(gate, out=joined[:, width:])
         hidden = activation * up
         dropped = hidden if keep is None else _dropped(hidden, keep, out=hidden)
         grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
-                                                     keep, low, alphas, sizes, ranks, True)
-        # gate's and up's gradients side by side in one tensor, as the gate/up group's output lies,
-        # so that its backward reads them without concatenating
-        width = gate.shape[-1]
-        joined = grad_hidden.new_empty(grad_hidden.shape[0], 2 * width)
-        grad_up = torch.mul(grad_hidden, activation, out=joined[:, width:])
+                                                     keep, low, alphas, sizes, ranks, True, own_dropped=True)
+        grad_up = activation.mul_(grad_hidden)
         grad_gate = torch.ops.aten.silu_backward.grad_input(grad_hidden.mul_(up), gate, grad_input=joined[:, :width])
         return (grad_gate.view(shape).to(ctx.input_dtypes[0]), grad_up.view(shape).to(ctx.input_dtypes[1]),
                 None, None, None, None, None, None, None,
@@ -435,7 +442,8 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 def _rms_norm_output(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return weight * (x.float() * rstd).to(x.dtype)
+    normalized = (x.float() * rstd).to(x.dtype)  # a new tensor: the weight multiplies it in place
+    return normalized.mul_(weight) if weight.dtype == normalized.dtype else weight * normalized
 
 
 def _fused_rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
