@@ -64,8 +64,9 @@ def _dropped(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = Non
     """x with the elements the boolean mask drops set to zero: a product with the mask's bytes (0
     or 1), which PyTorch runs vectorized. ``torch.where`` and a product with the boolean mask
     itself run element by element (1.6x to 2.3x slower on [1260, 576] and [1260, 1536] float32,
-    2 CPU cores), and a float copy of the mask would be one more pass."""
-    return torch.mul(x, keep.view(torch.uint8), out=out)
+    2 CPU cores). (The product converts the bytes to x's dtype on the way: a backward pass, which
+    applies the mask twice, converts it once and passes the converted mask.)"""
+    return torch.mul(x, keep.view(torch.uint8) if keep.dtype == torch.bool else keep, out=out)
 
 
 def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: float, alphas: Sequence[float],
@@ -154,6 +155,7 @@ class _FusedLoraFunction(torch.autograd.Function):
         rebuilt = ctx.rebuild is not None
         flat = ctx.rebuild(*kept).reshape(-1, w.shape[1]) if rebuilt else kept[0]
         # a rebuilt input is this pass's own: its dropped-out copy overwrites it
+        keep = None if keep is None else keep.to(w.dtype)  # converted once for both of its uses
         dropped = flat if keep is None else _dropped(flat, keep, out=flat if rebuilt else None)
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
         grad_out = _side_by_side(grads, rows, w.dtype)
@@ -203,6 +205,7 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         joined = gate.new_empty(gate.shape[0], 2 * width)
         activation = torch.ops.aten.silu.out(gate, out=joined[:, width:])
         hidden = activation * up
+        keep = None if keep is None else keep.to(dtype)  # converted once for both of its uses
         dropped = hidden if keep is None else _dropped(hidden, keep, out=hidden)
         grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
                                                      keep, low, alphas, sizes, ranks, True, own_dropped=True)
