@@ -177,11 +177,12 @@ def _sync(device: str) -> None:
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one contender for warmup + steps steps and measure it (runs in its own process)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments, set_seed
 
     from sft.config import build_config
     from sft.data.collate import IGNORE_INDEX, PaddingCollator
     from sft.modeling.attention import resolve_attention
+    from sft.modeling.devices import device_policy
     from sft.recipes.sft import build_trainer
     from sft.training.stages import load_lora_model, setup_runtime
 
@@ -201,8 +202,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": total_steps, "logging_steps": 1,
         "seed": args.seed, "output_dir": output_dir, "max_seq_length": args.max_length,
         "lora_fused": args.contender != "sft_unfused"})
-    runtime = setup_runtime(config)
-    policy = runtime.policy
+    if args.contender.startswith("sft"):
+        runtime = setup_runtime(config)
+        policy = runtime.policy
+    else:
+        # a peer runs as its own users run it, without our runtime set-up (which also sets the CPU
+        # allocator to keep freed memory, which changes a peer's CPU speed too)
+        policy = device_policy(config.training.device, config.model.dtype)
+        set_seed(args.seed)
     peer_attention = "sdpa"
     if args.contender == "trl_padding_free":
         peer_attention = resolve_attention("auto", policy.device)  # flash_attention_2 where installed
