@@ -149,6 +149,27 @@ def test_a_fused_layer_keeps_each_activation_once(tiny_model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_second_backward_pass_gives_the_same_gradients(tiny_model_dir: Path, dropout: float) -> None:
+    """The backward passes write into memory of their own (rebuilt inputs, dropped-out copies,
+    the SwiGLU activation): none of it may be a tensor the graph keeps, or a second backward pass
+    through the same graph (``retain_graph``) would read what the first overwrote."""
+    _, fused = _pair(tiny_model_dir, dropout, attention="varlen_sdpa")
+    lengths = [7, 1, 12, 4]
+    torch.manual_seed(5)
+    input_ids = torch.randint(3, 60, (1, sum(lengths)))
+    packed = {"position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+              "packed_boundaries": [0, 7, 8, 20, 24]}
+    loss = fused(input_ids=input_ids, labels=input_ids, use_cache=False, **packed).loss
+    parameters = [p for p in fused.parameters() if p.requires_grad]
+    first = torch.autograd.grad(loss, parameters, retain_graph=True)
+    second = torch.autograd.grad(loss, parameters)
+    assert _fused_groups_ran(fused) == 2 * 4
+    for a, b in zip(first, second, strict=True):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_model_dir: Path, dropout: float,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A packed row (as the trainer feeds it) through the fused layers, whose attention runs the
