@@ -127,7 +127,7 @@ class _FusedLoraFunction(torch.autograd.Function):
         flat = x.reshape(-1, x.shape[-1]).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             out, keep, low = _lora_forward(flat, w, None if bias is None else bias.to(dtype),
-                                                    p, alphas, sizes, ranks, a_cat, b_list)
+                                           p, alphas, sizes, ranks, a_cat, b_list)
         # Keep the input, not its dropped-out copy (rebuilt in the backward pass), and where it is
         # an RMSNorm's output still as the norm left it, what the norm keeps anyway instead: the
         # attention output the output projection reads is kept by attention too, so neither costs

@@ -75,8 +75,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     grad_logits = exponentials.div_(sums)
                     grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                     if needs_hidden_grad:
-                        if dtype == torch.float32 and grad_hidden.dtype == dtype:
-                            torch.mm(grad_logits, head, out=grad_hidden[start:start + chunk_tokens])
+                        if grad_hidden.dtype == dtype:  # straight into its rows, no copy
+                            torch.mm(grad_logits.to(dtype), head, out=grad_hidden[start:start + chunk_tokens])
                         else:
                             grad_hidden[start:start + chunk_tokens] = grad_logits.to(dtype) @ head
                     if needs_weight_grad:
