@@ -19,8 +19,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # The versions the project is tested with (pyproject.toml, and what TRL's benchmark contender needs).
+# huggingface-hub 2 talks HTTP through httpx2 (not the httpx 0.x such images hold), hence its
+# closure down to the packages those images have; --no-deps installs nothing a list leaves out.
 WHEELS=(transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1
-        multiprocess==0.70.19 gguf==0.19.0 tokenizers==0.23.3 huggingface-hub==2.4.0)
+        multiprocess==0.70.19 gguf==0.19.0 tokenizers==0.23.3 huggingface-hub==2.4.0 hf-xet==1.8.0
+        httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 anyio==4.16.0 h11==0.16.0 idna==3.20)
 if [ "${1:-}" = "--prepare" ]; then
     python benchmarks/throughput.py --export-assets benchmarks/assets || exit 1
     python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
