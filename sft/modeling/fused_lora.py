@@ -39,6 +39,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from sft.modeling.attention import VARLEN_SDPA, PackedRotaryAttention, example_lengths
+from sft.modeling.devices import release_mapped_pages
 from sft.modeling.lora import FastDropout, random_keep_mask
 
 GROUPS = {("q_proj", "k_proj", "v_proj"): (False, False, True), ("gate_proj", "up_proj"): (False, False)}
@@ -407,6 +408,8 @@ def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) ->
         for member, start, weight in zip(members, _offsets([len(w) for w in weights]), weights):
             member.base_layer.weight = torch.nn.Parameter(joined[start:start + len(weight)],
                                                           requires_grad=weight.requires_grad)
+        # Weights read from a mapped checkpoint would stay resident beside their copy.
+        release_mapped_pages(weights)
     group = _Group(members, own_storage)
     for index, member in enumerate(members):
         member.__class__ = FusedLinear

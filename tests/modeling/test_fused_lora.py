@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sft.modeling.fused_lora import FusedLinear, fuse_lora_projections
 from sft.modeling.lora import add_lora
+from sft.modeling.models import load_model
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -319,6 +321,38 @@ def test_group_weights_are_views_of_one_tensor_and_files_stay_peft(tiny_model_di
     assert plain_file.keys() == fused_file.keys()
     for key, tensor in plain_file.items():
         assert torch.equal(fused_file[key], tensor), key
+
+
+def _resident_file_kb() -> int:
+    """This process's resident pages that belong to mapped files (Linux), in KB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status; madvise is Linux's")
+def test_fusing_a_mapped_checkpoint_leaves_no_second_resident_copy(tmp_path: Path) -> None:
+    """A float32 checkpoint loaded in float32 is memory-mapped, not copied. Fusing copies the q/k/v
+    and gate/up weights into one tensor each; the pages of the originals must not stay resident
+    beside the copies (about a third more memory for TinyLlama on a CPU), and dropping them loses
+    no data."""
+    config = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=4, vocab_size=256)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    model = load_model(str(tmp_path / "model"), torch.float32, device="cpu")
+    fusable = [parameter for name, parameter in model.named_parameters()
+               if name.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")]
+    fusable_kb = sum(w.numel() * w.element_size() for w in fusable) // 1024
+    values = [w.detach().clone() for w in fusable]  # ours, in ordinary memory
+    assert all(torch.equal(w, v) for w, v in zip(fusable, values))  # every original page now resident
+    before = _resident_file_kb()
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=ALL_PROJECTIONS)
+    fused = add_lora(model, lora, "cpu", fused=True)
+    assert before - _resident_file_kb() > 0.9 * fusable_kb
+    assert all(torch.equal(w, v) for w, v in zip(fusable, values))  # the originals read back from the file
+    attention = fused.base_model.model.model.layers[1].self_attn
+    joined = torch.cat([getattr(attention, name).base_layer.weight for name in ("q_proj", "k_proj", "v_proj")])
+    torch.testing.assert_close(joined, torch.cat(values[5:8]), rtol=0, atol=0)
 
 
 def test_disabled_merged_and_second_adapters_run_peft_forward(tiny_model_dir: Path) -> None:
