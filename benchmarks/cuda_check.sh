@@ -14,7 +14,7 @@
 #
 # which writes benchmarks/assets/ (examples and tokenizer, about 3 MB) and downloads into .whl/
 # the wheels of the pinned packages that such a Python may lack or hold in another version
-# (transformers, peft, trl, datasets and theirs; about 20 MB). Carry both folders; this script
+# (transformers, peft, trl, datasets and theirs; about 25 MB). Carry both folders; this script
 # installs .whl/ into /tmp/site when it is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
