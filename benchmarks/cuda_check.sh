@@ -25,8 +25,9 @@ WHEELS=(transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 trl==1.16.0 dataset
         multiprocess==0.70.19 gguf==0.19.0 tokenizers==0.23.3 huggingface-hub==2.4.0 hf-xet==1.8.0
         httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 anyio==4.16.0 h11==0.16.0 idna==3.20)
 if [ "${1:-}" = "--prepare" ]; then
-    python benchmarks/throughput.py --export-assets benchmarks/assets || exit 1
-    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    py=python; [ -x .venv/bin/python ] && py=.venv/bin/python  # the project's (make install), else the active one
+    "$py" benchmarks/throughput.py --export-assets benchmarks/assets || exit 1
+    "$py" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "${WHEELS[@]}" || exit 1
     exit 0
