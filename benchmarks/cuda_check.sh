@@ -4,7 +4,12 @@
 # vs TRL's defaults vs TRL padding-free, on FlashAttention where flash-attn is installed), with peak
 # GPU memory and the losses. Writes logs and JSON into OUT_DIR.
 #
-#   bash benchmarks/cuda_check.sh OUT_DIR
+#   bash benchmarks/cuda_check.sh OUT_DIR              # tests, then batch 8, then batch 32
+#   bash benchmarks/cuda_check.sh OUT_DIR b32          # only some of them: tests, b8, b32
+#
+# Each benchmark runs 5 contenders x 2 rounds, each in a fresh process that loads the 1.1B model
+# and trains 12 steps: expect minutes per batch size. Under a per-command time
+# limit, run the stages in separate calls; each prints when it ended.
 #
 # It runs with no network, on a machine whose Python already has torch: the model is built from
 # its config, and the tokenized examples and a tokenizer are read from benchmarks/assets/. Before
@@ -12,7 +17,7 @@
 #
 #   bash benchmarks/cuda_check.sh --prepare
 #
-# which writes benchmarks/assets/ (examples and tokenizer, about 3 MB) and downloads into .whl/
+# which writes benchmarks/assets/ (examples and tokenizer, about 5 MB) and downloads into .whl/
 # the wheels of the pinned packages that such a Python may lack or hold in another version
 # (transformers, peft, trl, datasets and theirs; about 25 MB). Carry both folders; this script
 # installs .whl/ into /tmp/site when it is there.
@@ -32,8 +37,11 @@ if [ "${1:-}" = "--prepare" ]; then
         -d .whl "${WHEELS[@]}" || exit 1
     exit 0
 fi
-out=${1:?usage: bash benchmarks/cuda_check.sh OUT_DIR   (or --prepare)}
+out=${1:?usage: bash benchmarks/cuda_check.sh OUT_DIR [tests] [b8] [b32]   (or --prepare)}
+shift
+stages=" ${*:-tests b8 b32} "  # all three by default; name some to split the check over calls
 mkdir -p "$out"
+SECONDS=0
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -49,13 +57,18 @@ print("transformers", transformers.__version__, "peft", peft.__version__)
 for name in ("flash_attn", "bitsandbytes", "trl"):
     print(name, "installed" if importlib.util.find_spec(name) else "missing")
 PY
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py tests/modeling 2>&1 | tee "$out/tests.txt"
-# DPO on CUDA: packed pair log-probs against one sequence at a time (float32 and bfloat16), and the
-# first step at ln 2 in the device policy's precision.
-python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_preference.py tests/recipes/test_dpo_recipe.py \
-    -k cuda 2>&1 | tee "$out/tests-dpo.txt"
+if [[ $stages == *" tests "* ]]; then
+    python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py tests/modeling 2>&1 | tee "$out/tests.txt"
+    # DPO on CUDA: packed pair log-probs against one sequence at a time (float32 and bfloat16), and the
+    # first step at ln 2 in the device policy's precision.
+    python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_preference.py tests/recipes/test_dpo_recipe.py \
+        -k cuda 2>&1 | tee "$out/tests-dpo.txt"
+    echo "tests done at ${SECONDS} s"
+fi
 for batch in 8 32; do
+    [[ $stages == *" b$batch "* ]] || continue
     python3 benchmarks/throughput.py --assets benchmarks/assets --device cuda --models tinyllama-arch \
         --contenders sft,sft_unfused,trl,trl_padding_free,hf_trainer --batch-size "$batch" --tinyllama-steps 10 --warmup 2 \
         --rounds 2 --out "$out/throughput-cuda-b$batch.json" 2>&1 | tee "$out/throughput-b$batch.txt"
+    echo "batch $batch done at ${SECONDS} s"
 done
