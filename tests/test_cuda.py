@@ -17,6 +17,7 @@ import torch
 
 from sft.config import ConfigError, build_config
 from sft.modeling.devices import DevicePolicy, device_policy
+from sft.modeling.fused_lora import FusedLinear
 from sft.modeling.models import check_4bit_supported
 from sft.recipes.sft import train
 from sft.training.loss import linear_cross_entropy_sum
@@ -157,6 +158,30 @@ def test_each_cuda_precision_policy_trains_on_cpu(tiny_model_dir: Path, data: tu
     assert (tmp_path / policy / "adapter_model.safetensors").is_file()
 
 
+def _fused_groups(run) -> list:
+    model = run.trainer.accelerator.unwrap_model(run.trainer.model)
+    return list({id(m._fused_group): m._fused_group for m in model.modules() if isinstance(m, FusedLinear)}.values())
+
+
+def test_fused_projections_survive_the_trainer_moving_the_model(tiny_model_dir: Path, data: tuple[Path, Path],
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stages add the fused adapters on the CPU; on a GPU the Trainer then moves the model,
+    which copies each weight on its own. Played here by a move that copies every tensor: each
+    q/k/v and gate/up group still runs fused, on its weights joined again."""
+    from transformers import Trainer
+
+    def move(self: Trainer, model: torch.nn.Module, device: torch.device) -> None:
+        model._apply(lambda t: t.clone())
+
+    monkeypatch.setattr(Trainer, "_move_model_to_device", move)
+    run = train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "run", max_steps=2)))
+    groups = _fused_groups(run)
+    assert len(groups) == 8 and all(group.fused_calls > 0 for group in groups)
+    attention = run.trainer.accelerator.unwrap_model(run.trainer.model).base_model.model.model.layers[0].self_attn
+    q, v = attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight
+    assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+
+
 def test_bf16_on_cpu_from_the_command_line_trains(tiny_model_dir: Path, data: tuple[Path, Path],
                                                   tmp_path: Path) -> None:
     """`--dtype bfloat16 --device cpu`: bfloat16 weights, slow on CPU but correct."""
@@ -213,6 +238,8 @@ def test_cuda_training_in_the_policy_precision_tracks_float32_on_cpu(tiny_model_
     assert run.trainer.args.fp16 == (not torch.cuda.is_bf16_supported())
     assert (tmp_path / "cuda" / "adapter_model.safetensors").is_file()
     assert _losses(tmp_path / "cuda") == pytest.approx(_losses(tmp_path / "cpu"), rel=2e-2)
+    groups = _fused_groups(run)  # the Trainer moved the model to the GPU: the groups still ran fused there
+    assert len(groups) == 8 and all(group.fused_calls > 0 for group in groups)
 
 
 @needs_cuda

@@ -22,7 +22,9 @@ packed CPU row, the rotary embedding with the per-example attention (PackedRotar
 The adapters, their names and the saved files stay PEFT's own; only ``forward`` changes.
 Where a condition of the fused path does not hold at a call (adapters disabled or merged, several
 adapters active, DoRA, a quantized base layer, mixed dtypes without autocast, or weights that
-were moved apart, as FSDP does), the layers run PEFT's forward unchanged.
+sharded apart, as FSDP does), the layers run PEFT's forward unchanged. Weights that a move split
+(``model.to("cuda")`` copies each tensor on its own, as the Trainer does after the adapters are
+added) are joined again at the group's next call.
 
 The dropout mask is FastDropout's (16 random bits per element, p rounded to a multiple of
 2**-16), drawn in the same order, so fused and unfused training draw the same masks.
@@ -317,7 +319,9 @@ class _Group:
             alphas.append(member.scaling[name])
         weight = concatenated([m.base_layer.weight for m in self.members])
         if weight is None:
-            return None
+            weight = _join(self.members)  # a move (model.to("cuda"), as the Trainer does) split them
+            if weight is None:
+                return None
         biases = [m.base_layer.bias for m in self.members]
         if any(b is None for b in biases) and not all(b is None for b in biases):
             return None
@@ -401,15 +405,29 @@ def _same_input_width(members: Sequence[LoraLinear]) -> bool:
                for w in weights)
 
 
-def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) -> None:
+def _join(members: Sequence[LoraLinear]) -> torch.Tensor | None:
+    """Move the frozen base weights of ``members`` into one tensor, each weight (the same
+    Parameter) becoming a view of it; returns that tensor, or None where they cannot be joined:
+    a tensor subclass (FSDP's DTensor, a quantized weight), a weight that trains, or weights of
+    different widths, dtypes or devices, and not under ``torch.inference_mode``."""
     weights = [m.base_layer.weight for m in members]
-    if len(members) > 1 and concatenated(weights) is None:
-        joined = torch.cat([w.detach() for w in weights])
-        for member, start, weight in zip(members, _offsets([len(w) for w in weights]), weights):
-            member.base_layer.weight = torch.nn.Parameter(joined[start:start + len(weight)],
-                                                          requires_grad=weight.requires_grad)
-        # Weights read from a mapped checkpoint would stay resident beside their copy.
-        release_mapped_pages(weights)
+    if torch.is_inference_mode_enabled():  # an inference tensor could not be used for training after
+        return None
+    if (any(type(w) not in (torch.Tensor, torch.nn.Parameter) or w.requires_grad or w.dim() != 2 for w in weights)
+            or not _same_input_width(members)):
+        return None
+    joined = torch.cat([w.detach() for w in weights])
+    old = [w.data for w in weights]
+    for weight, start in zip(weights, _offsets([len(w) for w in weights])):
+        weight.data = joined[start:start + len(weight)]
+    # Weights read from a mapped checkpoint would stay resident beside their copy.
+    release_mapped_pages(old)
+    return concatenated(weights)
+
+
+def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) -> None:
+    if len(members) > 1 and concatenated([m.base_layer.weight for m in members]) is None:
+        _join(members)
     group = _Group(members, own_storage)
     for index, member in enumerate(members):
         member.__class__ = FusedLinear

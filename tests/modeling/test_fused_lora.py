@@ -323,6 +323,34 @@ def test_group_weights_are_views_of_one_tensor_and_files_stay_peft(tiny_model_di
         assert torch.equal(fused_file[key], tensor), key
 
 
+def _split_apart(model: torch.nn.Module) -> None:
+    """What moving a model to another device does to its weights: a new tensor for each."""
+    model._apply(lambda t: t.clone())
+
+
+def test_weights_split_by_a_move_are_joined_again_and_train_alike(tiny_model_dir: Path) -> None:
+    """The training stages add the adapters on the CPU and the Trainer then moves the model to
+    the GPU, tensor by tensor: q/k/v and gate/up must still run fused there, with PEFT's loss and
+    gradients, and a call under inference_mode must not join them into inference tensors."""
+    plain, fused = _pair(tiny_model_dir, 0.1)
+    _split_apart(fused)
+    attention = fused.base_model.model.model.layers[0].self_attn
+    q, k = attention.q_proj.base_layer.weight, attention.k_proj.base_layer.weight
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    with torch.inference_mode():
+        fused(input_ids=INPUT, use_cache=False)
+    assert _fused_groups_ran(fused) == 4  # o and down alone: q/k/v and gate/up ran PEFT's forward
+    assert q.untyped_storage().data_ptr() != k.untyped_storage().data_ptr()
+    plain_loss, plain_grads = _loss_and_grads(plain, INPUT)
+    fused_loss, fused_grads = _loss_and_grads(fused, INPUT)
+    assert _fused_groups_ran(fused) == 8
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()  # the same Parameters, joined
+    assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _resident_file_kb() -> int:
     """This process's resident pages that belong to mapped files (Linux), in KB."""
     with open("/proc/self/status") as status:
