@@ -113,6 +113,7 @@ def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
     beside their copy for the rest of the run. ``madvise(MADV_PAGEOUT)`` loses no data: a page read
     again is read back from its file. Returns the bytes advised; 0 off Linux, on kernels older
     than 5.4, and for tensors in ordinary (heap) memory, which is left to the allocator."""
+    tensors = [tensor for tensor in tensors if tensor.device.type == "cpu" and tensor.numel()]
     if not sys.platform.startswith("linux") or not tensors:
         return 0
     try:
@@ -131,8 +132,6 @@ def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
     page = os.sysconf("SC_PAGE_SIZE")
     released = 0
     for tensor in tensors:
-        if tensor.device.type != "cpu" or not tensor.numel():
-            continue
         first, last = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
         if not any(start <= first and last <= end for start, end in mapped_files):
             continue
