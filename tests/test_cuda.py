@@ -164,7 +164,8 @@ def _fused_groups(run) -> list:
 
 
 def test_fused_projections_survive_the_trainer_moving_the_model(tiny_model_dir: Path, data: tuple[Path, Path],
-                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
     """The stages add the fused adapters on the CPU; on a GPU the Trainer then moves the model,
     which copies each weight on its own. Played here by a move that copies every tensor: each
     q/k/v and gate/up group still runs fused, on its weights joined again."""
@@ -180,6 +181,17 @@ def test_fused_projections_survive_the_trainer_moving_the_model(tiny_model_dir: 
     attention = run.trainer.accelerator.unwrap_model(run.trainer.model).base_model.model.model.layers[0].self_attn
     q, v = attention.q_proj.base_layer.weight, attention.v_proj.base_layer.weight
     assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    assert "fused LoRA groups" not in capsys.readouterr().out
+
+
+def test_a_run_whose_groups_did_not_fuse_says_so(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    import sft.modeling.fused_lora
+
+    monkeypatch.setattr(sft.modeling.fused_lora, "concatenated", lambda weights: None)  # as if they stayed apart
+    run = train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "run", max_steps=1)))
+    assert all(group.fused_calls == 0 for group in _fused_groups(run) if len(group.members) > 1)
+    assert "Note: 4 of 4 fused LoRA groups (q/k/v, gate/up) ran PEFT's separate layers" in capsys.readouterr().out
 
 
 def test_bf16_on_cpu_from_the_command_line_trains(tiny_model_dir: Path, data: tuple[Path, Path],

@@ -372,6 +372,13 @@ class FusedLinear(LoraLinear):
         return output if output is not None else super().forward(x)
 
 
+def fused_group_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(groups of several layers that ran their fused function at least once, all such groups)."""
+    groups = {id(group): group for module in model.modules() if isinstance(module, FusedLinear)
+              and (group := module.__dict__.get("_fused_group")) is not None and len(group.members) > 1}
+    return sum(group.fused_calls > 0 for group in groups.values()), len(groups)
+
+
 def fuse_lora_projections(model: torch.nn.Module) -> int:
     """Make the LoRA layers of ``model`` run fused (GROUPS together, the others alone); returns
     the number of groups of more than one layer. The base weights of a group are moved into one

@@ -341,4 +341,18 @@ def finish(trainer: Trainer, metrics: dict[str, Any], runtime: Runtime) -> None:
     trainer.log_metrics("final", metrics)
     if runtime.main_process:
         print(f"Loss plot: {plot_losses(trainer.args.output_dir)}")
+    report_unfused_groups(trainer.accelerator.unwrap_model(trainer.model), runtime)
+
+
+def report_unfused_groups(model: torch.nn.Module, runtime: Runtime) -> None:
+    """Say so when fused LoRA groups (q/k/v, gate/up) trained through PEFT's separate layers: the
+    run is correct but slower than it could be, and the speed the user measures is not ours."""
+    from sft.modeling.fused_lora import fused_group_counts
+
+    ran, groups = fused_group_counts(model)
+    if ran < groups:
+        runtime.say(f"Note: {groups - ran} of {groups} fused LoRA groups (q/k/v, gate/up) ran PEFT's separate layers "
+                    f"instead, which is slower. That happens with adapters disabled or merged, several adapters "
+                    f"active, DoRA, a quantized base, mixed dtypes without autocast, or weights sharded "
+                    f"(FSDP); --lora-fused false turns fusing off.")
 
