@@ -286,6 +286,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     flops = [sum(useful_flops(flop_model, e, args.lora_rank) for e in b) for b in batches]
     seconds = sum(step_times[timed])
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    if args.contender == "sft":  # whether q/k/v and gate/up ran fused on this device, not only asked to
+        from sft.modeling.fused_lora import fused_group_counts
+
+        settings["fused_groups_ran"] = "{} of {}".format(*fused_group_counts(flop_model))
     return {
         "contender": args.contender, "model": args.model, "device": policy.device,
         "dtype": str(policy.load_dtype).removeprefix("torch."), "settings": settings,
@@ -402,7 +406,9 @@ def main() -> int:
                 runs[contender].append(run)
                 print(f"round {round_index + 1}/{args.rounds} {model} {contender}: "
                       f"{run['supervised_tokens_per_s']:.1f} supervised tok/s, {run['peak_rss_gb']:.2f} GB "
-                      f"({time.perf_counter() - started:.0f} s)", flush=True)
+                      f"({time.perf_counter() - started:.0f} s"
+                      + (f"; fused groups ran: {run['settings']['fused_groups_ran']}"
+                         if "fused_groups_ran" in run["settings"] else "") + ")", flush=True)
         results += [median_result(runs[c]) for c in contenders]
 
     report = table(results, peak)
