@@ -328,11 +328,13 @@ def _split_apart(model: torch.nn.Module) -> None:
     model._apply(lambda t: t.clone())
 
 
-def test_weights_split_by_a_move_are_joined_again_and_train_alike(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-checkpointing", "gradient-checkpointing"])
+def test_weights_split_by_a_move_are_joined_again_and_train_alike(tiny_model_dir: Path, checkpointing: bool) -> None:
     """The training stages add the adapters on the CPU and the Trainer then moves the model to
     the GPU, tensor by tensor: q/k/v and gate/up must still run fused there, with PEFT's loss and
-    gradients, and a call under inference_mode must not join them into inference tensors."""
-    plain, fused = _pair(tiny_model_dir, 0.1)
+    gradients (also when the join happens inside a checkpointed layer), and a call under
+    inference_mode must not join them into inference tensors."""
+    plain, fused = _pair(tiny_model_dir, 0.1, gradient_checkpointing=checkpointing)
     _split_apart(fused)
     attention = fused.base_model.model.model.layers[0].self_attn
     q, k = attention.q_proj.base_layer.weight, attention.k_proj.base_layer.weight
