@@ -87,13 +87,13 @@ def _trl_matches(trainer: Any, encoded: list[dict], max_length: int) -> bool:
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one contender for warmup + steps steps and measure it (runs in its own process)."""
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, TrainerCallback
 
     from sft.config import DPOConfig, build_config
-    from sft.modeling.devices import device_policy
     from sft.modeling.models import load_tokenizer, resolve_model_path
     from sft.recipes.dpo import build_trainer, pair_collator, with_reference_logps
-    from sft.training.stages import load_lora_model, setup_runtime
+    from sft.training.stages import load_lora_model
+    from throughput import contender_set_up  # beside this script
 
     total_steps = args.warmup + args.steps
     raw, encoded = benchmark_pairs(Path(args.data), args.pairs_per_step * total_steps, args.max_length, args.model)
@@ -108,14 +108,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "seed": 0, "output_dir": output_dir, "max_seq_length": args.max_length, "beta": 0.1,
         "gradient_checkpointing": args.contender == "sft_gc", "lora_fused": args.contender != "sft_unfused"},
         DPOConfig)
-    if args.contender.startswith("sft"):
-        runtime = setup_runtime(config)
-        policy = runtime.policy
-    else:
-        # a peer runs as its own users run it, without our runtime set-up (which also sets the CPU
-        # allocator to keep freed memory, which changes a peer's CPU speed too)
-        policy = device_policy(config.training.device, config.model.dtype)
-        set_seed(0)
+    runtime, policy = contender_set_up(config, args.contender, 0)
     step_times: list[float] = []
     step_cpu_times: list[float] = []
 

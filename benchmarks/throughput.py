@@ -174,17 +174,32 @@ def _sync(device: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------- worker
+def contender_set_up(config: Any, contender: str, seed: int) -> tuple[Any, Any]:
+    """(runtime, device policy) for a contender: ours (sft*) through our runtime set-up; a peer as
+    its own users run it, with our device policy and the seed only (our set-up also sets the CPU
+    allocator to keep freed memory, which would change a peer's CPU speed too), runtime None."""
+    from transformers import set_seed
+
+    from sft.modeling.devices import device_policy
+    from sft.training.stages import setup_runtime
+
+    if contender.startswith("sft"):
+        runtime = setup_runtime(config)
+        return runtime, runtime.policy
+    set_seed(seed)
+    return None, device_policy(config.training.device, config.model.dtype)
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one contender for warmup + steps steps and measure it (runs in its own process)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments, set_seed
+    from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
     from sft.config import build_config
     from sft.data.collate import IGNORE_INDEX, PaddingCollator
     from sft.modeling.attention import resolve_attention
-    from sft.modeling.devices import device_policy
     from sft.recipes.sft import build_trainer
-    from sft.training.stages import load_lora_model, setup_runtime
+    from sft.training.stages import load_lora_model
 
     total_steps = args.warmup + args.steps
     assets = Path(args.assets) if args.assets else None
@@ -202,14 +217,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "max_steps": total_steps, "logging_steps": 1,
         "seed": args.seed, "output_dir": output_dir, "max_seq_length": args.max_length,
         "lora_fused": args.contender != "sft_unfused"})
-    if args.contender.startswith("sft"):
-        runtime = setup_runtime(config)
-        policy = runtime.policy
-    else:
-        # a peer runs as its own users run it, without our runtime set-up (which also sets the CPU
-        # allocator to keep freed memory, which changes a peer's CPU speed too)
-        policy = device_policy(config.training.device, config.model.dtype)
-        set_seed(args.seed)
+    runtime, policy = contender_set_up(config, args.contender, args.seed)
     peer_attention = "sdpa"
     if args.contender == "trl_padding_free":
         peer_attention = resolve_attention("auto", policy.device)  # flash_attention_2 where installed
@@ -404,11 +412,11 @@ def main() -> int:
                 started = time.perf_counter()
                 run = run_round(args, model, contender, steps, warmup)
                 runs[contender].append(run)
+                fused = run["settings"].get("fused_groups_ran")
                 print(f"round {round_index + 1}/{args.rounds} {model} {contender}: "
                       f"{run['supervised_tokens_per_s']:.1f} supervised tok/s, {run['peak_rss_gb']:.2f} GB "
-                      f"({time.perf_counter() - started:.0f} s"
-                      + (f"; fused groups ran: {run['settings']['fused_groups_ran']}"
-                         if "fused_groups_ran" in run["settings"] else "") + ")", flush=True)
+                      f"({time.perf_counter() - started:.0f} s{f'; fused groups ran: {fused}' if fused else ''})",
+                      flush=True)
         results += [median_result(runs[c]) for c in contenders]
 
     report = table(results, peak)

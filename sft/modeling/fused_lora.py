@@ -42,7 +42,7 @@ from peft.tuners.lora import Linear as LoraLinear
 
 from sft.modeling.attention import VARLEN_SDPA, PackedRotaryAttention, example_lengths
 from sft.modeling.devices import release_mapped_pages
-from sft.modeling.lora import FastDropout, random_keep_mask
+from sft.modeling.lora import FastDropout, apply_keep_mask, random_keep_mask
 
 GROUPS = {("q_proj", "k_proj", "v_proj"): (False, False, True), ("gate_proj", "up_proj"): (False, False)}
 """Sibling layers that read the same input, fused when all of them carry an adapter, with whether
@@ -63,15 +63,6 @@ def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def _dropped(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x with the elements the boolean mask drops set to zero: a product with the mask's bytes (0
-    or 1), which PyTorch runs vectorized. ``torch.where`` and a product with the boolean mask
-    itself run element by element (1.6x to 2.3x slower on [1260, 576] and [1260, 1536] float32,
-    2 CPU cores). (The product converts the bytes to x's dtype on the way: a backward pass, which
-    applies the mask twice, converts it once and passes the converted mask.)"""
-    return torch.mul(x, keep.view(torch.uint8) if keep.dtype == torch.bool else keep, out=out)
-
-
 def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: float, alphas: Sequence[float],
                   sizes: Sequence[int], ranks: Sequence[int], a_cat: torch.Tensor, b_list: Sequence[torch.Tensor],
                   scratch: bool = False):
@@ -80,7 +71,7 @@ def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
     caller's own and may be overwritten (by its dropped-out copy, after the base matmul read it)."""
     out = flat @ w.T if bias is None else torch.addmm(bias, flat, w.T)
     keep = random_keep_mask(flat.shape, p, flat.device) if p > 0.0 else None
-    dropped = flat if keep is None else _dropped(flat, keep, out=flat if scratch else None)
+    dropped = flat if keep is None else apply_keep_mask(flat, keep, out=flat if scratch else None)
     low = dropped @ a_cat.T
     for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
         out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
@@ -107,7 +98,7 @@ def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor,
         # inside the matmul kernel (beta 1), where adding it afterwards would be one more pass
         grad_flat = torch.mm(grad_low, a_cat, out=dropped) if own_dropped else grad_low @ a_cat
         if keep is not None:
-            _dropped(grad_flat, keep, out=grad_flat)
+            apply_keep_mask(grad_flat, keep, out=grad_flat)
         grad_flat.addmm_(grad_out, w)
     return grad_flat, grad_a, grad_b
 
@@ -159,7 +150,7 @@ class _FusedLoraFunction(torch.autograd.Function):
         flat = ctx.rebuild(*kept).reshape(-1, w.shape[1]) if rebuilt else kept[0]
         # a rebuilt input is this pass's own: its dropped-out copy overwrites it
         keep = None if keep is None else keep.to(w.dtype)  # converted once for both of its uses
-        dropped = flat if keep is None else _dropped(flat, keep, out=flat if rebuilt else None)
+        dropped = flat if keep is None else apply_keep_mask(flat, keep, out=flat if rebuilt else None)
         rows, lead = dropped.shape[0], ctx.input_shape[:-1]
         grad_out = _side_by_side(grads, rows, w.dtype)
         if grad_out is None:
@@ -209,7 +200,7 @@ class _SwiGLUDownFunction(torch.autograd.Function):
         activation = torch.ops.aten.silu.out(gate, out=joined[:, width:])
         hidden = activation * up
         keep = None if keep is None else keep.to(dtype)  # converted once for both of its uses
-        dropped = hidden if keep is None else _dropped(hidden, keep, out=hidden)
+        dropped = hidden if keep is None else apply_keep_mask(hidden, keep, out=hidden)
         grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
                                                      keep, low, alphas, sizes, ranks, True, own_dropped=True)
         grad_up = activation.mul_(grad_hidden)

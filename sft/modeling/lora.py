@@ -36,19 +36,27 @@ def random_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch
     return bits >= _INT16_MIN + round(p * 2**16)
 
 
+def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x with the elements the boolean mask drops set to zero: a product with the mask's bytes (0
+    or 1), which PyTorch runs vectorized. ``torch.where`` and a product with the boolean mask
+    itself run element by element (1.6x to 2.3x slower on [1260, 576] and [1260, 1536] float32,
+    2 CPU cores). (The product converts the bytes to x's dtype on the way: a caller applying one
+    mask twice may convert it once and pass the converted mask.)"""
+    return torch.mul(x, keep.view(torch.uint8) if keep.dtype == torch.bool else keep, out=out)
+
+
 class _DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
         keep = random_keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
-        # a product with the mask's bytes runs vectorized; with the boolean mask it does not
-        return torch.mul(x, keep.view(torch.uint8)).mul_(ctx.scale)
+        return apply_keep_mask(x, keep).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return torch.mul(grad, keep.view(torch.uint8)).mul_(ctx.scale), None
+        return apply_keep_mask(grad, keep).mul_(ctx.scale), None
 
 
 class _LastInput:
