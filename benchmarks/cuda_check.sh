@@ -29,6 +29,10 @@ cd "$(dirname "$0")/.."
 WHEELS=(transformers==5.23.0 peft==0.21.2 accelerate==1.15.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1
         multiprocess==0.70.19 gguf==0.19.0 tokenizers==0.23.3 huggingface-hub==2.4.0 hf-xet==1.8.0
         httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 anyio==4.16.0 h11==0.16.0 idna==3.20)
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
 if [ "${1:-}" = "--prepare" ]; then
     py=python; [ -x .venv/bin/python ] && py=.venv/bin/python  # the project's (make install), else the active one
     "$py" benchmarks/throughput.py --export-assets benchmarks/assets || exit 1
@@ -40,6 +44,9 @@ fi
 out=${1:?usage: bash benchmarks/cuda_check.sh OUT_DIR [tests] [b8] [b32]   (or --prepare)}
 shift
 stages=" ${*:-tests b8 b32} "  # all three by default; name some to split the check over calls
+for stage in $stages; do
+    case $stage in tests|b8|b32) ;; *) echo "cuda_check.sh: unknown stage '$stage' (stages: tests, b8, b32)" >&2; exit 2;; esac
+done
 mkdir -p "$out"
 SECONDS=0
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
