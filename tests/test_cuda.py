@@ -163,13 +163,20 @@ def _fused_groups(run) -> list:
     return list({id(m._fused_group): m._fused_group for m in model.modules() if isinstance(m, FusedLinear)}.values())
 
 
+@pytest.mark.parametrize("policy", ["float32", *CUDA_POLICIES_ON_CPU])
 def test_fused_projections_survive_the_trainer_moving_the_model(tiny_model_dir: Path, data: tuple[Path, Path],
                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                capsys: pytest.CaptureFixture) -> None:
+                                                                capsys: pytest.CaptureFixture, policy: str) -> None:
     """The stages add the fused adapters on the CPU; on a GPU the Trainer then moves the model,
-    which copies each weight on its own. Played here by a move that copies every tensor: each
-    q/k/v and gate/up group still runs fused, on its weights joined again."""
+    which copies each weight on its own. Played here by a move that copies every tensor, also in
+    the CUDA policies' precision: each q/k/v and gate/up group still runs fused, on its weights
+    joined again."""
     from transformers import Trainer
+
+    import sft.training.stages
+
+    if policy in CUDA_POLICIES_ON_CPU:
+        monkeypatch.setattr(sft.training.stages, "device_policy", lambda *args: CUDA_POLICIES_ON_CPU[policy])
 
     def move(self: Trainer, model: torch.nn.Module, device: torch.device) -> None:
         model._apply(lambda t: t.clone())
