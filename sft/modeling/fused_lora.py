@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from sft.modeling.attention import VARLEN_SDPA, PackedRotaryAttention, example_lengths
+from sft.modeling.attention import VARLEN_KEYS, PackedRotaryAttention, example_lengths
 from sft.modeling.devices import release_mapped_pages
 from sft.modeling.lora import FastDropout, apply_keep_mask, random_keep_mask
 
@@ -547,7 +547,7 @@ def _fused_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
     boundaries = kwargs.get("packed_boundaries")
     cos, sin = position_embeddings if position_embeddings is not None else (None, None)
     if (boundaries is None or past_key_values is not None or cos is None or hidden_states.shape[0] != 1
-            or hidden_states.device.type != "cpu" or self.config._attn_implementation != VARLEN_SDPA
+            or hidden_states.device.type != "cpu" or self.config._attn_implementation not in VARLEN_KEYS
             or (self.training and self.attention_dropout > 0) or torch.is_autocast_enabled("cpu")
             or cos.requires_grad or sin.requires_grad or not hidden_states.dtype == cos.dtype == sin.dtype):
         return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask,
