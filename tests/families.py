@@ -21,25 +21,25 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 WINDOW = 4
 """Sliding window of the families that have one: shorter than every test example."""
 
-COMMON: dict[str, Any] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.3)
+COMMON: dict[str, Any] = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "max_position_embeddings": 256, "initializer_range": 0.3}
 
 FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
-    "llama": dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
-    "mistral": dict(sliding_window=WINDOW, head_dim=16),
-    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
-    "qwen3": dict(head_dim=16, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
-                  tie_word_embeddings=True),
-    "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, final_logit_softcapping=5.0,
-                   attn_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"]),
-    "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=WINDOW, final_logit_softcapping=5.0,
-                        attn_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"]),
-    "phi3": dict(sliding_window=WINDOW, pad_token_id=0),
-    "olmo2": dict(),
-    "granite": dict(logits_scaling=4.0, embedding_multiplier=3.0, residual_multiplier=0.5,
-                    attention_multiplier=0.4, attention_bias=True),
-    "cohere": dict(logit_scale=0.3, use_qk_norm=True),
-    "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW),
+    "llama": {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True},
+    "mistral": {"sliding_window": WINDOW, "head_dim": 16},
+    "qwen2": {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    "qwen3": {"head_dim": 16, "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1,
+                  "tie_word_embeddings": True},
+    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW, "final_logit_softcapping": 5.0,
+                   "attn_logit_softcapping": 3.0, "layer_types": ["sliding_attention", "full_attention"]},
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW, "final_logit_softcapping": 5.0,
+                        "attn_logit_softcapping": 3.0, "layer_types": ["sliding_attention", "full_attention"]},
+    "phi3": {"sliding_window": WINDOW, "pad_token_id": 0},
+    "olmo2": {},
+    "granite": {"logits_scaling": 4.0, "embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                    "attention_multiplier": 0.4, "attention_bias": True},
+    "cohere": {"logit_scale": 0.3, "use_qk_norm": True},
+    "smollm3": {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": WINDOW},
 }
 """What each family switches on, on top of COMMON."""
 

@@ -12,6 +12,7 @@ every family transform on at non-identity values, so skipping one fails here.
 from __future__ import annotations
 
 import functools
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -131,7 +132,7 @@ def test_loss_and_gradients_equal_the_models_own(family, fused, packing, family_
         expected = reference_grads[name]
         # float32 sums in another order: errors scale with the gradient's size (some reach 10)
         scale = max(1.0, expected.abs().max().item())
-        torch.testing.assert_close(grad, expected, atol=5e-5 * scale, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grad, expected, atol=5e-5 * scale, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
