@@ -224,6 +224,10 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
     _keep_users_readme(model)
     if runtime.main_process:
         model.print_trainable_parameters()
+        if lora.fused:
+            from sft.modeling.fused_lora import fusion_report
+
+            runtime.say(fusion_report(model))
     return model
 
 
