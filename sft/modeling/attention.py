@@ -66,6 +66,10 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if window is not None and window >= max(example_lengths(boundaries)):
         window = None  # no example is longer than the window: plain causal attention
     kind = query.device.type
+    # The kernels below are called past autocast, which SDPA would have applied: under autocast q,
+    # k and v arrive in mixed dtypes (v from the autocast projection, q and k rotated in float32)
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype
+    query, key, value = (tensor.to(dtype) for tensor in (query, key, value))
     if softcap is not None:
         mask = block_diagonal_causal_mask(boundaries, query.device, window)
         return eager_attention(query, key, value, mask, dropout, scaling, softcap), None

@@ -36,7 +36,7 @@ from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
 from sft.files import atomic_write_text, unwritable_reason
 from sft.modeling.attention import resolve_attention
-from sft.modeling.devices import DevicePolicy, device_policy, keep_freed_cpu_memory
+from sft.modeling.devices import DevicePolicy, describe_precision, device_policy, keep_freed_cpu_memory
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
 from sft.training.checkpoints import (
@@ -192,7 +192,8 @@ def describe_layout(config: SFTConfig, runtime: Runtime) -> str:
     return (f"{n} process{'es' if n > 1 else ''} on {policy.device} in "
             f"{str(policy.compute_dtype).removeprefix('torch.')}{base}; "
             f"global batch = {t.batch_size} per process x {t.gradient_accumulation_steps} accumulation steps x {n} = "
-            f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step")
+            f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step\n"
+            f"{describe_precision(policy)}")
 
 
 def load_lora_model(config: SFTConfig, runtime: Runtime,
