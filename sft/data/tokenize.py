@@ -48,6 +48,7 @@ tokenizes differently in context; neither is done here.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,9 +253,11 @@ def _require_tools_rendered(tokenizer: PreTrainedTokenizerBase, messages: list[M
 
 
 def _require_results_rendered(tokenizer: PreTrainedTokenizerBase, turns: list[Message], prompt_text: str) -> None:
-    """UnsupportedRecord unless the result of every tool turn among ``turns`` is in the prompt."""
+    """UnsupportedRecord unless the result of every tool turn among ``turns`` is in the prompt, as
+    written or as a JSON string (Llama 3.1 writes a result with ``tojson``)."""
     for turn in turns:
-        if turn["role"] == "tool" and turn["content"].strip() not in prompt_text:
+        result = turn["content"].strip()
+        if turn["role"] == "tool" and result not in prompt_text and json.dumps(result, ensure_ascii=False) not in prompt_text:
             raise UnsupportedRecord("template_drops_tool_results", f"{template_name(tokenizer)} does not render "
                                     f"the tool result {turn['content'][:40]!r} (it has no tool role)")
 
