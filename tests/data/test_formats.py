@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sft.data.formats import CONVERSATION, RecordRejected, choose_shape, shapes
+from sft.data.prepared import read_conversations
 from sft.data.prepare import REJECTS_FILE, TRAIN_FILE, VAL_FILE, main, prepare
 from sft.data.sources import Source, read_source
 from sft.errors import DataError
@@ -50,7 +51,7 @@ CASES: dict[str, tuple[list[dict[str, Any]], list[list[dict[str, str]]], list[st
          sharegpt("human", "Weather?", "function_call", "{}", "observation", "{}", "gpt", "Sunny")],
         [chat("system", "Be brief.", "user", "Hi", "assistant", "Hey", "user", "Bye", "assistant", "See you"),
          chat("user", "Add 2 and 2.", "assistant", "4")],
-        ["duplicate_replaced", "last_turn_not_assistant", "tool_role"],
+        ["duplicate_replaced", "last_turn_not_assistant", "tool_call_invalid"],
     ),
     "messages": (
         [{"messages": chat("user", "Hi", "assistant", "Hello")},
@@ -210,7 +211,7 @@ def test_reasons_carry_the_turn_they_are_about() -> None:
     convert = shapes(CONVERSATION)["sharegpt"].convert
     with pytest.raises(RecordRejected) as info:
         convert(sharegpt("human", "q", "gpt", "a", "human", "q2", "observation", "{}"))
-    assert (info.value.reason, info.value.detail) == ("tool_role", "conversations[3]: from 'observation'")
+    assert (info.value.reason, info.value.detail) == ("tool_without_call", "conversations[3]")
 
 
 # --- a real multi-turn ShareGPT set -----------------------------------------------------------------
@@ -221,13 +222,19 @@ def test_glaive_toolcall_demo_prepares_with_exact_counts(tmp_path: Path) -> None
     if not src.is_file():
         pytest.skip(f"{src} is not on this machine")
     report = prepare([src], tmp_path / "out")
-    # 153 conversations call a tool (rejected); of the other 147, 45 repeat the user turns of a
-    # later one (20 of them word for word), which leaves 102.
-    assert report["sources"] == [{"path": str(src), "format": "sharegpt", "read": 300, "kept": 102,
-                                  "rejected": {"tool_role": 153}, "replaced": 45}]
-    assert (report["train"], report["val"]) == (94, 8)
+    # Every record is kept, its function_call turns as assistant tool calls and its observations as
+    # tool turns, with its tool list; 36 repeat the user turns, tool results and tools of a later one.
+    assert report["sources"] == [{"path": str(src), "format": "sharegpt", "read": 300, "kept": 264,
+                                  "rejected": {}, "replaced": 36}]
     source = read_source(src)
     assert sum(any(t["from"] in ("function_call", "observation") for t in item["conversations"])
                for _, item in source.items) == 153
-    kept = kept_messages(tmp_path / "out")
-    assert sum(len(messages) for messages in kept) == 2 * sum(m["role"] == "user" for ms in kept for m in ms)
+    rows = [row for name in (TRAIN_FILE, VAL_FILE) for row in read_conversations(tmp_path / "out" / name)]
+    assert len(rows) == report["train"] + report["val"] == 264
+    calls = [m for row in rows for m in row["messages"] if m.get("tool_calls")]
+    results = [m for row in rows for m in row["messages"] if m["role"] == "tool"]
+    assert len(calls) == len(results) > 150
+    assert all(m["content"] == "" and len(m["tool_calls"]) == 1 for m in calls)
+    first = next(row for row in rows if row["messages"][1].get("tool_calls"))
+    assert {tool["function"]["name"] for tool in first["tools"]} >= {first["messages"][1]["tool_calls"][0]["function"]["name"]}
+    assert sum("tools" in row for row in rows) == 171  # distinct keys among the 191 records with a tool list
