@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sft.data.formats import CONVERSATION, RecordRejected, choose_shape, shapes
+from sft.data.formats import CONVERSATION, RecordRejected, choose_shape, conversation_id, record_id, shapes
 from sft.data.prepared import read_conversations
 from sft.data.prepare import REJECTS_FILE, TRAIN_FILE, VAL_FILE, main, prepare
 from sft.data.sources import Source, read_source
@@ -238,3 +238,96 @@ def test_glaive_toolcall_demo_prepares_with_exact_counts(tmp_path: Path) -> None
     first = next(row for row in rows if row["messages"][1].get("tool_calls"))
     assert {tool["function"]["name"] for tool in first["tools"]} >= {first["messages"][1]["tool_calls"][0]["function"]["name"]}
     assert sum("tools" in row for row in rows) == 171  # distinct keys among the 191 records with a tool list
+
+
+# --- LLaMA-Factory's system and history, tools, reasoning ----------------------------------------
+
+
+def convert(shape: str, item: dict[str, Any]):
+    return shapes(CONVERSATION)[shape].convert(item)
+
+
+def test_alpaca_system_and_history_become_turns() -> None:
+    """Issue 23 item 14: the record prepared to one turn without context before."""
+    item = {"instruction": "And the third?", "output": "Yellow.", "system": "You are a color bot.",
+            "history": [["Name a primary color.", "Red."], ["Another one?", "Blue."]]}
+    prepared = convert("alpaca", item)
+    assert prepared.fields == {"messages": chat("system", "You are a color bot.", "user", "Name a primary color.",
+                                                "assistant", "Red.", "user", "Another one?", "assistant", "Blue.",
+                                                "user", "And the third?", "assistant", "Yellow.")}
+    assert prepared.id == conversation_id(prepared.key) != record_id("And the third?", "")
+    plain = convert("alpaca", {"instruction": "And the third?", "output": "Yellow.", "system": "", "history": []})
+    assert plain.fields == {"messages": chat("user", "And the third?", "assistant", "Yellow.")}
+    assert plain.id == record_id("And the third?", "")  # records without them keep their ids
+
+
+@pytest.mark.parametrize(("history", "reason", "detail"), [
+    ("Red.", "history_invalid", "history is a string"),
+    ([["Name one."]], "history_invalid", "history[0] is not a [user, assistant] pair"),
+    ([["Name one.", " "]], "empty_turn", "history[0][1]"),
+    ([["Name one.", 3]], "content_not_string", "history[0][1]"),
+])
+def test_a_broken_alpaca_history_is_a_reject(history: Any, reason: str, detail: str) -> None:
+    with pytest.raises(RecordRejected) as info:
+        convert("alpaca", {"instruction": "q", "output": "a", "history": history})
+    assert (info.value.reason, info.value.detail) == (reason, detail)
+
+
+def test_sharegpt_top_level_system_becomes_the_system_turn(tmp_path: Path) -> None:
+    item = sharegpt("human", "Hi", "gpt", "Hello") | {"system": "Be brief."}
+    assert convert("sharegpt", item).fields == {"messages": chat("system", "Be brief.", "user", "Hi", "assistant", "Hello")}
+    with pytest.raises(RecordRejected) as info:
+        convert("sharegpt", sharegpt("system", "Be long.", "human", "Hi", "gpt", "Hello") | {"system": "Be brief."})
+    assert (info.value.reason, info.value.detail) == ("system_given_twice", "system and conversations[0]")
+    src = tmp_path / "raw.jsonl"
+    src.write_text(json.dumps(item) + "\n" + json.dumps(sharegpt("human", "Hi", "gpt", "Hello")) + "\n", encoding="utf-8")
+    report = prepare([src], tmp_path / "out")
+    assert report["sources"][0] | {"path": None} == {"path": None, "format": "sharegpt", "read": 2, "kept": 2,
+                                                      "rejected": {}, "replaced": 0}
+
+
+WEATHER = {"name": "get_weather", "description": "The weather now.", "parameters": {"type": "object"}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def test_llamafactory_function_call_and_observation_turns() -> None:
+    item = sharegpt("human", "Weather?", "function_call", '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+                    "observation", '{"temperature": 21}', "gpt", "21 degrees.") | {"tools": json.dumps([WEATHER])}
+    prepared = convert("sharegpt", item)
+    assert prepared.fields == {
+        "messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                     {"role": "tool", "content": '{"temperature": 21}'}, {"role": "assistant", "content": "21 degrees."}],
+        "tools": [{"type": "function", "function": WEATHER}]}
+    other_tools = convert("sharegpt", item | {"tools": "[]"})
+    assert "tools" not in other_tools.fields and other_tools.key != prepared.key
+
+
+def test_openai_tool_calls_with_arguments_as_json_text() -> None:
+    item = {"messages": [{"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function",
+                              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                         {"role": "tool", "tool_call_id": "c1", "content": "21"},
+                         {"role": "assistant", "content": "21 degrees."}],
+            "tools": [{"type": "function", "function": WEATHER}]}
+    messages = convert("messages", item).fields["messages"]
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL | {"id": "c1"}]}
+    assert messages[2] == {"role": "tool", "content": "21"}
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content", "thinking", "think"])
+def test_an_assistants_reasoning_is_kept_under_any_of_its_names(field: str) -> None:
+    item = {"messages": [{"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "4", field: " Two and two make four.\r\n"}]}
+    assert convert("messages", item).fields["messages"][1] == {"role": "assistant", "content": "4",
+                                                               "reasoning": "Two and two make four."}
+    item["messages"][1]["reasoning_content" if field != "reasoning_content" else "reasoning"] = "Other."
+    with pytest.raises(RecordRejected, match="reasoning_given_twice"):
+        convert("messages", item)
+
+
+def test_preference_pairs_still_refuse_tool_turns() -> None:
+    with pytest.raises(RecordRejected, match="tool_role"):
+        shapes("preference")["sharegpt"].convert(
+            sharegpt("human", "q", "function_call", "{}") | {"chosen": {"from": "gpt", "value": "a"},
+                                                           "rejected": {"from": "gpt", "value": "b"}})
