@@ -325,3 +325,26 @@ def test_a_template_error_without_tools_is_still_an_error() -> None:
                 {"role": "assistant", "content": "c"}]
     with pytest.raises(TemplateError, match="tiny/mistral refused the conversation: Conversation roles must alternate"):
         encode_conversation(tokenizer_of("mistral"), messages, 512)
+
+
+def test_llamafactory_tool_demo_trains_on_qwen_and_is_rejected_where_tools_are_not_rendered(tmp_path) -> None:
+    from pathlib import Path
+
+    from sft.data.prepare import TRAIN_FILE, prepare
+    from sft.data.prepared import read_conversations
+
+    src = Path(__file__).resolve().parents[3] / "shared" / "data" / "llamafactory" / "glaive_toolcall_en_demo.json.gz"
+    if not src.is_file():
+        pytest.skip(f"{src} is not on this machine")
+    prepare([src], tmp_path)
+    rows = read_conversations(tmp_path / TRAIN_FILE)[:60]
+    with_tools = sum("tools" in row for row in rows)
+    calls = [m for row in rows for m in row["messages"] if m.get("tool_calls")]
+    assert 0 < with_tools < 60 and calls
+    tokenizer = tokenizer_of("qwen2_5")
+    examples, stats = encode_records(tokenizer, rows, 8192, None, progress=False)
+    assert (stats.kept, stats.dropped_unsupported) == (60, {})
+    text = "".join(tokenizer.decode(trained(e["labels"]), skip_special_tokens=False) for e in examples)
+    assert text.count("<tool_call>") == len(calls) and "<tool_response>" not in text and "<tools>" not in text
+    _, stats = encode_records(tokenizer_of("smollm2"), rows, 8192, None, progress=False)
+    assert (stats.kept, stats.dropped_unsupported) == (60 - with_tools, {"template_drops_tools": with_tools})
