@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -169,7 +169,7 @@ def expected(tokenizer: PreTrainedTokenizerFast, family: Family, turns: int, sys
 
 @pytest.mark.parametrize("turns", [1, 2, 3])
 def test_every_answer_is_trained_exactly(family, turns: int) -> None:
-    name, spec, tokenizer = family
+    _, spec, tokenizer = family
     example, truncated = encode_conversation(tokenizer, conversation(turns), 512)
     assert truncated is False
     assert example == expected(tokenizer, spec, turns)
@@ -267,8 +267,8 @@ def tool_conversation() -> list[dict[str, Any]]:
 TOOL_ANSWERS = {  # each family's answers to tool_conversation(), written out by hand
     "qwen2_5": ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n',
                 "It is 21 degrees in Paris.<|im_end|>\n", "You are welcome.<|im_end|>\n"],
-    "qwen3": ['<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
-              '</tool_call><|im_end|>\n', "<think>\n\n</think>\n\nIt is 21 degrees in Paris.<|im_end|>\n",
+    "qwen3": [('<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+               '</tool_call><|im_end|>\n'), "<think>\n\n</think>\n\nIt is 21 degrees in Paris.<|im_end|>\n",
               "<think>\n\n</think>\n\nYou are welcome.<|im_end|>\n"],
     "llama3_1": ['{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
                  "It is 21 degrees in Paris.<|eot_id|>", "You are welcome.<|eot_id|>"],

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from sft.data.formats import CONVERSATION, RecordRejected, choose_shape, conversation_id, record_id, shapes
-from sft.data.prepared import read_conversations
 from sft.data.prepare import REJECTS_FILE, TRAIN_FILE, VAL_FILE, main, prepare
+from sft.data.prepared import read_conversations
 from sft.data.sources import Source, read_source
 from sft.errors import DataError
 
