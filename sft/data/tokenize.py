@@ -191,7 +191,7 @@ def encode_turns(tokenizer: PreTrainedTokenizerBase, messages: list[Message], ma
         prompt_text, through_text = _rendered(tokenizer, messages[:k + 1], tools, uses_tools)
         if number == 1 and tools:
             _require_tools_rendered(tokenizer, messages[:k], tools, prompt_text)
-        _require_results_rendered(tokenizer, messages[answer_turns[number - 2] + 1 if number > 1 else 0:k], prompt_text)
+        _require_results_rendered(tokenizer, messages[:k], prompt_text)
         prompt = encode_prompt(tokenizer, prompt_text)
         through = encode_prompt(tokenizer, through_text)
         _require_prefix(tokenizer, prompt, through,
@@ -252,12 +252,14 @@ def _require_tools_rendered(tokenizer: PreTrainedTokenizerBase, messages: list[M
                                 f"(it has no tool support): {', '.join(missing) or 'the tools'} not in the prompt")
 
 
-def _require_results_rendered(tokenizer: PreTrainedTokenizerBase, turns: list[Message], prompt_text: str) -> None:
-    """UnsupportedRecord unless the result of every tool turn among ``turns`` is in the prompt, as
-    written or as a JSON string (Llama 3.1 writes a result with ``tojson``)."""
-    for turn in turns:
+def _require_results_rendered(tokenizer: PreTrainedTokenizerBase, before: list[Message], prompt_text: str) -> None:
+    """UnsupportedRecord unless the results of the tool turns just before an answer (the last of
+    ``before``) are in its prompt, as written or as a JSON string (Llama 3.1 writes them ``tojson``)."""
+    for turn in reversed(before):
+        if turn["role"] != "tool":
+            return
         result = turn["content"].strip()
-        if turn["role"] == "tool" and result not in prompt_text and json.dumps(result, ensure_ascii=False) not in prompt_text:
+        if result not in prompt_text and json.dumps(result, ensure_ascii=False) not in prompt_text:
             raise UnsupportedRecord("template_drops_tool_results", f"{template_name(tokenizer)} does not render "
                                     f"the tool result {turn['content'][:40]!r} (it has no tool role)")
 

@@ -348,3 +348,20 @@ def test_llamafactory_tool_demo_trains_on_qwen_and_is_rejected_where_tools_are_n
     assert text.count("<tool_call>") == len(calls) and "<tool_response>" not in text and "<tools>" not in text
     _, stats = encode_records(tokenizer_of("smollm2"), rows, 8192, None, progress=False)
     assert (stats.kept, stats.dropped_unsupported) == (60 - with_tools, {"template_drops_tools": with_tools})
+
+
+def test_a_template_that_drops_tool_results_rejects_the_record() -> None:
+    tokenizer = tokenizer_of("qwen2_5")
+    tokenizer.chat_template = tokenizer.chat_template.replace('message.role == "tool"', 'message.role == "tool_"')
+    _, stats = encode_records(tokenizer, [{"id": "t", "messages": tool_conversation(), "tools": [WEATHER_TOOL]}],
+                              1024, None, progress=False)
+    assert stats.dropped_unsupported == {"template_drops_tool_results": 1}
+
+
+def test_think_in_the_content_is_trained_as_text_where_the_template_keeps_the_content() -> None:
+    tokenizer = tokenizer_of("llama3_1")
+    content = f"<think>\n{REASONING[0]}\n</think>\n\nBlue."
+    encoded = encode_turns(tokenizer, [{"role": "user", "content": "Name a color."},
+                                       {"role": "assistant", "content": content}], 512)
+    assert trained(encoded.example["labels"]) == ids_of(tokenizer, content + "<|eot_id|>")
+    assert encoded.reasoning_dropped == 0
