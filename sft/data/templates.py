@@ -21,10 +21,13 @@ read it by (Qwen3 reads ``reasoning_content``, others ``reasoning`` or ``thinkin
 list as ``apply_chat_template(..., tools=...)``; what the template does with them is its own
 affair (``sft.data.tokenize`` checks what it kept).
 
-A template without a system role (Gemma 2 raises on one; a template that renders nothing for it
-would drop it) gets the system prompt folded into the first user turn, followed by a blank line:
-what Gemma 3's own template does. Training, evaluation and chat all render through here, so the
-model sees the system prompt the same way in each.
+A template without a system role (Gemma 2 and Mistral-Instruct v0.1 raise on one; a template that
+renders nothing for it would drop it), or one that moves it as turns are added (Mistral-Instruct
+v0.3 writes it into the last user turn, so every earlier answer's context changes), gets the
+system prompt folded into the first user turn, followed by a blank line: what Gemma 3's own
+template does. A one-turn conversation renders as the template itself would render it. Training,
+evaluation and chat all render through here, so the model sees the system prompt the same way in
+each.
 """
 
 from __future__ import annotations
@@ -118,14 +121,17 @@ def fold_system_turn(messages: list[Message]) -> list[Message]:
 
 @functools.lru_cache(maxsize=16)
 def has_system_role(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> bool:
-    """Whether the template renders a system turn's text (``chat_template`` keys the cache, so a
-    template set later is probed again). Gemma 2's raises on one."""
-    probe = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+    """Whether the template renders a system turn's text where it stays as turns are added
+    (``chat_template`` keys the cache, so a template set later is probed again)."""
+    one_turn = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+    two_turns = [*one_turn, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
     try:
-        text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        first, later = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                        for messages in (one_turn, two_turns))
     except JinjaTemplateError:
         return False
-    return _SYSTEM_PROBE in text
+    through_system = first[:first.find(_SYSTEM_PROBE) + len(_SYSTEM_PROBE)]
+    return _SYSTEM_PROBE in first and later.startswith(through_system)
 
 
 def template_name(tokenizer: PreTrainedTokenizerBase) -> str:

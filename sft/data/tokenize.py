@@ -29,8 +29,11 @@ rendered turn by turn and stitched:
   ``<think>``. The price is that a later answer sees earlier reasoning that inference strips;
   one example per turn would avoid it at a cost quadratic in the turns.
 
-A template that changes the conversation *before* an answer once more turns follow (moving the
-system prompt into the last user turn, say) cannot be trained on this way, and says so.
+A template that changes the conversation *before* an answer once more turns follow cannot be
+trained on this way, and says so; a system prompt that moves (Mistral-Instruct v0.3 writes it into
+the last user turn) is pinned to the first user turn by ``sft.data.templates`` first, but a tool
+list that moves the same way makes a conversation of more than one exchange an
+:class:`UnsupportedRecord`.
 
 What a template leaves out is checked, not assumed: an answer whose text, tool call or tool list
 the template does not render (a template without tool support, a Llama 3.1 turn with two calls)
@@ -173,7 +176,23 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Messa
 
 def encode_turns(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_seq_length: int,
                  train_on: str = ALL_ASSISTANT_TURNS, tools: list[dict[str, Any]] | None = None) -> Encoded:
-    """:func:`encode_conversation` with the count of answers trained without their reasoning."""
+    """:func:`encode_conversation` with the count of answers trained without their reasoning.
+
+    A conversation using tools that the template refuses, or renders in a way that cannot be
+    trained on, is an UnsupportedRecord (the template's tool support is the problem, not every
+    record's); any other TemplateError is the template's and stops the run."""
+    try:
+        return _encode_turns(tokenizer, messages, max_seq_length, train_on, tools)
+    except UnsupportedRecord:
+        raise
+    except TemplateError as exc:
+        if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            raise UnsupportedRecord("template_refused_tools", str(exc)) from None
+        raise
+
+
+def _encode_turns(tokenizer: PreTrainedTokenizerBase, messages: list[Message], max_seq_length: int,
+                  train_on: str, tools: list[dict[str, Any]] | None) -> Encoded:
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on: expected one of {', '.join(TRAIN_ON)}, got {train_on!r}")
     if not messages or messages[-1]["role"] != "assistant":
@@ -181,14 +200,14 @@ def encode_turns(tokenizer: PreTrainedTokenizerBase, messages: list[Message], ma
     limit = message_char_limit(tokenizer, max_seq_length)
     messages = [_cut(message, limit) for message in messages]
     answer_turns = [k for k, message in enumerate(messages) if message["role"] == "assistant"]
-    uses_tools = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
     input_ids: list[int] = []
     labels: list[int] = []
     answers: list[tuple[int, int]] = []  # [start, end) of each answer in input_ids
     reasoning_dropped = 0
     previous: tuple[list[int], list[int], Message] | None = None  # the last turn's prompt and answer, as rendered
     for number, k in enumerate(answer_turns, 1):
-        prompt_text, through_text = _rendered(tokenizer, messages[:k + 1], tools, uses_tools)
+        prompt_text = render_prompt(tokenizer, messages[:k], tools)
+        through_text = render_conversation(tokenizer, messages[:k + 1], tools)
         if number == 1 and tools:
             _require_tools_rendered(tokenizer, messages[:k], tools, prompt_text)
         _require_results_rendered(tokenizer, messages[:k], prompt_text)
@@ -229,18 +248,6 @@ def _cut(message: Message, limit: int) -> Message:
     """The message with its text and reasoning cut to ``limit`` characters each."""
     return message | {key: message[key][:limit] for key in ("content", "reasoning")
                       if isinstance(message.get(key), str) and len(message[key]) > limit}
-
-
-def _rendered(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None,
-              uses_tools: bool) -> tuple[str, str]:
-    """The text of the prompt of the last (assistant) message and of the conversation through it.
-    A template that refuses a conversation using tools does not support them: UnsupportedRecord."""
-    try:
-        return (render_prompt(tokenizer, messages[:-1], tools), render_conversation(tokenizer, messages, tools))
-    except TemplateError as exc:
-        if uses_tools:
-            raise UnsupportedRecord("template_refused_tools", str(exc)) from None
-        raise
 
 
 def _require_tools_rendered(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]],

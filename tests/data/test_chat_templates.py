@@ -365,3 +365,22 @@ def test_think_in_the_content_is_trained_as_text_where_the_template_keeps_the_co
                                        {"role": "assistant", "content": content}], 512)
     assert trained(encoded.example["labels"]) == ids_of(tokenizer, content + "<|eot_id|>")
     assert encoded.reasoning_dropped == 0
+
+
+def test_a_template_that_moves_the_tool_list_trains_one_exchange_and_rejects_more() -> None:
+    """Like Mistral-Instruct v0.3, which writes the tools before the last user turn."""
+    tokenizer = tokenizer_of("smollm2")
+    tokenizer.chat_template = (
+        "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}"
+        "{% endif %}{% endfor %}{% for m in messages %}{% if m.role == 'user' %}{% if tools and loop.index0 == ns.last %}"
+        "{{ 'TOOLS ' + tools | tojson + '\\n' }}{% endif %}{{ 'user: ' + m.content + '\\n' }}"
+        "{% elif m.role == 'assistant' %}{{ 'assistant: ' + m.content }}{% for c in m.tool_calls or [] %}"
+        "{{ 'CALL ' + c.function.name }}{% endfor %}{{ '\\n' }}{% elif m.role == 'tool' %}{{ 'tool: ' + m.content + '\\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    one_exchange = tool_conversation()[:4]
+    example, _ = encode_conversation(tokenizer, one_exchange, 1024, tools=[WEATHER_TOOL])
+    assert tokenizer.decode(trained(example["labels"])) == "CALL get_weather\nIt is 21 degrees in Paris.\n"
+    records = [{"id": "one", "messages": one_exchange, "tools": [WEATHER_TOOL]},
+               {"id": "two", "messages": tool_conversation(), "tools": [WEATHER_TOOL]}]
+    _, stats = encode_records(tokenizer, records, 1024, None, progress=False)
+    assert (stats.kept, stats.dropped_unsupported, stats.dropped_ids) == (1, {"template_refused_tools": 1}, ["two"])
