@@ -577,15 +577,17 @@ _TURN_RULES = "an optional system turn, then user and assistant turns alternatin
 
 SHAPES: tuple[Shape, ...] = (
     Shape("alpaca", CONVERSATION, ("instruction", "input", "output"),
-          'non-empty string "instruction" and "output" fields (and an optional string "input")',
+          'non-empty string "instruction" and "output" fields (and an optional string "input", and LLaMA-Factory\'s '
+          '"system" and "history": [[user, assistant], ...])',
           _has_any("instruction", "output"), _from_alpaca),
     Shape("sharegpt", CONVERSATION, ("conversations",),
           f'"conversations": a list of {{"from", "value"}} turns with from system/human/gpt (or user/assistant): '
-          f"{_TURN_RULES}, ending with an assistant turn",
+          f"{_TURN_RULES}, ending with an assistant turn (function_call and observation turns with a \"tools\" "
+          f'list for tool use, and an optional top-level "system")',
           _has_any("conversations"), _from_turn_list("conversations", SHAREGPT_TURNS)),
     Shape("messages", CONVERSATION, ("messages",),
           f'"messages": a list of {{"role", "content"}} turns with role system/user/assistant: {_TURN_RULES}, '
-          "ending with an assistant turn",
+          'ending with an assistant turn (assistant "tool_calls" and "tool" turns with a "tools" list for tool use)',
           _has_any("messages"), _from_turn_list("messages", OPENAI_TURNS)),
     Shape("prompt_completion", CONVERSATION, ("prompt", "completion"),
           'non-empty string "prompt" and "completion" fields',
