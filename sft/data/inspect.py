@@ -99,7 +99,7 @@ def inspect_example(config: SFTConfig, path: str | None, index: int, as_json: bo
         f"{config.model.model}{' (no chat template: the fallback one)' if fallback else ''}, "
         f"train_on {data.train_on}, system_prompt "
         f"{'none (the template default)' if data.system_prompt is None else repr(data.system_prompt)}"
-        + (f"; {len(record['tools'])} tools in the prompt" if record.get("tools") else ""),
+        + (f"; a tool list of {len(record['tools'])} in the prompt" if record.get("tools") else ""),
         "",
         body,
         "",

@@ -97,7 +97,8 @@ def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: 
             add_generation_prompt: bool) -> str:
     """apply_chat_template of the messages as templates read them; a template's own error
     (``raise_exception``) becomes a TemplateError naming the template."""
-    if messages and messages[0]["role"] == "system" and not has_system_role(tokenizer, tokenizer.chat_template):
+    if (len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user"
+            and not has_system_role(tokenizer, tokenizer.chat_template)):
         messages = fold_system_turn(messages)
     try:
         return tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,

@@ -155,7 +155,7 @@ def test_a_tool_conversation_shows_the_tool_list_calls_and_results(tmp_path: Pat
     path = write_jsonl(tmp_path / "tools.jsonl", [TOOL_RECORD])
     status, out, _ = run(capsys, "--model", str(model_dir), "--file", str(path))
     assert status == 0
-    assert "1 tools in the prompt" in out.splitlines()[0]
+    assert "a tool list of 1 in the prompt" in out.splitlines()[0]
     assert ('<tools>\n{"type": "function", "function": {"name": "get_weather", "description": "The weather now."}}\n'
             '</tools>') in out  # masked: outside the marks
     assert ('<|im_start|>assistant\n[[<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
