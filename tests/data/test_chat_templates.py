@@ -384,3 +384,19 @@ def test_a_template_that_moves_the_tool_list_trains_one_exchange_and_rejects_mor
                {"id": "two", "messages": tool_conversation(), "tools": [WEATHER_TOOL]}]
     _, stats = encode_records(tokenizer, records, 1024, None, progress=False)
     assert (stats.kept, stats.dropped_unsupported, stats.dropped_ids) == (1, {"template_refused_tools": 1}, ["two"])
+
+
+def test_qwen3_reasoning_before_a_tool_call_is_trained_with_the_call() -> None:
+    """After the last user turn Qwen3 keeps the reasoning of every turn: the call's and the answer's."""
+    tokenizer = tokenizer_of("qwen3")
+    messages = tool_conversation()[:4]
+    messages[1] = messages[1] | {"reasoning": "I need the weather tool."}
+    messages[3] = messages[3] | {"reasoning": "The tool says 21."}
+    encoded = encode_turns(tokenizer, messages, 1024, tools=[WEATHER_TOOL])
+    answers = ['<think>\nI need the weather tool.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": '
+               '{"city": "Paris"}}\n</tool_call><|im_end|>\n',
+               "<think>\nThe tool says 21.\n</think>\n\nIt is 21 degrees in Paris.<|im_end|>\n"]
+    assert trained(encoded.example["labels"]) == [t for text in answers for t in ids_of(tokenizer, text)]
+    assert encoded.reasoning_dropped == 0
+    final = tokenizer.apply_chat_template(messages, tools=[WEATHER_TOOL], tokenize=False)
+    assert tokenizer.decode(encoded.example["input_ids"], skip_special_tokens=False) == final
