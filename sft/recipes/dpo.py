@@ -87,18 +87,18 @@ def check_dpo_config(config: DPOConfig) -> None:
         check_adapter_dir(Path(config.dpo.sft_adapter))
 
 
-def stage_sft_adapter(config: DPOConfig, runtime: Runtime, resumed: bool) -> Path | None:
+def stage_sft_adapter(sft_adapter: str | None, output_dir: str, runtime: Runtime, resumed: bool) -> Path | None:
     """The run's own copy of the SFT adapter it starts from (made now for a new run; a resumed
     run keeps the one it started with), or None when the base model is the reference."""
-    if config.dpo.sft_adapter is None:
+    if sft_adapter is None:
         return None
-    copy = Path(config.training.output_dir) / SFT_ADAPTER_DIR
+    copy = Path(output_dir) / SFT_ADAPTER_DIR
     with runtime.state.main_process_first():
         if runtime.main_process and not (resumed and (copy / ADAPTER_CONFIG).is_file()):
             shutil.rmtree(copy, ignore_errors=True)
             with atomic_directory(copy) as staging:
                 for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                    shutil.copy2(Path(config.dpo.sft_adapter) / name, staging / name)
+                    shutil.copy2(Path(sft_adapter) / name, staging / name)
     return copy
 
 
@@ -167,7 +167,8 @@ def train(config: DPOConfig, resume: str | None = None, overwrite_output_dir: bo
     check_dpo_config(config)
     runtime = setup_runtime(config)
     checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-    sft_adapter = stage_sft_adapter(config, runtime, resumed=checkpoint is not None)
+    sft_adapter = stage_sft_adapter(config.dpo.sft_adapter, config.training.output_dir, runtime,
+                                    resumed=checkpoint is not None)
     tokenizer = load_run_tokenizer(config, runtime)
     train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
     runtime.say(describe_layout(config, runtime))
