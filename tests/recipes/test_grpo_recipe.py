@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from sft.config import GRPOConfig, build_config
 from sft.recipes import grpo as grpo_recipe
+from sft.recipes.sft import main as sft_main
 from sft.training.grpo_trainer import SAMPLES_FILE
-from tests.tiny import as_flags, logged, tiny_run_overrides, write_jsonl
+from tests.tiny import as_flags, logged, tiny_run_overrides, write_jsonl, write_prepared_split
 
 LENGTH_REWARD = "tests.recipes.grpo_test_rewards:answer_length"
 TOPICS = ["the ocean", "a red bicycle", "coffee", "the moon", "winter", "jazz music"]
@@ -50,13 +53,40 @@ def test_grpo_runs_two_steps_and_logs_its_metrics(tiny_model_dir: Path, prompt_f
     assert isinstance(build_config(output_dir / "sft_config.yaml"), GRPOConfig)
     report = json.loads((output_dir / "data_report.json").read_text())
     assert report["train"] == {"records": 6, "kept": 6, "dropped_prompt_too_long": 0}
+    assert Image.open(output_dir / "loss.png").size == (1440, 480)  # loss beside the rewards
+
+
+def test_one_answer_per_prompt_gives_no_update(tiny_model_dir: Path, prompt_file: Path, tmp_path: Path) -> None:
+    """A group of one has advantage 0 whatever its reward: the gradient and the update are zero
+    (LoRA's B starts at zero and stays there)."""
+    output_dir = tmp_path / "grpo"
+    flags = as_flags(_overrides(tiny_model_dir, prompt_file, output_dir, group_size=1))
+    assert grpo_recipe.main([*flags, "--reward", LENGTH_REWARD]) == 0
+    assert logged(output_dir, "grad_norm") == {1: 0.0, 2: 0.0}
+    assert any(value > 0 for value in logged(output_dir, "reward").values())
+    weights = load_file(output_dir / "adapter_model.safetensors")
+    assert all(not tensor.any() for name, tensor in weights.items() if "lora_B" in name)
+
+
+def test_a_run_on_top_of_an_sft_adapter_keeps_it_as_the_reference(tiny_model_dir: Path, prompt_file: Path,
+                                                                   tmp_path: Path) -> None:
+    sft_dir = tmp_path / "sft"
+    train, val = write_prepared_split(tmp_path / "sft_data")
+    assert sft_main(as_flags(tiny_run_overrides(tiny_model_dir, train, val, sft_dir, max_steps=2,
+                                                learning_rate=5e-2))) == 0
+    output_dir = tmp_path / "grpo"
+    flags = as_flags(_overrides(tiny_model_dir, prompt_file, output_dir, beta=0.1, max_steps=1, sft_adapter=sft_dir))
+    assert grpo_recipe.main([*flags, "--reward", LENGTH_REWARD]) == 0
+    assert (output_dir / "sft_adapter" / "adapter_model.safetensors").read_bytes() == \
+        (sft_dir / "adapter_model.safetensors").read_bytes()
+    assert logged(output_dir, "kl")[1] < 1e-6  # the new adapter starts as the identity on the SFT model
 
 
 class StopAt(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
+    def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.should_training_stop = True
         return control
@@ -66,7 +96,7 @@ def test_a_resumed_run_logs_what_the_uninterrupted_one_logs(tiny_model_dir: Path
                                                             tmp_path: Path) -> None:
     """Inside a cycle of num_iterations = 2 steps too: checkpoint-3 holds step 3's samples, and
     step 4 trains on them (the clip and the KL at work)."""
-    overrides = dict(max_steps=4, save_steps=3, num_iterations=2, beta=0.1, epsilon=0.05)
+    overrides = {"max_steps": 4, "save_steps": 3, "num_iterations": 2, "beta": 0.1, "epsilon": 0.05}
     config = build_config(overrides=_overrides(tiny_model_dir, prompt_file, tmp_path / "whole", **overrides),
                           config_class=GRPOConfig)
     grpo_recipe.train(config, rewards=[LENGTH_REWARD])
