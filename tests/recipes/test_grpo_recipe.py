@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from sft.cli import main as cli_main
 from sft.config import GRPOConfig, build_config
 from sft.recipes import grpo as grpo_recipe
 from sft.recipes.sft import main as sft_main
@@ -40,7 +41,7 @@ def _overrides(tiny_model_dir: Path, prompt_file: Path, output_dir: Path, **chan
 
 def test_grpo_runs_two_steps_and_logs_its_metrics(tiny_model_dir: Path, prompt_file: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "grpo"
-    assert grpo_recipe.main(as_flags(_overrides(tiny_model_dir, prompt_file, output_dir))) == 0
+    assert cli_main(["grpo", *as_flags(_overrides(tiny_model_dir, prompt_file, output_dir))]) == 0
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_state.json", "sft_config.yaml",
                  "data_report.json", "loss.png", "checkpoint-2/adapter_model.safetensors"):
         assert (output_dir / name).exists(), name

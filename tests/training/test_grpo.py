@@ -12,11 +12,16 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sft.config import ConfigError, GRPOConfig, build_config
 from sft.data.collate import IGNORE_INDEX, PackingCollator
+from sft.data.grpo_prompts import read_prompt_records
+from sft.errors import DataError
 from sft.modeling.head import LogitRule
 from sft.training.grpo import dapo_loss, group_advantages, per_token, token_terms
+from sft.training.grpo_rewards import Rewards
 from sft.training.grpo_sampling import answer_seed, choose_tokens, sample_answers
 from sft.training.token_logps import answer_token_logps, linear_token_log_probs
+from tests.tiny import write_jsonl
 
 
 def test_advantages_are_the_group_normalized_rewards() -> None:
@@ -147,3 +152,47 @@ def test_sampling_with_a_seed_is_repeatable_and_independent_of_the_batch(tiny_lo
     assert first == sample(1)  # an answer's draws do not depend on its batch
     assert len({tuple(answer) for answer in first}) > 2  # the same prompt gets different answers
     assert first != sample(4, [answer_seed(8, 3, position, 0) for position in range(len(prompts))])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_p", 0, "grpo.top_p: must be in (0, 1], got 0.0"),
+    ("group_size", 0, "grpo.group_size: must be >= 1, got 0"),
+    ("epsilon", 1.5, "grpo.epsilon: must be in (0, 1), got 1.5"),
+    ("beta", -0.1, "grpo.beta: must be >= 0, got -0.1"),
+])
+def test_grpo_settings_refuse_what_cannot_run(field: str, value: object, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        build_config(overrides={field: value}, config_class=GRPOConfig)
+    assert str(error.value) == message
+
+
+def test_clip_range_defaults_to_a_symmetric_epsilon() -> None:
+    assert build_config(overrides={"epsilon": 0.2}, config_class=GRPOConfig).grpo.clip_range == (0.8, 1.2)
+    assert build_config(overrides={"epsilon_high": 0.28}, config_class=GRPOConfig).grpo.clip_range == (0.8, 1.28)
+
+
+def test_prompt_records_drop_a_final_answer_and_bind_their_instructions(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"id": "a", "messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi, you"}],
+         "instruction_id_list": ["punctuation:no_comma", "change_case:english_lowercase"], "kwargs": [{}, {}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count."}],
+         "instruction_id_list": ["length_constraints:number_words"],
+         "kwargs": [{"relation": "less than", "num_words": 3}]}])
+    records, checks = read_prompt_records(path, verifier=True)
+    assert records[0]["messages"] == [{"role": "user", "content": "Say hi."}]
+    assert records[1]["id"] and records[1]["messages"][0]["role"] == "system"
+    english = "the weather is nice today and we walk to the park"
+    assert [check(english) for check in checks[0]] == [True, True]
+    assert [check("The weather is nice, so we walk") for check in checks[0]] == [False, False]
+    assert [check("one two three") for check in checks[1]] == [False]
+    assert read_prompt_records(path, verifier=False)[1] is None
+    rewards = Rewards(records, checks, {})(indices=[0, 0, 1], completions=[english, english.title(), ""])
+    assert rewards.rewards == [1.0, 0.5, 0.0] and rewards.passed == [True, False, False]  # empty: follows nothing
+
+
+def test_a_bad_instruction_is_refused_naming_the_line(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"messages": [{"role": "user", "content": "Say hi."}], "instruction_id_list": ["punctuation:no_coma"],
+         "kwargs": [{}]}])
+    with pytest.raises(DataError, match=rf"^{path}:1: unknown instruction id 'punctuation:no_coma'$"):
+        read_prompt_records(path, verifier=True)
