@@ -158,3 +158,18 @@ def test_a_record_without_instructions_is_refused_naming_the_line(tiny_model_dir
                                                {"messages": [{"role": "user", "content": "hello"}]}])
     assert grpo_recipe.main(as_flags(_overrides(tiny_model_dir, bad, tmp_path / "grpo"))) == 2
     assert capsys.readouterr().err.startswith(f"error: {bad}:2: field 'instruction_id_list' must be")
+
+
+def test_accumulated_micro_batches_train_what_one_batch_of_the_step_trains(tiny_model_dir: Path, prompt_file: Path,
+                                                                            tmp_path: Path) -> None:
+    """The loss is divided by the answer tokens of the whole step, not of each micro-batch: two
+    micro-batches of one prompt give the loss and gradient of one micro-batch of two."""
+    logs = {}
+    for name, batch, accumulation in (("one", 2, 1), ("two", 1, 2)):
+        config = build_config(overrides=_overrides(tiny_model_dir, prompt_file, tmp_path / name, max_steps=1,
+                                                   batch_size=batch, gradient_accumulation_steps=accumulation),
+                              config_class=GRPOConfig)
+        grpo_recipe.train(config, rewards=[LENGTH_REWARD])
+        logs[name] = {key: logged(tmp_path / name, key)[1] for key in ("loss", "grad_norm", "reward")}
+    assert logs["one"]["grad_norm"] > 0
+    assert logs["two"] == pytest.approx(logs["one"], rel=1e-4, abs=1e-6)
