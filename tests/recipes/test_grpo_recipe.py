@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 from sft.cli import main as cli_main
 from sft.config import GRPOConfig, build_config
@@ -76,11 +78,22 @@ def test_a_run_on_top_of_an_sft_adapter_keeps_it_as_the_reference(tiny_model_dir
     assert sft_main(as_flags(tiny_run_overrides(tiny_model_dir, train, val, sft_dir, max_steps=2,
                                                 learning_rate=5e-2))) == 0
     output_dir = tmp_path / "grpo"
-    flags = as_flags(_overrides(tiny_model_dir, prompt_file, output_dir, beta=0.1, max_steps=1, sft_adapter=sft_dir))
-    assert grpo_recipe.main([*flags, "--reward", LENGTH_REWARD]) == 0
+    config = build_config(overrides=_overrides(tiny_model_dir, prompt_file, output_dir, beta=0.1, max_steps=1,
+                                               sft_adapter=str(sft_dir)), config_class=GRPOConfig)
+    run = grpo_recipe.train(config, rewards=[LENGTH_REWARD])
     assert (output_dir / "sft_adapter" / "adapter_model.safetensors").read_bytes() == \
         (sft_dir / "adapter_model.safetensors").read_bytes()
     assert logged(output_dir, "kl")[1] < 1e-6  # the new adapter starts as the identity on the SFT model
+    probe = torch.tensor([[1, 5, 9, 23, 42, 7]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(input_ids=probe).logits
+        sft_logits = PeftModel.from_pretrained(base, str(sft_dir)).merge_and_unload()(input_ids=probe).logits
+        model = run.trainer.model.eval()
+        with model.disable_adapter():
+            reference_logits = model(input_ids=probe).logits
+    torch.testing.assert_close(reference_logits, sft_logits, atol=1e-5, rtol=1e-5)  # the reference is the SFT model
+    assert not torch.allclose(sft_logits, base_logits, atol=1e-3)
 
 
 class StopAt(TrainerCallback):
