@@ -130,16 +130,23 @@ def step_order(prompts: list[dict[str, Any]], per_step: int, num_iterations: int
     return order
 
 
+def prompts_per_step(config: GRPOConfig, runtime: Runtime, usable: int) -> int:
+    """Prompts one optimizer step takes, all processes together; refused when there are fewer."""
+    t = config.training
+    per_step = t.batch_size * t.gradient_accumulation_steps * runtime.state.num_processes
+    if usable < per_step:
+        raise DataError(f"{config.data.train_file}: {usable} usable prompts, fewer than the {per_step} one "
+                        f"optimizer step takes (batch_size x gradient_accumulation_steps x processes); lower "
+                        f"--batch-size or --gradient-accumulation-steps")
+    return per_step
+
+
 def build_trainer(config: GRPOConfig, runtime: Runtime, model: Any, tokenizer: PreTrainedTokenizerBase,
                   prompts: list[dict[str, Any]], rewards: Rewards, resumed: bool = False,
                   callbacks: list[TrainerCallback] | None = None, **argument_overrides: Any) -> GRPOTrainer:
     """The trainer of a GRPO run, its dataset the prompts in step order."""
     t, grpo = config.training, config.grpo
-    per_step = t.batch_size * t.gradient_accumulation_steps * runtime.state.num_processes
-    if len(prompts) < per_step:
-        raise DataError(f"{config.data.train_file}: {len(prompts)} usable prompts, fewer than the {per_step} one "
-                        f"optimizer step takes (batch_size x gradient_accumulation_steps x processes); lower "
-                        f"--batch-size or --gradient-accumulation-steps")
+    per_step = prompts_per_step(config, runtime, len(prompts))
     steps = t.max_steps if t.max_steps > 0 else 1  # by epochs: one shuffle, which the Trainer repeats
     order = step_order(prompts, per_step, grpo.num_iterations, steps, t.seed)
     args = training_arguments(config, runtime.policy, evaluate=False, resumed=resumed, **argument_overrides)
@@ -160,6 +167,7 @@ def train(config: GRPOConfig, rewards: list[str] | None = None, resume: str | No
                                     resumed=checkpoint is not None)
     tokenizer = load_run_tokenizer(config, runtime)
     prompts, report = encode_prompts(config, tokenizer, records, runtime)
+    prompts_per_step(config, runtime, len(prompts))  # before the model loads
     runtime.say(describe_layout(config, runtime).replace("examples per optimizer step",
                                                          f"prompts per optimizer step, {config.grpo.group_size} "
                                                          f"answers each"))

@@ -186,3 +186,17 @@ def test_accumulated_micro_batches_train_what_one_batch_of_the_step_trains(tiny_
         logs[name] = {key: logged(tmp_path / name, key)[1] for key in ("loss", "grad_norm", "reward")}
     assert logs["one"]["grad_norm"] > 0
     assert logs["two"] == pytest.approx(logs["one"], rel=1e-4, abs=1e-6)
+
+
+def test_fewer_prompts_than_a_step_takes_is_refused_before_the_model_loads(
+        tiny_model_dir: Path, prompt_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import sft.training.stages
+
+    monkeypatch.setattr(sft.training.stages, "load_model", lambda *args, **kwargs: pytest.fail("model loaded"))
+    flags = as_flags(_overrides(tiny_model_dir, prompt_file, tmp_path / "grpo", batch_size=4,
+                                gradient_accumulation_steps=2))
+    assert grpo_recipe.main(flags) == 2
+    assert capsys.readouterr().err == (f"error: {prompt_file}: 6 usable prompts, fewer than the 8 one optimizer step "
+                                       f"takes (batch_size x gradient_accumulation_steps x processes); lower "
+                                       f"--batch-size or --gradient-accumulation-steps\n")

@@ -18,7 +18,7 @@ from sft.data.grpo_prompts import read_prompt_records
 from sft.errors import DataError
 from sft.modeling.head import LogitRule
 from sft.training.grpo import dapo_loss, group_advantages, per_token, token_terms
-from sft.training.grpo_rewards import Rewards
+from sft.training.grpo_rewards import Rewards, load_reward_function
 from sft.training.grpo_sampling import answer_seed, choose_tokens, sample_answers
 from sft.training.token_logps import answer_token_logps, linear_token_log_probs
 from tests.tiny import write_jsonl
@@ -196,3 +196,27 @@ def test_a_bad_instruction_is_refused_naming_the_line(tmp_path: Path) -> None:
          "kwargs": [{}]}])
     with pytest.raises(DataError, match=rf"^{path}:1: unknown instruction id 'punctuation:no_coma'$"):
         read_prompt_records(path, verifier=True)
+
+
+def test_a_reward_function_must_return_one_finite_number_per_completion() -> None:
+    records = [{"messages": [{"role": "user", "content": "hi"}]}]
+    short = Rewards(records, None, {"mod:short": lambda prompts, completions, records: [1.0]})
+    with pytest.raises(ConfigError, match=r"^--reward mod:short must return one finite number per completion \(2\)"):
+        short([0, 0], ["a", "b"])
+    nan = Rewards(records, None, {"mod:nan": lambda prompts, completions, records: [float("nan")] * 2})
+    with pytest.raises(ConfigError, match=r"^--reward mod:nan must return"):
+        nan([0, 0], ["a", "b"])
+    with pytest.raises(ConfigError, match=r"^no reward: the built-in verifier is off"):
+        Rewards(records, None, {})
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tests.tiny", "--reward 'tests.tiny': expected MODULE:FUNCTION, e.g. mypkg.rewards:fn"),
+    ("no_such_module_xyz:fn", ("--reward no_such_module_xyz:fn: cannot import no_such_module_xyz "
+                               "(ModuleNotFoundError: No module named 'no_such_module_xyz')")),
+    ("tests.tiny:nothing_here", "--reward tests.tiny:nothing_here: tests.tiny has no function 'nothing_here'"),
+])
+def test_a_reward_function_that_cannot_be_loaded_is_named(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        load_reward_function(spec)
+    assert str(error.value) == message
