@@ -104,6 +104,9 @@ def damage(checkpoint: Path) -> str | None:
         parsed = json.loads(state.read_text(encoding="utf-8"))
         if not isinstance(parsed, dict) or "global_step" not in parsed:
             return f"{state}: not a trainer state (no global_step)"
+        step = parsed["global_step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            return f"{state}: global_step is {step!r}, not a step number"
     except FileNotFoundError:
         return f"{state}: missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
