@@ -141,7 +141,7 @@ def with_reference_logps(config: DPOConfig, runtime: Runtime, model: torch.nn.Mo
         else contextlib.nullcontext()
     with runtime.state.main_process_first(), autocast:
         logps, computed = cached_reference_logps(model, splits, config.training.output_dir, identity,
-                                                 config.training.eval_batch_size, collator, device)
+                                                 config.training.eval_batch_size, collator, device, runtime.say)
     runtime.say(f"reference log-probabilities: {'computed' if computed else 'read from the cache'} "
                 f"({', '.join(f'{split}: {len(pairs)} pairs' for split, pairs in splits.items())})")
     return {split: attach_reference_logps(pairs, logps[split]) for split, pairs in splits.items()}
