@@ -40,6 +40,7 @@ RUN_FILES = (
     "merges.txt", "tokenizer.model", "added_tokens.json",
     # ours
     "sft_config.yaml", "data_report.json", "loss.png", "reference_logps.safetensors", "reference_logps.json",
+    "adapter_origin.json",
     STAGING_DIR,
 )
 SFT_ADAPTER_DIR = "sft_adapter"

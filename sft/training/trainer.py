@@ -29,6 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft.errors import NonFiniteLossError
 from sft.files import fsync_directory, fsync_tree
+from sft.modeling.fingerprint import base_fingerprint, write_adapter_origin
 from sft.training.checkpoints import (
     STAGING_DIR,
     latest_complete_checkpoint,
@@ -39,8 +40,13 @@ from sft.training.loss import supervised_forward, supervised_totals
 
 
 class SupervisedTrainer(Trainer):
+    METHOD = "sft"
+    """What trained the adapter, recorded beside it (sft.modeling.fingerprint)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Read now, before a launcher shards the weights; the embeddings never change in training.
+        self._base_fingerprint = base_fingerprint(self.accelerator.unwrap_model(self.model), self.processing_class)
         # Our compute_loss normalizes by num_items_in_batch itself: make the Trainer count the
         # tokens across accumulation steps and processes, and not divide the loss again.
         self.model_accepts_loss_kwargs = True
@@ -158,6 +164,12 @@ class SupervisedTrainer(Trainer):
         """The validation metrics from evaluation_totals summed over every process."""
         nll, tokens = totals
         return {f"{metric_key_prefix}_loss": nll / max(tokens, 1.0), f"{metric_key_prefix}_tokens": int(tokens)}
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter (the run's or a checkpoint's) with the record of its base and method beside it."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            write_adapter_origin(output_dir or self.args.output_dir, self.METHOD, self._base_fingerprint)
 
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
