@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from sft.errors import ResourceError
 from sft.inference.chat import main as chat_main
 from sft.modeling.fingerprint import ADAPTER_ORIGIN
 from sft.recipes import dpo as dpo_recipe
@@ -152,3 +153,16 @@ def test_a_dpo_resume_after_the_pairs_were_edited_is_refused(tiny_model_dir: Pat
     status = dpo_recipe.main([*dpo_flags(tiny_model_dir, pairs, run, max_steps=2, sft_adapter=base_run),
                               "--resume"])
     assert_user_error(status, capsys.readouterr().err, f"data.train_file {pairs[0]} is not the file")
+
+
+def test_a_new_dpo_run_that_fails_before_its_first_checkpoint_removes_its_sft_adapter_copy(
+        tiny_model_dir: Path, base_run: Path, pairs: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        assert (tmp_path / "out" / SFT_ADAPTER_DIR / "adapter_config.json").is_file()  # copied by now
+        raise ResourceError("out of memory while scoring the reference")
+
+    monkeypatch.setattr(dpo_recipe, "with_reference_logps", out_of_memory)
+    status = dpo_recipe.main(dpo_flags(tiny_model_dir, pairs, tmp_path / "out", sft_adapter=base_run))
+    assert_user_error(status, capsys.readouterr().err, "out of memory")
+    assert not (tmp_path / "out" / SFT_ADAPTER_DIR).exists()
