@@ -123,9 +123,10 @@ def check_resumable(config: SFTConfig, checkpoint: Path) -> None:
             if name not in RESUMABLE_CHANGES and name in before and not _same(name, value, before[name]):
                 raise _refuse(f"{group}.{name}", value, before[name], checkpoint)
     for name, digest in saved.get("data_sha256", {}).items():
-        if digest != current["data_sha256"].get(name):
+        now = current["data_sha256"].get(name)
+        if now is not None and digest != now:  # an unreadable file is named by the reader, with why
             path = getattr(config.data, name)
             raise ConfigError(
                 f"--resume: data.{name} {path} is not the file {checkpoint} was trained on (its content changed: "
-                f"sha256 {str(current['data_sha256'].get(name))[:12]} now, {str(digest)[:12]} then); the saved data "
+                f"sha256 {now[:12]} now, {str(digest)[:12]} then); the saved data "
                 f"order cannot continue on other data. Restore the file, or start a new run in another --output-dir")

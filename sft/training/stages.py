@@ -118,12 +118,15 @@ def prepare_output_dir(config: SFTConfig, runtime: Runtime, resume: str | None, 
                 if runtime.main_process:
                     delete_run(output_dir)
             return None
-        checkpoint = _resume_checkpoint(output_dir, resume, runtime)
+        checkpoint = resume_checkpoint(output_dir, resume, runtime)
         check_resumable(config, checkpoint)
         return str(checkpoint)
 
 
-def _resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
+def resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
+    """The checkpoint ``--resume`` names (refused if damaged), or for ``latest`` the one written
+    last in ``output_dir`` that is intact: a damaged one is named and skipped for the newest intact
+    checkpoint it continues, never for one of a branch a rewind abandoned."""
     if resume != "latest":
         checkpoint = Path(resume)
         if not (checkpoint / "trainer_state.json").is_file():

@@ -16,7 +16,7 @@ import pytest
 from sft.errors import NonFiniteLossError
 from sft.recipes.sft import main, train
 from sft.training.checkpoints import IDENTITY_FILE, latest_complete_checkpoint
-from sft.training.stages import _resume_checkpoint
+from sft.training.stages import resume_checkpoint
 from tests.reliability.conftest import copy_run, run_config
 from tests.reliability.helpers import assert_user_error, cut_adapter
 from tests.reliability.test_interrupts import PoisonAdapterAfterStep
@@ -96,7 +96,7 @@ def test_after_a_rewind_resume_takes_the_checkpoint_written_last_not_the_highest
     damaged = copy_run(run, tmp_path / "damaged")
     cut_adapter(damaged / "checkpoint-3")
     quiet = SimpleNamespace(say=lambda *args, **kwargs: None)
-    assert _resume_checkpoint(damaged, "latest", quiet).name == "checkpoint-2"
+    assert resume_checkpoint(damaged, "latest", quiet).name == "checkpoint-2"
     # A plain --resume continues the new branch (from checkpoint-3), not the stale checkpoint-4.
     assert main(flags(tiny_model_dir, data, run, max_steps=5, save_steps=1, learning_rate=lower)) == 0
     continued = logged(run)
