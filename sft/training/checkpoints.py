@@ -77,9 +77,11 @@ def checkpoint_record(checkpoint: Path) -> dict[str, Any] | None:
 
 def written_order(run_dir: Path) -> list[Path]:
     """The run's checkpoint-N folders in the order they were written, oldest first."""
-    def written(path: Path) -> tuple[int, int]:
+    def written(path: Path) -> tuple[float, int]:
         record = checkpoint_record(path)
-        return (record["sequence"] if record else -1, checkpoint_step(path) or 0)
+        if record is None:  # an earlier version's comes first; a damaged record's last, to be named and skipped
+            return (float("inf") if (path / IDENTITY_FILE).exists() else -1, checkpoint_step(path) or 0)
+        return (record["sequence"], checkpoint_step(path) or 0)
 
     return sorted(checkpoints(run_dir), key=written)
 

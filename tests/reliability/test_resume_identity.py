@@ -125,3 +125,14 @@ def test_the_non_finite_loss_advice_names_a_resume_that_is_accepted(
     assert advice.group(1) == str(run / "checkpoint-2")
     assert main(flags(tiny_model_dir, data, run, advice.group(1), learning_rate=advice.group(2))) == 0
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 6
+
+
+def test_a_checkpoint_whose_identity_is_unreadable_is_damaged_and_skipped(
+        interrupted_run: Path, tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(interrupted_run, tmp_path / "run")
+    (run / "checkpoint-4" / IDENTITY_FILE).write_text('{"sequence": "two"', encoding="utf-8")
+    quiet = SimpleNamespace(say=print)
+    assert resume_checkpoint(run, "latest", quiet).name == "checkpoint-2"
+    assert f"warning: skipping the damaged checkpoint-4: {run / 'checkpoint-4' / IDENTITY_FILE}" \
+        in capsys.readouterr().out
