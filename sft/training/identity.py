@@ -96,10 +96,14 @@ def _known_identity(checkpoint: Path) -> dict[str, Any]:
         adapter = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         adapter = {}
+    adapter = adapter if isinstance(adapter, dict) else {}
     lora = known["config"].setdefault("lora", {})
+    saved_lora = dict(lora)
     for field, key in (("r", "r"), ("alpha", "lora_alpha"), ("target_modules", "target_modules")):
-        if isinstance(adapter, dict) and key in adapter and field not in lora:
+        if key in adapter and field not in lora:
             lora[field] = adapter[key]
+    if "target_modules" in adapter and "target_modules" not in saved_lora:
+        known["adapter_targets"] = True  # names PEFT resolved ("all-linear" among them), not the setting
     return known
 
 
@@ -120,6 +124,8 @@ def check_resumable(config: SFTConfig, checkpoint: Path) -> None:
     for group, fields in current["config"].items():
         for name, value in fields.items():
             before = saved["config"].get(group, {})
+            if name == "target_modules" and saved.get("adapter_targets") and "all-linear" in value:
+                continue  # PEFT's keyword against the layer names it chose: the shapes check it on load
             if name not in RESUMABLE_CHANGES and name in before and not _same(name, value, before[name]):
                 raise _refuse(f"{group}.{name}", value, before[name], checkpoint)
     for name, digest in saved.get("data_sha256", {}).items():
