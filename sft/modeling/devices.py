@@ -136,8 +136,18 @@ def cpu_features() -> set[str] | None:
     return None
 
 
+CPU_BF16_VARIABLE = "SFT_CPU_BF16"
+"""1 or 0: bf16 autocast on the CPU or not, whatever the CPU reports (a container that hides the
+CPU's flags, or a benchmark of both precisions)."""
+
+
 def cpu_bf16_verdict() -> tuple[bool, str]:
     """Whether CPU training should autocast to bfloat16, and why (for the run's first lines)."""
+    forced = os.environ.get(CPU_BF16_VARIABLE, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1", f"{CPU_BF16_VARIABLE}={forced}"
+    if forced:
+        raise ConfigError(f"{CPU_BF16_VARIABLE}: expected 1 or 0, got {forced!r}")
     features = cpu_features()
     if features is not None:
         native = sorted(features.intersection(BF16_CPU_FLAGS))

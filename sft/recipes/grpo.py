@@ -30,8 +30,7 @@ from sft.config import GRPOConfig, StrictArgumentParser, add_config_arguments, c
 from sft.data.grpo_prompts import read_prompt_records
 from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
 from sft.errors import ConfigError, DataError, run_command
-from sft.inference.loading import check_adapter_dir
-from sft.recipes.dpo import fold_in, stage_sft_adapter
+from sft.recipes.dpo import check_sft_adapter, drop_unused_sft_adapter, fold_in, sft_adapter_source, stage_sft_adapter
 from sft.training.arguments import training_arguments
 from sft.training.grpo_rewards import Rewards, load_reward_function
 from sft.training.grpo_trainer import GRPOTrainer
@@ -90,7 +89,7 @@ def check_grpo_config(config: GRPOConfig) -> None:
         raise ConfigError(f"grpo.max_answer_tokens: {config.grpo.max_answer_tokens} leaves no room for a prompt "
                           f"within data.max_seq_length={config.data.max_seq_length}")
     if config.grpo.sft_adapter is not None:
-        check_adapter_dir(Path(config.grpo.sft_adapter))
+        check_sft_adapter(Path(config.grpo.sft_adapter), "grpo", "GRPO")
 
 
 def encode_prompts(config: GRPOConfig, tokenizer: PreTrainedTokenizerBase, records: list[dict[str, Any]],
@@ -163,19 +162,25 @@ def train(config: GRPOConfig, rewards: list[str] | None = None, resume: str | No
     scorer = Rewards(records, checks, functions)
     runtime = setup_runtime(config)
     checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-    sft_adapter = stage_sft_adapter(config.grpo.sft_adapter, config.training.output_dir, runtime,
-                                    resumed=checkpoint is not None)
+    output_dir = config.training.output_dir
+    source = sft_adapter_source(config.grpo.sft_adapter, output_dir, resumed=checkpoint is not None)
     tokenizer = load_run_tokenizer(config, runtime)
     prompts, report = encode_prompts(config, tokenizer, records, runtime)
     prompts_per_step(config, runtime, len(prompts))  # before the model loads
     runtime.say(describe_layout(config, runtime).replace("examples per optimizer step",
                                                          f"prompts per optimizer step, {config.grpo.group_size} "
                                                          f"answers each"))
-    model = load_lora_model(config, runtime, fold_in(sft_adapter, config.model.model) if sft_adapter else None)
-    trainer = build_trainer(config, runtime, model, tokenizer, prompts, scorer, resumed=checkpoint is not None,
-                            callbacks=callbacks)
-    save_run_files(config, runtime, {"train": report, "verifier": config.grpo.verifier, "rewards": list(functions)})
-    metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
+    model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
+    sft_adapter = stage_sft_adapter(output_dir, runtime, source)
+    try:
+        trainer = build_trainer(config, runtime, model, tokenizer, prompts, scorer, resumed=checkpoint is not None,
+                                callbacks=callbacks)
+        save_run_files(config, runtime, {"train": report, "verifier": config.grpo.verifier,
+                                         "rewards": list(functions)})
+        metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
+    except BaseException:
+        drop_unused_sft_adapter(output_dir, runtime, sft_adapter, source)
+        raise
     finish(trainer, metrics, runtime)
     runtime.say(f"Adapter saved to {config.training.output_dir}. Score it on IFEval with: "
                 f"sft ifeval --adapter {config.training.output_dir}")

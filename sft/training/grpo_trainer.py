@@ -53,6 +53,8 @@ def keep_prompts(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class GRPOTrainer(SupervisedTrainer):
+    METHOD = "grpo"
+
     def __init__(self, *args: Any, grpo: GRPOSettings, rewards: Rewards, stop_ids: list[int], packing: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(*args, data_collator=keep_prompts, **kwargs)

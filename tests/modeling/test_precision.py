@@ -32,6 +32,19 @@ def test_cpu_precision_follows_the_cpus_features(monkeypatch, features, autocast
     assert device_policy("cpu", "bfloat16").load_dtype == torch.bfloat16
 
 
+def test_the_environment_overrides_what_the_cpu_reports(monkeypatch) -> None:
+    monkeypatch.setattr(devices, "cpu_features", lambda: {"avx512_bf16"})
+    monkeypatch.setenv("SFT_CPU_BF16", "0")
+    assert device_policy("cpu", "auto").bf16 is False
+    monkeypatch.setattr(devices, "cpu_features", lambda: {"avx2"})
+    monkeypatch.setenv("SFT_CPU_BF16", "1")
+    assert describe_precision(device_policy("cpu", "auto")) == (
+        "Precision: float32 weights, bfloat16 autocast (SFT_CPU_BF16=1; --dtype overrides)")
+    monkeypatch.setenv("SFT_CPU_BF16", "yes")
+    with pytest.raises(devices.ConfigError, match="SFT_CPU_BF16: expected 1 or 0"):
+        device_policy("cpu", "auto")
+
+
 def test_unreadable_features_run_the_probe_once_per_machine(monkeypatch, tmp_path: Path) -> None:
     timings = {torch.float32: 3.0, torch.bfloat16: 1.0}
     calls = []
