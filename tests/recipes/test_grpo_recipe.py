@@ -57,6 +57,7 @@ def test_grpo_runs_two_steps_and_logs_its_metrics(tiny_model_dir: Path, prompt_f
     report = json.loads((output_dir / "data_report.json").read_text())
     assert report["train"] == {"records": 6, "kept": 6, "dropped_prompt_too_long": 0}
     assert Image.open(output_dir / "loss.png").size == (1440, 480)  # loss beside the rewards
+    assert json.loads((output_dir / "adapter_origin.json").read_text())["method"] == "grpo"
 
 
 def test_one_answer_per_prompt_gives_no_update(tiny_model_dir: Path, prompt_file: Path, tmp_path: Path) -> None:
@@ -72,7 +73,7 @@ def test_one_answer_per_prompt_gives_no_update(tiny_model_dir: Path, prompt_file
 
 
 def test_a_run_on_top_of_an_sft_adapter_keeps_it_as_the_reference(tiny_model_dir: Path, prompt_file: Path,
-                                                                   tmp_path: Path) -> None:
+                                                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sft_dir = tmp_path / "sft"
     train, val = write_prepared_split(tmp_path / "sft_data")
     assert sft_main(as_flags(tiny_run_overrides(tiny_model_dir, train, val, sft_dir, max_steps=2,
@@ -94,6 +95,12 @@ def test_a_run_on_top_of_an_sft_adapter_keeps_it_as_the_reference(tiny_model_dir
             reference_logits = model(input_ids=probe).logits
     torch.testing.assert_close(reference_logits, sft_logits, atol=1e-5, rtol=1e-5)  # the reference is the SFT model
     assert not torch.allclose(sft_logits, base_logits, atol=1e-3)
+    # a GRPO run is no SFT run to start from
+    flags = as_flags(_overrides(tiny_model_dir, prompt_file, tmp_path / "again", sft_adapter=output_dir))
+    capsys.readouterr()
+    assert grpo_recipe.main(flags) == 2
+    assert capsys.readouterr().err.startswith(f"error: grpo.sft_adapter: {output_dir} holds a GRPO adapter, not an "
+                                              f"SFT run's; GRPO starts from an SFT run")
 
 
 class StopAt(TrainerCallback):
