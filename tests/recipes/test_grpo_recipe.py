@@ -72,8 +72,8 @@ def test_one_answer_per_prompt_gives_no_update(tiny_model_dir: Path, prompt_file
     assert all(not tensor.any() for name, tensor in weights.items() if "lora_B" in name)
 
 
-def test_a_run_on_top_of_an_sft_adapter_keeps_it_as_the_reference(tiny_model_dir: Path, prompt_file: Path,
-                                                                   tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_run_on_top_of_an_sft_adapter_keeps_it_as_the_reference(
+        tiny_model_dir: Path, prompt_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sft_dir = tmp_path / "sft"
     train, val = write_prepared_split(tmp_path / "sft_data")
     assert sft_main(as_flags(tiny_run_overrides(tiny_model_dir, train, val, sft_dir, max_steps=2,
