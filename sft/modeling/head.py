@@ -93,8 +93,15 @@ def check_rule(model: torch.nn.Module, head: torch.nn.Module, rule: LogitRule) -
         return rule  # sharded or not materialized: nothing to compare here
     vocab = weight.shape[0]
     probe = (torch.arange(8, device=weight.device) * 7919 % vocab).unsqueeze(0)
-    with torch.autocast(weight.device.type, enabled=False):  # the transform's math, not autocast's rounding
-        outputs = model(input_ids=probe, output_hidden_states=True, use_cache=False)
+    # in eval mode: a forward in training mode would draw dropout masks, and a resumed run, which
+    # checks at its first step after the resume, would then draw other masks than the uninterrupted one
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(weight.device.type, enabled=False):  # the transform's math, not autocast's rounding
+            outputs = model(input_ids=probe, output_hidden_states=True, use_cache=False)
+    finally:
+        model.train(was_training)
     hidden = outputs.hidden_states[-1].to(weight.dtype)
     ours = rule.apply((hidden @ weight.T).float())
     theirs = outputs.logits.float()
