@@ -19,6 +19,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from sft.data.template_render import render_chat_template
+from sft.errors import TemplateError
+
 FALLBACK_CHAT_TEMPLATE = (
     # Turns are separated by a blank line placed before each turn, so an answer ends at its EOS
     # and nothing after the EOS is trained.
@@ -54,14 +57,25 @@ def with_system_prompt(messages: list[Message], system_prompt: str | None) -> li
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False)``, under a time and size limit
+    (the template is someone else's program), failures as one-line TemplateErrors."""
+    try:
+        template = tokenizer.get_chat_template()
+    except ValueError as exc:  # no template, or a named set without a default
+        raise TemplateError(f"{template_name(tokenizer)}: {exc}") from None
+    return render_chat_template(template, messages, add_generation_prompt, tokenizer.special_tokens_map,
+                                template_name(tokenizer))
+
+
 def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
     """The text generation starts from: the conversation so far plus the assistant header."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _render(tokenizer, messages, add_generation_prompt=True)
 
 
 def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
     """The text of the whole conversation, each assistant turn with its end-of-turn marker."""
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+    return _render(tokenizer, messages, add_generation_prompt=False)
 
 
 def template_name(tokenizer: PreTrainedTokenizerBase) -> str:
