@@ -18,8 +18,9 @@ import torch
 from transformers import TextStreamer
 
 from sft.config import StrictArgumentParser
-from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.data.templates import end_of_turn_ids, with_system_prompt
 from sft.errors import ConfigError, run_command
+from sft.inference.generate import generation_prompt
 from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
 
 Message = dict[str, str]
@@ -70,7 +71,7 @@ class ChatSession:
         leaves the session open; a prompt the model cannot read is refused before generating."""
         tokenizer = self.run.tokenizer
         messages = with_system_prompt(self.history + [{"role": "user", "content": user_text}], self.system_prompt)
-        prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, messages))
+        prompt_ids = generation_prompt(tokenizer, messages, self.run.max_positions)
         check_prompt_fits(self.run, len(prompt_ids), self.max_new_tokens)
         input_ids = torch.tensor([prompt_ids], device=self.run.policy.device)
         streamer = _CollectingStreamer(tokenizer, print_text=stream)

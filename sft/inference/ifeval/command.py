@@ -29,10 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sft.config import ConfigError, StrictArgumentParser
-from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.data.templates import end_of_turn_ids, with_system_prompt
 from sft.errors import DataError, run_command
 from sft.files import atomic_write_text, sha256_of_files
-from sft.inference.generate import Answer, generate_greedy
+from sft.inference.generate import Answer, generate_greedy, generation_prompt
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
 from sft.inference.loading import (
@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
     run = load_run(args.adapter, run_config(args.adapter), args.model, args.device)
     system_prompt = run.config.data.system_prompt
-    check_prompt_fits(run, max(len(encode_question(run.tokenizer, p.prompt, system_prompt)) for p in prompts),
-                      args.max_new_tokens)
+    positions = run.max_positions
+    check_prompt_fits(run, max(len(encode_question(run.tokenizer, p.prompt, system_prompt, positions))
+                               for p in prompts), args.max_new_tokens)
     variants = {"base": (run.model_name, None)}
     if args.adapter:
         adapter = Path(args.adapter).resolve()
@@ -145,7 +146,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     done = read_saved_answers(answers_file)
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
-        ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]
+        ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]  # they fit: see run
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="answer", disable=None,
                    desc=f"answering ({'base + adapter' if settings['adapter'] else 'base'})")
         started, seconds_before, new_tokens = time.perf_counter(), generation["seconds"], 0
@@ -186,10 +187,12 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     return sha256_of_files(files)
 
 
-def encode_question(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
-    """The prompt token ids of a one-turn question, built by the same functions as training's."""
+def encode_question(tokenizer: Any, question: str, system_prompt: str | None,
+                    positions: int | None = None) -> list[int]:
+    """The prompt token ids of a one-turn question, built by the same functions as training's
+    (a question too long for ``positions`` cut where that is certain; see generation_prompt)."""
     messages = with_system_prompt([{"role": "user", "content": question}], system_prompt)
-    return encode_prompt(tokenizer, render_prompt(tokenizer, messages))
+    return generation_prompt(tokenizer, messages, positions)
 
 
 def _damaged_state(path: Path, why: str) -> DataError:
