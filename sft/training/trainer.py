@@ -147,6 +147,10 @@ class SupervisedTrainer(Trainer):
         self._staging_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException:  # a full disk, say: the checkpoints before stay, the half-written one goes
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         finally:
             self._staging_dir = None
         self.accelerator.wait_for_everyone()  # every process has written its files (RNG states)
