@@ -10,8 +10,10 @@ set up as transformers sets it up (so the text is the same), with a budget per r
 - every function or method call, attribute lookup and loop step checks a deadline
   (MAX_RENDER_SECONDS);
 - operations that could make a large value from small ones (``*``, ``**``, ``+``, ``~``, string
-  methods and filters that pad or repeat) are refused beyond the size limit *before* they run;
-- the output is read as it is produced and stopped past the size limit.
+  methods and filters that pad, replace or repeat) are refused beyond the size limit *before* they
+  run;
+- every output statement counts what it writes, inside macros too, and the output is read as it
+  is produced and stopped past the size limit.
 
 The size limit grows with the conversation (a template writes each message once or a few times,
 plus its own markup): ``OUTPUT_CHARS_PER_INPUT_CHAR`` times the characters of the messages, plus
@@ -44,6 +46,8 @@ MAX_RENDER_SECONDS = 10.0
 MAX_LOOP_ITERATIONS = 1_000_000
 OUTPUT_BASE_CHARS = 1_000_000
 OUTPUT_CHARS_PER_INPUT_CHAR = 8
+EMITTED_PER_OUTPUT_CHAR = 4
+"""Text written inside macros is counted again where the macro's result is written."""
 
 
 class TemplateLimitExceeded(TemplateError):
@@ -55,6 +59,9 @@ class _Budget:
     deadline: float
     max_chars: int
     iterations: int = 0
+    emitted: int = 0
+    """Characters written by every output statement, macro bodies included (a macro's output is
+    counted again where it is written, so the limit on this is a few times max_chars)."""
 
     def tick(self) -> None:
         if time.monotonic() > self.deadline:
@@ -86,6 +93,19 @@ def _sized(value: Any) -> Any:
     return value
 
 
+def _emitted(value: Any) -> Any:
+    """A value an output statement writes, counted: a macro can write one large string a million
+    times into its own buffer before anything reaches the rendering's output."""
+    budget = _budget.get()
+    budget.emitted += len(value) if isinstance(value, str) else len(str(value))
+    budget.size(budget.emitted // EMITTED_PER_OUTPUT_CHAR, "the text written (macros included)")
+    return value
+
+
+def _replace_size(text: str, old: str, new: str) -> int:
+    return len(text) + (text.count(old) if old else len(text) + 1) * len(new)
+
+
 def _length(value: Any) -> int:
     return len(value) if isinstance(value, (str, list, tuple)) else 0
 
@@ -110,6 +130,9 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         for concat in list(tree.find_all(jinja2.nodes.Concat)):
             concat.nodes = [jinja2.nodes.Call(jinja2.nodes.Name("__sft_sized", "load"),
                                               [jinja2.nodes.Concat(concat.nodes)], [], None, None)]
+        for output in tree.find_all(jinja2.nodes.Output):
+            output.nodes = [jinja2.nodes.Call(jinja2.nodes.Name("__sft_emitted", "load"), [node], [], None, None)
+                            for node in output.nodes]
         return tree
 
     def call(__self, __context: jinja2.runtime.Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
@@ -121,8 +144,7 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
             if method in _PADDING_METHODS:
                 budget.size(max([len(owner), *(a for a in args if isinstance(a, int))]), f"str.{method}")
             elif method == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
-                old, new = args[:2]
-                budget.size(len(owner) + (owner.count(old) if old else len(owner) + 1) * len(new), "str.replace")
+                budget.size(_replace_size(owner, *args[:2]), "str.replace")
             elif method in {"format", "format_map"} and _WIDE_FORMAT.search(owner):
                 budget.size(budget.max_chars + 1, "a formatted string")
         return super().call(__context, __obj, *args, **kwargs)
@@ -151,6 +173,31 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         elif operator == "%" and isinstance(left, str) and _WIDE_FORMAT.search(left):
             budget.size(budget.max_chars + 1, "a formatted string")
         return super().call_binop(context, operator, left, right)
+
+
+def _checked_replace(function: Any) -> Any:
+    """The replace filter, refused where its result would pass the size limit."""
+
+    @functools.wraps(function)
+    def checked(eval_ctx: Any, text: Any, old: Any, new: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(text, str) and isinstance(old, str) and isinstance(new, str):
+            _budget.get().size(_replace_size(text, old, new), "the replace filter's result")
+        return function(eval_ctx, text, old, new, *args, **kwargs)
+
+    return checked
+
+
+def _checked_format(function: Any) -> Any:
+    """The format filter, refused for a width or precision of a million characters or more."""
+
+    @functools.wraps(function)
+    def checked(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and _WIDE_FORMAT.search(value):
+            budget = _budget.get()
+            budget.size(budget.max_chars + 1, "a formatted string")
+        return function(value, *args, **kwargs)
+
+    return checked
 
 
 def _sized_filter(name: str, function: Any) -> Any:
@@ -228,11 +275,13 @@ def _compile(template: str) -> jinja2.Template:
                                   extensions=[_Generation, jinja2.ext.loopcontrols])
     for name in _SIZED_FILTERS:
         environment.filters[name] = _sized_filter(name, environment.filters[name])
+    environment.filters["replace"] = _checked_replace(environment.filters["replace"])
+    environment.filters["format"] = _checked_format(environment.filters["format"])
     environment.filters["tojson"] = _tojson
     environment.globals.pop("lipsum", None)  # writes as many paragraphs as asked
     environment.globals.update(raise_exception=_raise_exception, dict=_Dict(), namespace=_Namespace,
                                strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                               __sft_counted=_counted, __sft_sized=_sized)
+                               __sft_counted=_counted, __sft_sized=_sized, __sft_emitted=_emitted)
     return environment.from_string(template)
 
 

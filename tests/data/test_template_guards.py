@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import sft.data.template_render
 from sft.data.inspect import main as inspect_main
 from sft.data.templates import render_conversation, render_prompt
 from sft.errors import TemplateError
@@ -61,11 +62,19 @@ HOSTILE = {
     "power": "{{ 10 ** 100000000 }}",
     "endless output": "{% for i in range(100000) %}{{ 'x' * 99999 }}{% endfor %}",
     "deep recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    "macro buffer": "{% set big = 'x' * 500000 %}{% macro m() %}{% for i in range(100000) %}{{ big }}{% endfor %}"
+                    "{% endmacro %}{{ m() | length }}",
+    "replace filter": "{{ ('a' * 100000) | replace('a', 'b' * 100000) }}",
+    "format filter": "{{ '%1000000000d' | format(1) }}",
+    "exponential macros": "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+                          "{{ f(60) }}",
 }
 
 
 @pytest.mark.parametrize("template", HOSTILE.values(), ids=HOSTILE.keys())
-def test_a_hostile_template_is_stopped_quickly_in_little_memory(template: str) -> None:
+def test_a_hostile_template_is_stopped_quickly_in_little_memory(template: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sft.data.template_render, "MAX_RENDER_SECONDS", 2.0)
     tokenizer = build_tokenizer("chatml")
     tokenizer.chat_template = template
     tracemalloc.start()
