@@ -415,7 +415,7 @@ def _parse_jsonl(path: str | os.PathLike[str], text: str) -> list[tuple[int, Any
     U+2028 and friends, which JSON allows unescaped inside strings.
     """
     items = []
-    for line_number, line in _lines(text):
+    for line_number, line in nonblank_lines(text):
         try:
             items.append((line_number, _DECODER.decode(line)))
         except json.JSONDecodeError as exc:
@@ -431,7 +431,7 @@ def _parse_jsonl(path: str | os.PathLike[str], text: str) -> list[tuple[int, Any
 _NOT_JSON_WHITESPACE = re.compile(r"[^ \t\r\n]")
 
 
-def _lines(text: str) -> Iterator[tuple[int, str]]:
+def nonblank_lines(text: str) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of the lines of ``text`` (split on ``\\n``) that are not blank, one at
     a time: a list of every line would cost a pointer per line, gigabytes for a file of blank
     lines, and blank runs are skipped by a search rather than line by line."""

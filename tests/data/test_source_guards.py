@@ -76,3 +76,26 @@ def test_a_source_whose_name_is_not_utf8_prepares_files_train_accepts(tmp_path: 
     assert prepare_main(["--source", str(tmp_path / name), "--out-dir", str(tmp_path / "out")]) == 0
     conversations = read_conversations(tmp_path / "out" / "sft_train.jsonl")
     assert conversations and {c["source"] for c in conversations} == {str(tmp_path) + "/caf\\xe9.jsonl"}
+
+
+@pytest.mark.parametrize("kind", ["device", "fifo"])
+def test_a_device_or_fifo_is_refused_as_a_prepared_file(tmp_path: Path, kind: str) -> None:
+    path = Path("/dev/zero") if kind == "device" else tmp_path / "pipe.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    with pytest.raises(DataError, match="is not a regular file"):
+        read_conversations(path)
+
+
+def test_a_prepared_file_of_blank_lines_costs_no_memory_per_line(tmp_path: Path) -> None:
+    path = tmp_path / "sft_train.jsonl"
+    record = {"id": "a", "source": None, "messages": [{"role": "user", "content": "Hi"},
+                                                      {"role": "assistant", "content": "Hello."}]}
+    path.write_bytes(b"\n" * (20 << 20) + json.dumps(record).encode() + b"\n")
+    tracemalloc.start()
+    try:
+        assert read_conversations(path) == [record]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * (20 << 20)
