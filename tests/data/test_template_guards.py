@@ -16,7 +16,9 @@ from sft.data.inspect import main as inspect_main
 from sft.data.templates import render_conversation, render_prompt
 from sft.errors import TemplateError
 from sft.inference.chat import main as chat_main
+from sft.inference.evaluate import main as eval_main
 from sft.recipes.sft import main as train_main
+from tests.recipes.test_dpo_recipe import sft_run  # noqa: F401 - fixture
 from tests.reliability.helpers import assert_user_error
 from tests.tiny import as_flags, build_tokenizer, tiny_run_overrides
 
@@ -133,3 +135,15 @@ def test_chat_with_a_run_whose_template_never_ends(tiny_model_dir: Path, tmp_pat
     status = chat_main(["--model", str(model), "--prompt", "hi", "--device", "cpu", "--max-new-tokens", "2"])
     assert_user_error(status, capsys.readouterr().err, "was stopped")
     assert time.monotonic() - started < 60
+
+
+def test_eval_and_chat_of_a_run_whose_template_refuses_the_system_prompt(
+        sft_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
+    run = shutil.copytree(sft_run, tmp_path / "run")
+    (run / "chat_template.jinja").write_text(SYSTEMLESS)
+    status = eval_main(["--adapter", str(run), "--output-dir", str(run), "--system-prompt", "Be brief.",
+                        "--max-new-tokens", "2"])
+    assert_user_error(status, capsys.readouterr().err, "System role not supported")
+    status = chat_main(["--adapter", str(run), "--prompt", "hi", "--system-prompt", "Be brief.", "--device", "cpu",
+                        "--max-new-tokens", "2"])
+    assert_user_error(status, capsys.readouterr().err, "System role not supported")
