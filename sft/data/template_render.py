@@ -285,18 +285,43 @@ def _compile(template: str) -> jinja2.Template:
     return environment.from_string(template)
 
 
-def render_chat_template(template: str, messages: list[dict[str, str]], add_generation_prompt: bool,
-                         variables: dict[str, Any], template_name: str) -> str:
-    """``template`` rendered for ``messages`` (and ``variables``: the tokenizer's special tokens) as
-    ``tokenizer.apply_chat_template(..., tokenize=False)`` renders it, within the budget; any
-    failure is a TemplateError naming ``template_name``."""
-    input_chars = sum(len(m.get("content") or "") for m in messages)
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+"""The names transformers copies an assistant's reasoning under before rendering."""
+
+
+def _text_size(value: Any) -> int:
+    """The characters of the strings in a JSON-like value: what a template can write from it."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(key) + _text_size(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(item) for item in value)
+    return 8
+
+
+def _as_transformers_passes(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as apply_chat_template hands it to the template: keys holding None dropped, and
+    reasoning under each name templates read it by."""
+    message = {key: value for key, value in message.items() if value is not None}
+    reasoning = next((message[key] for key in _REASONING_FIELDS if message.get(key) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def render_chat_template(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                         variables: dict[str, Any], template_name: str,
+                         tools: list[dict[str, Any]] | None = None) -> str:
+    """``template`` rendered for ``messages`` and ``tools`` (and ``variables``: the tokenizer's
+    special tokens) as ``tokenizer.apply_chat_template(..., tokenize=False)`` renders them, within
+    the budget; any failure is a TemplateError naming ``template_name``."""
+    messages = [_as_transformers_passes(message) for message in messages]
+    input_chars = _text_size(messages) + _text_size(tools)
     budget = _Budget(time.monotonic() + MAX_RENDER_SECONDS, OUTPUT_BASE_CHARS + OUTPUT_CHARS_PER_INPUT_CHAR * input_chars)
     token = _budget.set(budget)
     try:
         compiled = _compile(template)
         pieces, size = [], 0
-        for piece in compiled.generate(**variables, messages=messages, tools=None, documents=None,
+        for piece in compiled.generate(**variables, messages=messages, tools=tools, documents=None,
                                        add_generation_prompt=add_generation_prompt):
             size += len(piece)
             budget.size(size, "the rendered conversation")
@@ -310,7 +335,7 @@ def render_chat_template(template: str, messages: list[dict[str, str]], add_gene
     except jinja2.exceptions.SecurityError as exc:
         raise TemplateError(f"{template_name} broke the sandbox's rules: {exc}") from None
     except jinja2.exceptions.TemplateError as exc:  # raise_exception('System role not supported'), undefined, ...
-        raise TemplateError(f"{template_name} refused this conversation: {exc.message or exc}") from None
+        raise TemplateError(f"{template_name} refused the conversation: {exc.message or exc}") from None
     except (ArithmeticError, AttributeError, LookupError, RecursionError, TypeError, ValueError,
             MemoryError) as exc:
         raise TemplateError(f"{template_name} failed while rendering: {type(exc).__name__}: {exc}") from None

@@ -13,9 +13,27 @@ follows after a blank line):
 
     ### Response:
     {assistant turn}</s>
+
+Messages may carry more than role and content (see ``sft.data.prepared``): an assistant's
+``reasoning`` and ``tool_calls``, ``tool`` turns with a tool's result, and a conversation may come
+with a list of ``tools``. Rendering hands the reasoning to the template under each name templates
+read it by (Qwen3 reads ``reasoning_content``, others ``reasoning`` or ``thinking``) and the tool
+list as ``apply_chat_template(..., tools=...)``; what the template does with them is its own
+affair (``sft.data.tokenize`` checks what it kept).
+
+A template without a system role (Gemma 2 and Mistral-Instruct v0.1 raise on one; a template that
+renders nothing for it would drop it), or one that moves it as turns are added (Mistral-Instruct
+v0.3 writes it into the last user turn, so every earlier answer's context changes), gets the
+system prompt folded into the first user turn, followed by a blank line: what Gemma 3's own
+template does. A one-turn conversation renders as the template itself would render it. Training,
+evaluation and chat all render through here, so the model sees the system prompt the same way in
+each.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -33,7 +51,13 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
 )
 
-Message = dict[str, str]
+Message = dict[str, Any]
+
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+"""The names chat templates read an assistant's reasoning by: Qwen3 ``reasoning_content``,
+LFM2.5 ``thinking`` then ``reasoning``, gpt-oss ``thinking``."""
+
+_SYSTEM_PROBE = "sft-system-probe-7f3a"
 
 
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -57,25 +81,67 @@ def with_system_prompt(messages: list[Message], system_prompt: str | None) -> li
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], add_generation_prompt: bool) -> str:
-    """``tokenizer.apply_chat_template(messages, tokenize=False)``, under a time and size limit
-    (the template is someone else's program), failures as one-line TemplateErrors."""
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
+                  tools: list[dict[str, Any]] | None = None) -> str:
+    """The text generation starts from: the conversation so far plus the assistant header."""
+    return _render(tokenizer, messages, tools, add_generation_prompt=True)
+
+
+def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
+                        tools: list[dict[str, Any]] | None = None) -> str:
+    """The text of the whole conversation, each assistant turn with its end-of-turn marker."""
+    return _render(tokenizer, messages, tools, add_generation_prompt=False)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None,
+            add_generation_prompt: bool) -> str:
+    """The template's rendering of the messages as templates read them (the system turn folded
+    where the template has no place for it), under sft.data.template_render's limits."""
+    if (len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user"
+            and not has_system_role(tokenizer, tokenizer.chat_template)):
+        messages = fold_system_turn(messages)
+    return _bounded_render(tokenizer, template_messages(messages), tools, add_generation_prompt)
+
+
+def _bounded_render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None,
+                    add_generation_prompt: bool) -> str:
+    """``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)``, under a time and
+    size limit (the template is someone else's program); any failure, the template's own
+    ``raise_exception`` included, is a one-line TemplateError naming the template."""
     try:
-        template = tokenizer.get_chat_template()
+        template = tokenizer.get_chat_template(None, tools or None)
     except ValueError as exc:  # no template, or a named set without a default
         raise TemplateError(f"{template_name(tokenizer)}: {exc}") from None
     return render_chat_template(template, messages, add_generation_prompt, tokenizer.special_tokens_map,
-                                template_name(tokenizer))
+                                template_name(tokenizer), tools=tools or None)
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
-    """The text generation starts from: the conversation so far plus the assistant header."""
-    return _render(tokenizer, messages, add_generation_prompt=True)
+def template_messages(messages: list[Message]) -> list[Message]:
+    """The messages with an assistant's ``reasoning`` also under every name in REASONING_KEYS."""
+    return [message | dict.fromkeys(REASONING_KEYS, message["reasoning"]) if message.get("reasoning") else message
+            for message in messages]
 
 
-def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
-    """The text of the whole conversation, each assistant turn with its end-of-turn marker."""
-    return _render(tokenizer, messages, add_generation_prompt=False)
+def fold_system_turn(messages: list[Message]) -> list[Message]:
+    """A conversation opening with a system turn, that turn put in front of the first user turn
+    after a blank line (as Gemma 3's template does, for templates with no system role)."""
+    system, first, *rest = messages
+    return [first | {"content": f"{system['content']}\n\n{first['content']}"}, *rest]
+
+
+@functools.lru_cache(maxsize=16)
+def has_system_role(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> bool:
+    """Whether the template renders a system turn's text where it stays as turns are added
+    (``chat_template`` keys the cache, so a template set later is probed again)."""
+    one_turn = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+    two_turns = [*one_turn, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
+    try:
+        first, later = (_bounded_render(tokenizer, messages, None, add_generation_prompt=True)
+                        for messages in (one_turn, two_turns))
+    except TemplateError:  # it raises on a system turn (or on anything: the real rendering says so)
+        return False
+    through_system = first[:first.find(_SYSTEM_PROBE) + len(_SYSTEM_PROBE)]
+    return _SYSTEM_PROBE in first and later.startswith(through_system)
 
 
 def template_name(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -81,8 +81,10 @@ class GrowingCache(Cache):
         super().__init__(layer_class_to_replicate=GrowingLayer)
 
 
-def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], positions: int | None) -> list[int]:
-    """The token ids generation starts from for ``messages``, built by training's prompt code.
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], positions: int | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The token ids generation starts from for ``messages`` (and the conversation's ``tools``),
+    built by training's prompt code.
 
     As training does, a message is cut before tokenizing at the characters that can matter within
     ``positions`` tokens (:func:`~sft.data.tokenize.message_char_limit`): a cut prompt is still
@@ -91,8 +93,9 @@ def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message
     """
     if positions is not None:
         limit = message_char_limit(tokenizer, positions)
-        messages = [m | {"content": m["content"][:limit]} if len(m["content"]) > limit else m for m in messages]
-    return encode_prompt(tokenizer, render_prompt(tokenizer, messages))
+        messages = [m | {"content": m["content"][:limit]} if isinstance(m.get("content"), str)
+                    and len(m["content"]) > limit else m for m in messages]
+    return encode_prompt(tokenizer, render_prompt(tokenizer, messages, tools))
 
 
 @dataclass(frozen=True)

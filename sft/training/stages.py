@@ -32,11 +32,12 @@ from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, se
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft.config import RUN_CONFIG_FILE, LoraSettings, SFTConfig, build_config, did_you_mean
+from sft.config.sections import ALL_LINEAR
 from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
 from sft.files import atomic_write_text, unwritable_reason
 from sft.modeling.attention import resolve_attention
-from sft.modeling.devices import DevicePolicy, device_policy, keep_freed_cpu_memory
+from sft.modeling.devices import DevicePolicy, describe_precision, device_policy, keep_freed_cpu_memory
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
 from sft.training.checkpoints import (
@@ -192,7 +193,8 @@ def describe_layout(config: SFTConfig, runtime: Runtime) -> str:
     return (f"{n} process{'es' if n > 1 else ''} on {policy.device} in "
             f"{str(policy.compute_dtype).removeprefix('torch.')}{base}; "
             f"global batch = {t.batch_size} per process x {t.gradient_accumulation_steps} accumulation steps x {n} = "
-            f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step")
+            f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step\n"
+            f"{describe_precision(policy)}")
 
 
 def load_lora_model(config: SFTConfig, runtime: Runtime,
@@ -219,11 +221,15 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
     lora = config.lora
     check_lora_targets(model, lora, config.model.model)
     model = add_lora(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"),
+                                       target_modules=peft_targets(lora), task_type="CAUSAL_LM"),
                      policy.device, fused=lora.fused)
     _keep_users_readme(model)
     if runtime.main_process:
         model.print_trainable_parameters()
+        if lora.fused:
+            from sft.modeling.fused_lora import fusion_report
+
+            runtime.say(fusion_report(model))
     return model
 
 
@@ -240,22 +246,31 @@ def _keep_users_readme(model: PeftModel) -> None:
     model.create_or_update_model_card = create_or_update_model_card
 
 
+def peft_targets(lora: LoraSettings) -> str | list[str]:
+    """lora.target_modules as PEFT takes it: its "all-linear" is a string, names a list."""
+    return ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else lora.target_modules
+
+
 def check_lora_targets(model: torch.nn.Module, lora: LoraSettings, model_name: str) -> None:
     """Each of lora_target_modules must name linear layers of the model (as PEFT matches them: the
     module's name or its dotted suffix), and lora_r must fit them. PEFT stops only when no name
     matches at all, so ``q_proj,foo_proj`` would train q_proj alone without a word; and a rank
     beyond a layer's size allocates a huge adapter that adds no capacity (the update's rank is at
     most the layer's smaller dimension). Checked on the loaded model, before adapters are added."""
-    linear = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    head = model.get_output_embeddings()
+    linear = {name: module for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not head}
     layer_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
     for target in lora.target_modules:
-        matched = [module for name, module in linear.items() if name == target or name.endswith(f".{target}")]
+        matched = [module for name, module in linear.items()
+                   if target == ALL_LINEAR or name == target or name.endswith(f".{target}")]
         if not matched:
             raise ConfigError(f"lora_target_modules: {model_name} has no linear layer {target!r}"
                               f"{did_you_mean(target, layer_names)}; its linear layers are {', '.join(layer_names)}")
         smallest = min(min(module.in_features, module.out_features) for module in matched)
         if lora.r > smallest:
-            raise ConfigError(f"lora_r: {lora.r} exceeds {smallest}, the smaller dimension of the {target} layers "
+            layers = "linear" if target == ALL_LINEAR else target
+            raise ConfigError(f"lora_r: {lora.r} exceeds {smallest}, the smaller dimension of the {layers} layers "
                               f"of {model_name}; choose at most {smallest} (--lora-r; 8 to 64 is usual)")
 
 

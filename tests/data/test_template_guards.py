@@ -31,7 +31,7 @@ CONVERSATIONS = [
 RICH_TEMPLATE = (
     "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
     "{% if m.role == 'assistant' %}{% generation %}{{ m.content | tojson }}{% endgeneration %}"
-    "{% else %}{{ '<' ~ m['role'] ~ '>' + m.content.strip() | upper }}{% endif %}\n"
+    "{% else %}{{ '<' ~ m['role'] ~ '>' + m.content.strip() | replace('x', 'y') }}{% endif %}\n"
     "{% endfor %}{{ ns.n }}{{ dict(a=1) | tojson }}{% if add_generation_prompt %}{{ bos_token }}>{% endif %}"
 )
 
@@ -92,8 +92,8 @@ def test_a_hostile_template_is_stopped_quickly_in_little_memory(template: str,
 
 
 @pytest.mark.parametrize("template, fragment", [
-    ("{% if messages[0].role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}x",
-     "refused this conversation: System role not supported"),
+    ("{% if messages | length > 1 %}{{ raise_exception('Only one turn is supported') }}{% endif %}x",
+     "refused the conversation: Only one turn is supported"),
     ("{% for m in messages %}{{ m.content }", "not a valid Jinja template (line 1"),
     ("{% set x = [] %}{{ x.append(1) }}", "broke the sandbox's rules"),
     ("{{ messages[0].content + 1 }}", "failed while rendering: TypeError"),
@@ -105,26 +105,28 @@ def test_a_template_that_raises_is_a_template_error(template: str, fragment: str
         render_prompt(tokenizer, CONVERSATIONS[1])
 
 
-SYSTEMLESS = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
-              "{% endif %}<{{ m.role }}>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}"
-              "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+REFUSING = ("{% for m in messages %}{% if 'Be brief' in m.content %}{{ raise_exception('Brevity not supported') }}"
+            "{% endif %}<{{ m.role }}>{{ m.content }}{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}"
+            "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+"""A template that raises on what a system prompt says (wherever the system turn ends up: a
+template without a system role gets it folded into the first user turn)."""
 
 
 @pytest.fixture()
-def systemless_model(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    """The tiny model with a Gemma/Mistral-style template that refuses a system turn."""
-    model = shutil.copytree(tiny_model_dir, tmp_path / "systemless")
-    (model / "chat_template.jinja").write_text(SYSTEMLESS)
+def refusing_model(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """The tiny model with a template that raises on the system prompt "Be brief."."""
+    model = shutil.copytree(tiny_model_dir, tmp_path / "refusing")
+    (model / "chat_template.jinja").write_text(REFUSING)
     return model
 
 
-def test_train_and_inspect_with_a_template_that_refuses_the_system_prompt(
-        systemless_model: Path, data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    overrides = tiny_run_overrides(systemless_model, *data, tmp_path / "run", max_steps=1, system_prompt="Be brief.")
-    assert_user_error(train_main(as_flags(overrides)), capsys.readouterr().err, "System role not supported")
-    status = inspect_main(["--model", str(systemless_model), "--train-file", str(data[0]),
+def test_train_and_inspect_with_a_template_that_raises(
+        refusing_model: Path, data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    overrides = tiny_run_overrides(refusing_model, *data, tmp_path / "run", max_steps=1, system_prompt="Be brief.")
+    assert_user_error(train_main(as_flags(overrides)), capsys.readouterr().err, "Brevity not supported")
+    status = inspect_main(["--model", str(refusing_model), "--train-file", str(data[0]),
                            "--system-prompt", "Be brief."])
-    assert_user_error(status, capsys.readouterr().err, "System role not supported")
+    assert_user_error(status, capsys.readouterr().err, "Brevity not supported")
 
 
 def test_chat_with_a_run_whose_template_never_ends(tiny_model_dir: Path, tmp_path: Path,
@@ -137,13 +139,13 @@ def test_chat_with_a_run_whose_template_never_ends(tiny_model_dir: Path, tmp_pat
     assert time.monotonic() - started < 60
 
 
-def test_eval_and_chat_of_a_run_whose_template_refuses_the_system_prompt(
+def test_eval_and_chat_of_a_run_whose_template_raises(
         sft_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:  # noqa: F811
     run = shutil.copytree(sft_run, tmp_path / "run")
-    (run / "chat_template.jinja").write_text(SYSTEMLESS)
+    (run / "chat_template.jinja").write_text(REFUSING)
     status = eval_main(["--adapter", str(run), "--output-dir", str(run), "--system-prompt", "Be brief.",
                         "--max-new-tokens", "2"])
-    assert_user_error(status, capsys.readouterr().err, "System role not supported")
+    assert_user_error(status, capsys.readouterr().err, "Brevity not supported")
     status = chat_main(["--adapter", str(run), "--prompt", "hi", "--system-prompt", "Be brief.", "--device", "cpu",
                         "--max-new-tokens", "2"])
-    assert_user_error(status, capsys.readouterr().err, "System role not supported")
+    assert_user_error(status, capsys.readouterr().err, "Brevity not supported")
