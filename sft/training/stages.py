@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft.config import RUN_CONFIG_FILE, LoraSettings, SFTConfig, build_config, did_you_mean
+from sft.config import RUN_CONFIG_FILE, LoraSettings, SFTConfig, did_you_mean
 from sft.config.sections import ALL_LINEAR
 from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
@@ -41,27 +41,19 @@ from sft.modeling.devices import DevicePolicy, describe_precision, device_policy
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
 from sft.training.checkpoints import (
-    checkpoints,
     damage,
     delete_run,
+    descends_from,
     holds_run,
     is_peft_model_card,
     latest_complete_checkpoint,
+    written_order,
 )
+from sft.training.identity import check_resumable, new_session, run_identity
 from sft.training.interrupt import GracefulInterrupt
 from sft.training.plots import plot_losses
 
 DATA_REPORT_FILE = "data_report.json"
-
-RESUMABLE_CHANGES = {
-    "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to",
-    "eval_batch_size", "device", "dtype", "attn_implementation", "output_dir", "num_generations", "max_new_tokens",
-    "max_eval_examples", "trust_remote_code",
-}
-"""Fields a resumed run may change: how long it runs, how often it logs, evaluates and saves, and
-on what hardware. Any other change (model, LoRA shape, data, batch, schedule) cannot continue the
-saved optimizer state and data order, and is refused naming the field."""
-
 
 @dataclass
 class Runtime:
@@ -128,28 +120,15 @@ def prepare_output_dir(config: SFTConfig, runtime: Runtime, resume: str | None, 
                 if runtime.main_process:
                     delete_run(output_dir)
             return None
-        check_resumable(config, output_dir)
-        return str(_resume_checkpoint(output_dir, resume, runtime))
+        checkpoint = resume_checkpoint(output_dir, resume, runtime)
+        check_resumable(config, checkpoint)
+        return str(checkpoint)
 
 
-def check_resumable(config: SFTConfig, output_dir: Path) -> None:
-    """Refuse, naming the field, a resume whose configuration differs from the saved one in a way
-    the saved state cannot continue; before anything is loaded or written."""
-    saved_file = output_dir / RUN_CONFIG_FILE
-    if not saved_file.is_file():
-        return
-    saved = build_config(saved_file).to_dict()
-    for group, fields in config.to_dict().items():
-        for name, value in fields.items():
-            before = saved.get(group, {}).get(name)
-            if name not in RESUMABLE_CHANGES and before != value:
-                raise ConfigError(
-                    f"--resume: {group}.{name} is {value!r} but the run in {output_dir} was trained with {before!r}; "
-                    f"a resumed run can change only {', '.join(sorted(RESUMABLE_CHANGES))}. Drop the flag, or "
-                    f"start a new run in another --output-dir")
-
-
-def _resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
+def resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
+    """The checkpoint ``--resume`` names (refused if damaged), or for ``latest`` the one written
+    last in ``output_dir`` that is intact: a damaged one is named and skipped for the newest intact
+    checkpoint it continues, never for one of a branch a rewind abandoned."""
     if resume != "latest":
         checkpoint = Path(resume)
         if not (checkpoint / "trainer_state.json").is_file():
@@ -159,14 +138,18 @@ def _resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
             raise ConfigError(f"--resume: {checkpoint} is damaged: {problem}. Pass another checkpoint, or --resume "
                               f"alone for the newest intact one")
         return checkpoint
-    found = checkpoints(output_dir)
+    found = written_order(output_dir)
     if latest_complete_checkpoint(output_dir) is None:
         raise ConfigError(f"--resume: no checkpoint-N directory in {output_dir} to resume from")
+    skipped = None
     for checkpoint in reversed(found):
+        if skipped is not None and not descends_from(skipped, checkpoint):
+            continue  # of a branch abandoned by a rewind: not what the damaged one continued
         problem = damage(checkpoint)
         if problem is None:
             return checkpoint
         runtime.say(f"warning: skipping the damaged {checkpoint.name}: {problem}")
+        skipped = checkpoint
     raise ConfigError(f"--resume: every checkpoint in {output_dir} is damaged (newest: {damage(found[-1])}); "
                       f"start a new run with --overwrite-output-dir")
 
@@ -317,6 +300,7 @@ def explained_write_failures(args: TrainingArguments) -> Iterator[None]:
 def run_guarded(trainer: Trainer, checkpoint: str | None, config: SFTConfig, runtime: Runtime) -> Any:
     """trainer.train() with Ctrl-C/SIGTERM saving a checkpoint and stopping, and out-of-memory
     errors and failed writes turned into advice."""
+    trainer.run_identity = {**run_identity(config), **new_session(checkpoint)}
     interrupt = GracefulInterrupt()
     trainer.add_callback(interrupt)
     interrupt.install()
