@@ -71,8 +71,8 @@ def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monke
                               top_p=1.0, max_new_tokens=5, device="cpu", trust_remote_code=False)
     session = chat.open_session(args)
     prompts = []
-    monkeypatch.setattr(generate, "render_prompt", lambda tok, messages: prompts.append(messages) or render_prompt(
-        tok, messages))
+    monkeypatch.setattr(generate, "render_prompt", lambda tok, messages, tools=None: prompts.append(messages)
+                        or render_prompt(tok, messages, tools))
     first = session.reply("Name a color.")
     session.reply("And another one?")
     assert prompts[1] == [{"role": "system", "content": "Be brief."},

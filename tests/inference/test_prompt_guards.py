@@ -23,8 +23,8 @@ def test_a_huge_message_is_cut_before_it_is_rendered_or_tokenized(chatml_tokeniz
     rendered: list[int] = []
     render = sft.data.templates.render_prompt
     monkeypatch.setattr("sft.inference.generate.render_prompt",
-                        lambda tokenizer, messages: rendered.append(sum(len(m["content"]) for m in messages))
-                        or render(tokenizer, messages))
+                        lambda tokenizer, messages, tools=None: rendered.append(
+                            sum(len(m["content"]) for m in messages)) or render(tokenizer, messages, tools))
     huge = [{"role": "user", "content": "word " * 4_000_000}]  # 20 MB
     tracemalloc.start()
     started = time.monotonic()
