@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("sft.data.inspect", "show one training example as the model sees it, trained tokens marked"),
     "train": ("sft.recipes.sft", "train LoRA adapters on the prepared data"),
     "dpo": ("sft.recipes.dpo", "train a LoRA adapter on preference pairs with DPO (after SFT: --sft-adapter)"),
+    "grpo": ("sft.recipes.grpo", "train a LoRA adapter online with GRPO from verifiable rewards (sampled answers)"),
     "eval": ("sft.inference.evaluate", "compare base model and adapter: validation loss, generations"),
     "eval-dpo": ("sft.inference.preference_eval", "compare base, SFT and DPO on held-out preference pairs"),
     "onpolicy-pairs": ("sft.inference.onpolicy", "preference pairs from an SFT run's own answers (rejected) and "

@@ -9,6 +9,7 @@ from sft.config.sections import (
     DataConfig,
     DPOConfig,
     EvalConfig,
+    GRPOConfig,
     LoraSettings,
     ModelConfig,
     SFTConfig,
@@ -18,7 +19,7 @@ from sft.config.yaml_io import did_you_mean, saved_run_config
 from sft.errors import ConfigError
 
 __all__ = [
-    "CONFIG_CLASSES", "FIELDS", "RUN_CONFIG_FILE", "ConfigError", "DPOConfig", "DataConfig", "EvalConfig",
+    "CONFIG_CLASSES", "FIELDS", "RUN_CONFIG_FILE", "ConfigError", "DPOConfig", "DataConfig", "EvalConfig", "GRPOConfig",
     "LoraSettings", "ModelConfig", "SFTConfig", "StrictArgumentParser", "TrainingConfig", "add_config_arguments",
     "build_config", "config_class_of", "config_from_args", "did_you_mean", "fields_of", "saved_run_config",
 ]

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from sft.config.dpo import DPOSettings
+from sft.config.grpo import GRPOSettings
 from sft.errors import ConfigError
 from sft.files import atomic_write_text
 
@@ -257,5 +258,12 @@ class DPOConfig(SFTConfig):
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
 
-CONFIG_CLASSES: tuple[type[SFTConfig], ...] = (SFTConfig, DPOConfig)
+@dataclass
+class GRPOConfig(SFTConfig):
+    """An online reinforcement-learning run (GRPO): the SFT sections plus ``grpo``."""
+
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+
+
+CONFIG_CLASSES: tuple[type[SFTConfig], ...] = (SFTConfig, DPOConfig, GRPOConfig)
 """Every kind of run configuration; a saved one is read back as the kind whose sections it has."""

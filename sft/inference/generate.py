@@ -140,8 +140,12 @@ def generate_greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 
 
 def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
-                  pad_id: int, device: torch.device, cache: Cache) -> Iterator[tuple[int, list[int]]]:
-    """Greedy-decode one left-padded batch, yielding (row, new tokens) as each row completes."""
+                  pad_id: int, device: torch.device, cache: Cache,
+                  pick: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
+                  ) -> Iterator[tuple[int, list[int]]]:
+    """Decode one left-padded batch, yielding (row, new tokens) as each row completes. Greedy, or
+    ``pick(last logits [live rows, vocab], the prompt row of each live row)`` chooses the next ids
+    (a sampler: sft.training.grpo_sampling)."""
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -151,7 +155,7 @@ def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
     for step in range(max_new_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_ids = logits.argmax(-1)
+        next_ids = logits.argmax(-1) if pick is None else pick(logits, rows)
         live = []
         for slot, (row, token) in enumerate(zip(rows, next_ids.tolist())):
             tokens[row].append(token)

@@ -26,7 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from sft.errors import ModelNotFoundError
 
 ADAPTER_ORIGIN = "adapter_origin.json"
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "grpo")
 
 
 def _rows_sha256(weight: torch.Tensor) -> dict[str, Any]:

@@ -92,31 +92,35 @@ def check_dpo_config(config: DPOConfig) -> None:
         raise ConfigError("training.group_by_length: not used by DPO, whose pairs are packed per micro-batch; "
                           "set it to false")
     if config.dpo.sft_adapter is not None:
-        sft_adapter = Path(config.dpo.sft_adapter)
-        check_adapter_dir(sft_adapter)
-        if trained_by(sft_adapter) != "sft":
-            folded = folded_adapter(sft_adapter)
-            raise ConfigError(
-                f"dpo.sft_adapter: {sft_adapter} holds a DPO adapter, not an SFT run's; DPO starts from an SFT run "
-                f"(sft train's output directory or its checkpoint-N)"
-                + (f", such as the one this DPO run was trained on, kept in {folded}" if folded else ""))
+        check_sft_adapter(Path(config.dpo.sft_adapter), "dpo", "DPO")
 
 
-def sft_adapter_source(config: DPOConfig, resumed: bool) -> Path | None:
+def check_sft_adapter(sft_adapter: Path, section: str, method: str) -> None:
+    """``sft_adapter`` must be an SFT run's adapter (a recipe's ``section.sft_adapter``)."""
+    check_adapter_dir(sft_adapter)
+    if (trained := trained_by(sft_adapter)) != "sft":
+        folded = folded_adapter(sft_adapter)
+        raise ConfigError(
+            f"{section}.sft_adapter: {sft_adapter} holds a {trained.upper()} adapter, not an SFT run's; {method} "
+            f"starts from an SFT run (sft train's output directory or its checkpoint-N)"
+            + (f", such as the one this {trained.upper()} run was trained on, kept in {folded}" if folded else ""))
+
+
+def sft_adapter_source(sft_adapter: str | None, output_dir: str, resumed: bool) -> Path | None:
     """The SFT adapter to fold into the base: the run's own copy when resuming (the one it started
     with), the given one for a new run; None when the base model is the reference."""
-    if config.dpo.sft_adapter is None:
+    if sft_adapter is None:
         return None
-    copy = Path(config.training.output_dir) / SFT_ADAPTER_DIR
-    return copy if resumed and (copy / ADAPTER_CONFIG).is_file() else Path(config.dpo.sft_adapter)
+    copy = Path(output_dir) / SFT_ADAPTER_DIR
+    return copy if resumed and (copy / ADAPTER_CONFIG).is_file() else Path(sft_adapter)
 
 
-def stage_sft_adapter(config: DPOConfig, runtime: Runtime, source: Path | None) -> Path | None:
+def stage_sft_adapter(output_dir: str, runtime: Runtime, source: Path | None) -> Path | None:
     """The run's own copy of the SFT adapter it started from (made now, once the model with that
     adapter loaded, so a refused adapter leaves no copy behind), or None."""
     if source is None:
         return None
-    copy = Path(config.training.output_dir) / SFT_ADAPTER_DIR
+    copy = Path(output_dir) / SFT_ADAPTER_DIR
     with runtime.state.main_process_first():
         if runtime.main_process and source != copy:
             shutil.rmtree(copy, ignore_errors=True)
@@ -125,6 +129,12 @@ def stage_sft_adapter(config: DPOConfig, runtime: Runtime, source: Path | None) 
                     if name != ADAPTER_ORIGIN or (source / name).is_file():
                         shutil.copy2(source / name, staging / name)
     return copy
+
+
+def drop_unused_sft_adapter(output_dir: str, runtime: Runtime, sft_adapter: Path | None, source: Path | None) -> None:
+    """Remove the copy of the SFT adapter a new run made, when it failed before its first checkpoint."""
+    if sft_adapter is not None and sft_adapter != source and runtime.main_process and not checkpoints(Path(output_dir)):
+        shutil.rmtree(sft_adapter, ignore_errors=True)
 
 
 def encode_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase,
@@ -194,12 +204,12 @@ def train(config: DPOConfig, resume: str | None = None, overwrite_output_dir: bo
     check_dpo_config(config)
     runtime = setup_runtime(config)
     checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-    source = sft_adapter_source(config, resumed=checkpoint is not None)
+    source = sft_adapter_source(config.dpo.sft_adapter, config.training.output_dir, resumed=checkpoint is not None)
     tokenizer = load_run_tokenizer(config, runtime)
     train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
     runtime.say(describe_layout(config, runtime))
     model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
-    sft_adapter = stage_sft_adapter(config, runtime, source)
+    sft_adapter = stage_sft_adapter(config.training.output_dir, runtime, source)
     try:
         scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
                                       train=train_set, val=val_set)
@@ -208,9 +218,7 @@ def train(config: DPOConfig, resume: str | None = None, overwrite_output_dir: bo
         save_run_files(config, runtime, data_report)
         metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
     except BaseException:
-        if sft_adapter is not None and sft_adapter != source and runtime.main_process \
-                and not checkpoints(Path(config.training.output_dir)):
-            shutil.rmtree(sft_adapter, ignore_errors=True)  # a new run that failed before its first checkpoint
+        drop_unused_sft_adapter(config.training.output_dir, runtime, sft_adapter, source)
         raise
     finish(trainer, metrics, runtime)
     runtime.say(f"Adapter saved to {config.training.output_dir}. Compare base, SFT and DPO on held-out pairs with: "

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from sft.config import RUN_CONFIG_FILE, DPOConfig, SFTConfig, build_config
+from sft.config import RUN_CONFIG_FILE, DPOConfig, GRPOConfig, SFTConfig, build_config
 from sft.errors import ConfigError
 from sft.training.checkpoints import checkpoint_record
 
@@ -40,6 +40,8 @@ DATA_FILES = ("train_file", "val_file")
 
 
 def method_of(config: SFTConfig) -> str:
+    if isinstance(config, GRPOConfig):
+        return "grpo"
     return "dpo" if isinstance(config, DPOConfig) else "sft"
 
 

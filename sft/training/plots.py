@@ -1,5 +1,5 @@
 """`sft plot DIR`: the training and validation loss of a run against the optimizer step (and,
-beside it, a DPO run's rewards).
+beside it, a DPO run's rewards, or a GRPO run's mean reward and pass rate).
 
 Training writes ``loss.png`` into its output directory at the end; this command redraws it from
 ``trainer_state.json`` at any time (also for a run still in progress, from its latest checkpoint).
@@ -86,6 +86,29 @@ def _plot_rewards(axes: Any, series: dict[str, list[tuple[int, float]]]) -> None
     axes.legend(lines + more_lines, labels + more_labels, loc="upper left")
 
 
+_ONLINE_SERIES = {"reward": "tab:green", "pass_rate": "tab:gray"}
+"""A GRPO run's logged mean reward of its sampled answers and their pass rate (with the verifier)."""
+
+
+def _plot_online_rewards(axes: Any, series: dict[str, list[tuple[int, float]]]) -> None:
+    """The sampled answers' mean reward; their pass rate on its own scale."""
+    axes.plot(*zip(*series["reward"], strict=True), label="reward", color=_ONLINE_SERIES["reward"], linewidth=1.2)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("mean reward of the sampled answers")
+    axes.set_title("training rewards")
+    axes.grid(alpha=0.3)
+    lines, labels = axes.get_legend_handles_labels()
+    if series["pass_rate"]:
+        rate = axes.twinx()
+        rate.plot(*zip(*series["pass_rate"], strict=True), label="pass rate", color=_ONLINE_SERIES["pass_rate"],
+                  linestyle="--", linewidth=1.0)
+        rate.set_ylim(-0.05, 1.05)
+        rate.set_ylabel("answers following all instructions")
+        more_lines, more_labels = rate.get_legend_handles_labels()
+        lines, labels = lines + more_lines, labels + more_labels
+    axes.legend(lines, labels, loc="upper left")
+
+
 def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw train and validation loss of a run into an image (PNG by default), beside its
     rewards for a DPO run; returns its path."""
@@ -100,13 +123,14 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
     state_file = _state_file(run_dir)
     history = _read_history(state_file)
     series = {key: [(entry["step"], entry[key]) for entry in history if key in entry]
-              for key in ("loss", "eval_loss", *_REWARD_SERIES)}
-    if not series["loss"] and not series["eval_loss"]:
-        raise DataError(f"{state_file}: no loss logged yet ({len(history)} log entries, none with a loss); "
+              for key in ("loss", "eval_loss", *_REWARD_SERIES, *_ONLINE_SERIES)}
+    if not any(series.values()):
+        raise DataError(f"{state_file}: no loss logged yet ({len(history)} log entries, none with a loss or reward); "
                         f"nothing to plot. Training logs every --logging-steps steps: plot again after the first log")
     preference = bool(series["rewards/margins"])  # a DPO run: its rewards get a panel of their own
-    figure, panels = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=120,
-                                  squeeze=False)
+    online = bool(series["reward"])  # a GRPO run: so do its sampled answers' rewards
+    figure, panels = plt.subplots(1, 2 if preference or online else 1, figsize=(12 if preference or online else 7, 4),
+                                  dpi=120, squeeze=False)
     axes = panels[0][0]
     if series["loss"]:
         axes.plot(*zip(*series["loss"], strict=True), label="train", color="tab:blue", linewidth=1.2)
@@ -114,12 +138,15 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
         axes.plot(*zip(*series["eval_loss"], strict=True), label="validation", color="tab:orange", marker="o",
                   linewidth=1.5)
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("DPO loss (mean over pairs)" if preference else "loss (nats per answer token)")
+    axes.set_ylabel("DPO loss (mean over pairs)" if preference else
+                    "GRPO loss (per answer token)" if online else "loss (nats per answer token)")
     axes.set_title(f"{run_dir.name}: training and validation loss")
     axes.grid(alpha=0.3)
     axes.legend()
     if preference:
         _plot_rewards(panels[0][1], series)
+    elif online:
+        _plot_online_rewards(panels[0][1], series)
     figure.tight_layout()
     try:
         with atomic_file(out, "wb") as handle:
