@@ -65,15 +65,14 @@ def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monke
     import argparse
 
     from sft.data.templates import render_prompt
-    from sft.inference import chat
+    from sft.inference import chat, generate
 
     args = argparse.Namespace(adapter=str(run_dir), model=None, system_prompt="Be brief.", temperature=0.0,
                               top_p=1.0, max_new_tokens=5, device="cpu", trust_remote_code=False)
     session = chat.open_session(args)
     prompts = []
-    real_render = chat.render_prompt
-    monkeypatch.setattr(chat, "render_prompt", lambda tok, messages: prompts.append(messages) or real_render(
-        tok, messages))
+    monkeypatch.setattr(generate, "render_prompt", lambda tok, messages, tools=None: prompts.append(messages)
+                        or render_prompt(tok, messages, tools))
     first = session.reply("Name a color.")
     session.reply("And another one?")
     assert prompts[1] == [{"role": "system", "content": "Be brief."},

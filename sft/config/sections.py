@@ -28,6 +28,14 @@ RUN_CONFIG_FILE = "sft_config.yaml"
 """Name of the full configuration that training saves beside its adapter."""
 
 MAX_SEED = 2**32 - 1
+
+MAX_LORA_SCALE = 1024
+"""The largest LoRA scale, alpha / r, a run may use. Common ones are 0.5 to 16; far beyond, the
+update's gradients overflow to inf at the first step, every step is clipped to nothing, and the
+adapter never trains while the run reports success."""
+
+MAX_EPOCHS = 100_000
+"""More passes over the data than any run makes; beyond, the step count is not a number."""
 """The seed goes to numpy too, which takes 0 to 2**32 - 1."""
 
 
@@ -98,6 +106,10 @@ class LoraSettings:
     def __post_init__(self) -> None:
         _require(self.r > 0, f"r: must be > 0, got {self.r}")
         _require(self.alpha > 0, f"alpha: must be > 0, got {self.alpha}")
+        _require(self.alpha / self.r <= MAX_LORA_SCALE,
+                 f"alpha: {self.alpha} with r {self.r} scales the update by {self.alpha / self.r:.3g}, more than "
+                 f"{MAX_LORA_SCALE}: its gradients would overflow and it would never train; common alphas are 1 to "
+                 f"4 times r")
         _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
         _require(len(self.target_modules) > 0, "target_modules: must name at least one module")
         _require(ALL_LINEAR not in self.target_modules or len(self.target_modules) == 1,
@@ -184,6 +196,9 @@ class TrainingConfig:
         _require(self.learning_rate > 0, f"learning_rate: must be > 0, got {self.learning_rate}")
         _require(self.max_steps > 0 or self.num_train_epochs > 0,
                  "max_steps or num_train_epochs: one of them must be > 0")
+        _require(self.num_train_epochs <= MAX_EPOCHS,
+                 f"num_train_epochs: must be at most {MAX_EPOCHS}, got {self.num_train_epochs:g} (use max_steps for "
+                 f"a run of a given length)")
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, name)

@@ -35,6 +35,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         first_line: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`: a list or mapping cannot name a field
+                kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain name, got a {kind}", key_node.start_mark)
             key = self.construct_object(key_node, deep=deep)
             if key in first_line:
                 raise yaml.constructor.ConstructorError(
@@ -42,6 +46,30 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     key_node.start_mark)
             first_line[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
+
+
+MAX_YAML_VALUES = 10_000
+"""The most values (scalars, lists, mappings) a configuration may hold once its aliases are
+expanded. A preset has a few dozen; an alias bomb (`a: &a [x, x]`, `b: &b [*a, *a]`, ...) is a few
+hundred bytes that expand ninefold per level, and every later step (validation, the error that
+quotes the value, saving the run's configuration) would pay for the expansion."""
+
+
+def _expands_past(value: Any, budget: int) -> bool:
+    """Whether ``value``, with every shared (aliased) part counted each time it appears, holds more
+    than ``budget`` values; the walk stops at the budget, so it costs at most that many steps."""
+    stack = [value]
+    while stack:
+        budget -= 1
+        if budget < 0:
+            return True
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _load_yaml(path: Path) -> Any:
@@ -54,13 +82,17 @@ def _load_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: line {line}: byte 0x{data[exc.start]:02x} is not UTF-8; save the file as "
                           f"UTF-8") from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        loaded = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if _expands_past(loaded, MAX_YAML_VALUES):
+        raise ConfigError(f"{path}: expands to more than {MAX_YAML_VALUES} values (through aliases, *name, that "
+                          f"repeat other parts); a configuration needs a few dozen: write the values out")
+    return loaded
 
 
 def read_sections(path: str | Path, sections: dict[str, type]) -> dict[str, dict[str, Any]]:

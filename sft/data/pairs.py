@@ -11,7 +11,9 @@ preference for the tokenization rather than for the answer.
 Truncation keeps the prompt and cuts both answers to the same budget, ``max_seq_length`` minus the
 prompt's length, so that the longer answer is not the only one to lose its end. A pair whose
 prompt leaves no answer token is dropped and counted: it carries no preference signal, and its
-zero log-probabilities would give a loss of exactly ln 2 that moves nothing.
+zero log-probabilities would give a loss of exactly ln 2 that moves nothing. So is a pair whose
+two answers differ only beyond the cut: its two token sequences are the same, and prepare's
+``chosen_equals_rejected`` rule, which refuses such a pair in the text, would be undone by the cut.
 """
 
 from __future__ import annotations
@@ -39,13 +41,17 @@ class PairStats:
     """Kept pairs whose answers were cut to fit max_seq_length."""
     dropped_no_answer_tokens: int = 0
     """Pairs whose prompt alone fills max_seq_length."""
+    dropped_identical_after_truncation: int = 0
+    """Pairs whose chosen and rejected answers are the same tokens once cut to max_seq_length."""
     prompt_tokens: int = 0
     chosen_tokens: int = 0
     rejected_tokens: int = 0
     dropped_ids: list[str] = field(default_factory=list)
+    kept_rows: list[int] = field(default_factory=list)
+    """The position of each kept pair in the list encoded (ids may repeat; positions do not)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "dropped_ids"} | {
+        return {k: v for k, v in self.__dict__.items() if k not in {"dropped_ids", "kept_rows"}} | {
             "dropped_ids": self.dropped_ids[:50]}
 
 
@@ -75,14 +81,18 @@ def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[dict[str, Any]]
     """Encode every pair, dropping (and counting) those left with no answer token."""
     stats = PairStats()
     encoded = []
-    for pair in tqdm(pairs, desc=desc, disable=None if progress else True, leave=False):
+    for row, pair in enumerate(tqdm(pairs, desc=desc, disable=None if progress else True, leave=False)):
         stats.read += 1
         example, truncated = encode_pair(tokenizer, pair, max_seq_length, system_prompt)
-        if not example["chosen_ids"]:
-            stats.dropped_no_answer_tokens += 1
+        if not example["chosen_ids"] or example["chosen_ids"] == example["rejected_ids"]:
+            if example["chosen_ids"]:
+                stats.dropped_identical_after_truncation += 1
+            else:
+                stats.dropped_no_answer_tokens += 1
             stats.dropped_ids.append(str(pair.get("id", stats.read)))
             continue
         stats.kept += 1
+        stats.kept_rows.append(row)
         stats.truncated += truncated
         stats.prompt_tokens += len(example["prompt_ids"])
         stats.chosen_tokens += len(example["chosen_ids"])

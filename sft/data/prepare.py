@@ -223,7 +223,9 @@ def prepare(
     for path in paths:
         source = read_source(path)
         shape = choose_shape(source, method.kind, format_name)
-        merge.add_source(path, shape, tqdm(source.items, desc=path, unit="rec", disable=None))
+        # The name as text: a file name need not be UTF-8, but the records' "source" field must be.
+        name = os.fsencode(path).decode("utf-8", "backslashreplace")
+        merge.add_source(name, shape, tqdm(source.items, desc=name, unit="rec", disable=None))
     examples = merge.finish()
     if not examples:
         raise DataError(_no_usable_records(merge.counts, method.kind))

@@ -37,7 +37,7 @@ from sft.data.formats import (
     record_id,
     turn_order_problem,
 )
-from sft.data.sources import describe_json_type
+from sft.data.sources import describe_json_type, nonblank_lines
 from sft.errors import DataError
 
 _ALPACA_FIELDS = ("instruction", "input", "output")
@@ -70,6 +70,8 @@ def _lines(path: Path, script: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("<path>:<line>", object)`` for every non-blank line of a prepared JSONL file."""
     if path.is_dir():
         raise DataError(f"{path} is a directory; expected a prepared JSONL file")
+    if path.exists() and not path.is_file():  # /dev/zero never ends, a FIFO blocks
+        raise DataError(f"{path} is not a regular file (a device, FIFO or socket); expected a prepared JSONL file")
     if not path.is_file():
         raise DataError(f"{path} not found: run `python scripts/{script}` first (or set train_file / val_file)")
     try:
@@ -81,9 +83,7 @@ def _lines(path: Path, script: str) -> Iterator[tuple[str, dict[str, Any]]]:
         raise DataError(f"{path}:{line_number}: not valid UTF-8 ({exc.reason}); expected UTF-8 JSONL, "
                         f"as {script} writes") from None
     # Split on "\n" only: str.splitlines would also split on U+2028 inside strings.
-    for line_number, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
+    for line_number, line in nonblank_lines(text):
         where = f"{path}:{line_number}"
         try:
             record = json.loads(line)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import gzip
 import io
 import json
 import os
@@ -184,17 +183,46 @@ def _read_bytes(path: Path) -> bytes:
         raise DataError(f"{path} not found. {_OBTAIN_HINT}")
     if path.is_dir():
         raise DataError(f"{path} is a directory; expected {_A_DATA_FILE}")
+    if not path.is_file():  # /dev/zero never ends, a FIFO blocks: only a file has a size to read
+        raise DataError(f"{path} is not a regular file (a device, FIFO or socket); expected {_A_DATA_FILE}")
     try:
         return path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from exc
 
 
+MAX_DECOMPRESSED_BYTES = 2 << 30
+"""The most a ``.gz`` source may expand to. Gzip shrinks a run of one byte a thousandfold, so a
+small file can hold gigabytes; past this size the source is refused before more is inflated (a
+really larger data set can be decompressed beforehand, where its size is there to see)."""
+
+
 def _gunzip(path: Path, data: bytes) -> bytes:
-    """Decompress a ``.gz`` source, or raise: the name promised gzip."""
+    """Decompress a ``.gz`` source (every member, as gzip does), or raise: the name promised gzip,
+    and the data must fit MAX_DECOMPRESSED_BYTES."""
+    chunks, size, rest = [], 0, data
+    if not data:
+        return data
     try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:
+        while True:
+            inflate = zlib.decompressobj(wbits=31)  # a gzip header and trailer around one member
+            while rest:
+                chunk = inflate.decompress(rest, 1 << 20)  # at most 1 MiB out per call
+                rest = inflate.unconsumed_tail
+                size += len(chunk)
+                if size > MAX_DECOMPRESSED_BYTES:
+                    raise DataError(f"{path}: decompresses to more than {MAX_DECOMPRESSED_BYTES >> 20} MiB (from "
+                                    f"{len(data)} bytes); refused before it fills memory. If the data really is "
+                                    f"that large, decompress it (gunzip) and pass the plain file")
+                chunks.append(chunk)
+                if inflate.eof:
+                    break
+            if not inflate.eof:
+                raise EOFError("compressed file ended before the end-of-stream marker was reached")
+            rest = inflate.unused_data.lstrip(b"\x00")  # gzip pads members with zeros at times
+            if not rest:
+                return b"".join(chunks)
+    except (zlib.error, EOFError) as exc:
         raise DataError(f"{path}: not valid gzip data ({exc}); a name ending in .gz promises a gzip file") from None
 
 
@@ -387,9 +415,7 @@ def _parse_jsonl(path: str | os.PathLike[str], text: str) -> list[tuple[int, Any
     U+2028 and friends, which JSON allows unescaped inside strings.
     """
     items = []
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip(_JSON_WHITESPACE):
-            continue
+    for line_number, line in nonblank_lines(text):
         try:
             items.append((line_number, _DECODER.decode(line)))
         except json.JSONDecodeError as exc:
@@ -400,6 +426,23 @@ def _parse_jsonl(path: str | os.PathLike[str], text: str) -> list[tuple[int, Any
         except (ValueError, RecursionError) as exc:
             raise DataError(f"{path}: line {line_number} {_problem(exc)}") from None
     return items
+
+
+_NOT_JSON_WHITESPACE = re.compile(r"[^ \t\r\n]")
+
+
+def nonblank_lines(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of the lines of ``text`` (split on ``\\n``) that are not blank, one at
+    a time: a list of every line would cost a pointer per line, gigabytes for a file of blank
+    lines, and blank runs are skipped by a search rather than line by line."""
+    start, number = 0, 1
+    while (found := _NOT_JSON_WHITESPACE.search(text, start)) is not None:
+        line_start = max(start, text.rfind("\n", start, found.start()) + 1)
+        number += text.count("\n", start, line_start)
+        end = text.find("\n", found.start())
+        end = len(text) if end < 0 else end
+        yield number, text[line_start:end]
+        start, number = end + 1, number + 1
 
 
 def describe_json_type(value: Any) -> str:

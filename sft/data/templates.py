@@ -35,9 +35,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from jinja2.exceptions import TemplateError as JinjaTemplateError
 from transformers import PreTrainedTokenizerBase
 
+from sft.data.template_render import render_chat_template
 from sft.errors import TemplateError
 
 FALLBACK_CHAT_TEMPLATE = (
@@ -95,16 +95,25 @@ def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Messa
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None,
             add_generation_prompt: bool) -> str:
-    """apply_chat_template of the messages as templates read them; a template's own error
-    (``raise_exception``) becomes a TemplateError naming the template."""
+    """The template's rendering of the messages as templates read them (the system turn folded
+    where the template has no place for it), under sft.data.template_render's limits."""
     if (len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user"
             and not has_system_role(tokenizer, tokenizer.chat_template)):
         messages = fold_system_turn(messages)
+    return _bounded_render(tokenizer, template_messages(messages), tools, add_generation_prompt)
+
+
+def _bounded_render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None,
+                    add_generation_prompt: bool) -> str:
+    """``tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)``, under a time and
+    size limit (the template is someone else's program); any failure, the template's own
+    ``raise_exception`` included, is a one-line TemplateError naming the template."""
     try:
-        return tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
-    except JinjaTemplateError as exc:
-        raise TemplateError(f"{template_name(tokenizer)} refused the conversation: {exc}") from None
+        template = tokenizer.get_chat_template(None, tools or None)
+    except ValueError as exc:  # no template, or a named set without a default
+        raise TemplateError(f"{template_name(tokenizer)}: {exc}") from None
+    return render_chat_template(template, messages, add_generation_prompt, tokenizer.special_tokens_map,
+                                template_name(tokenizer), tools=tools or None)
 
 
 def template_messages(messages: list[Message]) -> list[Message]:
@@ -127,9 +136,9 @@ def has_system_role(tokenizer: PreTrainedTokenizerBase, chat_template: str | Non
     one_turn = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
     two_turns = [*one_turn, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
     try:
-        first, later = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        first, later = (_bounded_render(tokenizer, messages, None, add_generation_prompt=True)
                         for messages in (one_turn, two_turns))
-    except JinjaTemplateError:
+    except TemplateError:  # it raises on a system turn (or on anything: the real rendering says so)
         return False
     through_system = first[:first.find(_SYSTEM_PROBE) + len(_SYSTEM_PROBE)]
     return _SYSTEM_PROBE in first and later.startswith(through_system)

@@ -53,11 +53,11 @@ def _gguf_name(hf_name: str) -> str:
         return "output_norm.weight"
     if hf_name == "lm_head.weight":
         return "output.weight"
-    parts = hf_name.split(".")  # model.layers.{i}.{module...}.weight
+    parts = hf_name.split(".")  # model.layers.{i}.{module...}.weight (or .bias: attention_bias, mlp_bias)
     module = ".".join(parts[3:-1])
-    if parts[:2] != ["model", "layers"] or module not in LAYER_TENSORS:
+    if parts[:2] != ["model", "layers"] or module not in LAYER_TENSORS or parts[-1] not in ("weight", "bias"):
         raise ConfigError(f"tensor {hf_name} has no GGUF name: only the Llama architecture is exported")
-    return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.weight"
+    return f"blk.{parts[2]}.{LAYER_TENSORS[module]}.{parts[-1]}"
 
 
 def _tokenizer_kind(backend: dict) -> str | None:
@@ -202,9 +202,9 @@ def _write_model(writer: gguf.GGUFWriter, model, tokenizer, backend: dict, token
         if name == "lm_head.weight" and tied:
             continue
         data = tensor.numpy()
-        if name.endswith("q_proj.weight"):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):  # a bias follows its rows, as llama.cpp's converter does
             data = _rotary_permute(data, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
             data = _rotary_permute(data, config.num_key_value_heads)
         kind = TYPES[precision] if data.ndim == 2 else gguf.GGMLQuantizationType.F32
         if kind == gguf.GGMLQuantizationType.Q4_0 and name in EMBEDDING_TENSORS:

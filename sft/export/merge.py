@@ -10,11 +10,14 @@ nothing behind and never touches anything but that folder.
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from sft.config import StrictArgumentParser
 from sft.data.templates import end_of_turn_ids
-from sft.errors import ConfigError, run_command
+from sft.errors import ConfigError, ResourceError, run_command
 from sft.files import atomic_directory
 from sft.inference.loading import load_run, run_config
 
@@ -36,9 +39,15 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None
     merged = run.model.merge_and_unload()
     merged.generation_config.eos_token_id = end_of_turn_ids(run.tokenizer)
     merged.generation_config.pad_token_id = run.tokenizer.pad_token_id
-    with atomic_directory(out_dir) as staging:
-        merged.save_pretrained(staging)
-        run.tokenizer.save_pretrained(staging)
+    try:
+        with atomic_directory(out_dir) as staging:  # removed again if a write fails
+            merged.save_pretrained(staging)
+            run.tokenizer.save_pretrained(staging)
+    except SafetensorError as exc:  # the weights are written by safetensors, whose I/O errors are its own type
+        free_mb = shutil.disk_usage(out_dir.parent).free // 2**20
+        raise ResourceError(f"--out: could not write the merged model into {out_dir.parent} ({exc}); if the disk is "
+                            f"full ({free_mb} MB free there), free space or pass --out on another disk. Nothing was "
+                            f"left behind") from None
     return out_dir
 
 

@@ -12,14 +12,16 @@ conversation and /exit (or Ctrl-D) leaves.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 import torch
 from transformers import TextStreamer
 
 from sft.config import StrictArgumentParser
-from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.data.templates import end_of_turn_ids, with_system_prompt
 from sft.errors import ConfigError, run_command
+from sft.inference.generate import generation_prompt
 from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
 
 Message = dict[str, str]
@@ -69,8 +71,9 @@ class ChatSession:
         Ctrl-C while the answer streams stops that answer (what was said so far is kept) and
         leaves the session open; a prompt the model cannot read is refused before generating."""
         tokenizer = self.run.tokenizer
+        require_text(user_text, "the message")
         messages = with_system_prompt(self.history + [{"role": "user", "content": user_text}], self.system_prompt)
-        prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, messages))
+        prompt_ids = generation_prompt(tokenizer, messages, self.run.max_positions)
         check_prompt_fits(self.run, len(prompt_ids), self.max_new_tokens)
         input_ids = torch.tensor([prompt_ids], device=self.run.policy.device)
         streamer = _CollectingStreamer(tokenizer, print_text=stream)
@@ -91,6 +94,16 @@ class ChatSession:
         return answer
 
 
+def require_text(text: str, what: str) -> None:
+    """Refuse text holding bytes that are not UTF-8 (a shell or terminal in another encoding hands
+    them over as lone surrogates, which no tokenizer can read)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ConfigError(f"{what} is not valid UTF-8 text (byte 0x{ord(text[exc.start]) & 0xFF:02x} at character "
+                          f"{exc.start}); set the terminal to UTF-8, or type it again") from None
+
+
 def open_session(args: argparse.Namespace) -> ChatSession:
     config = run_config(args.adapter, overrides={"trust_remote_code": args.trust_remote_code})
     run = load_run(args.adapter, config, model_name=args.model, device=args.device)
@@ -99,6 +112,8 @@ def open_session(args: argparse.Namespace) -> ChatSession:
 
 
 def interact(session: ChatSession) -> None:
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a line that is not UTF-8 reaches reply(), which refuses it alone
+        sys.stdin.reconfigure(errors="surrogateescape")
     print("Chat started: /reset forgets the conversation, /exit or Ctrl-D leaves.", flush=True)
     while True:
         try:
@@ -117,7 +132,7 @@ def interact(session: ChatSession) -> None:
         print("assistant> ", end="", flush=True)
         try:
             session.reply(text, stream=True)
-        except ConfigError as exc:  # a prompt too long for the model: say so, keep the session
+        except ConfigError as exc:  # a prompt too long for the model, or not UTF-8: say so, keep the session
             print(f"\nerror: {exc}", flush=True)
 
 
@@ -143,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
 
     def run() -> None:
+        for value, flag in ((args.prompt, "--prompt"), (args.system_prompt, "--system-prompt")):
+            if value is not None:
+                require_text(value, flag)
         session = open_session(args)
         if args.prompt is not None:
             print(session.reply(args.prompt))

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 from sft.config import SFTConfig, StrictArgumentParser, add_config_arguments
 from sft.data.collate import PaddingCollator
 from sft.data.prepared import read_conversations
-from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.data.templates import end_of_turn_ids, with_system_prompt
 from sft.data.tokenize import encode_records
 from sft.errors import DataError, run_command
 from sft.files import atomic_write_text
-from sft.inference.generate import generate_greedy
+from sft.inference.generate import generate_greedy, generation_prompt
 from sft.inference.loading import LoadedRun, check_adapter_dir, load_run, run_config
 from sft.training.loss import supervised_totals
 from sft.training.plots import PLOT_FILE
@@ -123,7 +123,7 @@ def generate_side_by_side(run: LoadedRun, records: list[dict[str, Any]]) -> tupl
         if len(rows) == run.config.eval.num_generations:
             break
         messages = with_system_prompt(record["messages"], run.config.data.system_prompt)
-        prompt_ids = encode_prompt(run.tokenizer, render_prompt(run.tokenizer, messages[:-1], record.get("tools")))
+        prompt_ids = generation_prompt(run.tokenizer, messages[:-1], limit, record.get("tools"))
         if limit is not None and len(prompt_ids) + budget > limit:
             too_long += 1
             continue

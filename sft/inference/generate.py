@@ -25,6 +25,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
+from sft.data.templates import Message, encode_prompt, render_prompt
+from sft.data.tokenize import message_char_limit
+
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer whose keys and values are views of a larger buffer: appending a token writes
@@ -76,6 +79,23 @@ class GrowingCache(Cache):
 
     def __init__(self) -> None:
         super().__init__(layer_class_to_replicate=GrowingLayer)
+
+
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], positions: int | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The token ids generation starts from for ``messages`` (and the conversation's ``tools``),
+    built by training's prompt code.
+
+    As training does, a message is cut before tokenizing at the characters that can matter within
+    ``positions`` tokens (:func:`~sft.data.tokenize.message_char_limit`): a cut prompt is still
+    longer than the model's positions, so the callers' length checks refuse it as before, but a
+    record of a hundred megabytes costs no more than that to refuse.
+    """
+    if positions is not None:
+        limit = message_char_limit(tokenizer, positions)
+        messages = [m | {"content": m["content"][:limit]} if isinstance(m.get("content"), str)
+                    and len(m["content"]) > limit else m for m in messages]
+    return encode_prompt(tokenizer, render_prompt(tokenizer, messages, tools))
 
 
 @dataclass(frozen=True)

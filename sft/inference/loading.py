@@ -37,7 +37,7 @@ from sft.errors import ConfigError, ModelNotFoundError, UserError
 from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import DevicePolicy, device_policy
 from sft.modeling.fingerprint import base_fingerprint, fingerprint_difference, read_adapter_origin
-from sft.modeling.lora import peft_wrapping
+from sft.modeling.lora import check_adapter_config, peft_wrapping
 from sft.modeling.models import check_4bit_supported, load_model, load_tokenizer, resolve_model_path
 from sft.training.checkpoints import SFT_ADAPTER_DIR, safetensors_damage
 
@@ -96,6 +96,7 @@ def check_adapter_dir(adapter_dir: Path) -> dict[str, Any]:
         raise ModelNotFoundError(f"{config_file}: not a readable adapter config ({exc})") from None
     if not isinstance(adapter_config, dict):
         raise ModelNotFoundError(f"{config_file}: not an adapter config (expected a JSON object)")
+    check_adapter_config(config_file, adapter_config)
     problem = safetensors_damage(adapter_dir / ADAPTER_WEIGHTS)
     if problem:
         raise ModelNotFoundError(f"{problem}; only intact safetensors adapters are loaded (retrain, or pass an "

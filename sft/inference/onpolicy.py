@@ -22,32 +22,38 @@ from typing import Any
 
 from sft.config import StrictArgumentParser
 from sft.data.prepared import read_conversations
-from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.data.templates import end_of_turn_ids, with_system_prompt
 from sft.errors import ConfigError, run_command
 from sft.files import atomic_write_text
-from sft.inference.generate import generate_greedy
+from sft.inference.generate import generate_greedy, generation_prompt
 from sft.inference.loading import LoadedRun, check_adapter_dir, load_run, run_config
 
 SOURCE = "on-policy"
 
 
 def onpolicy_pairs(run: LoadedRun, conversations: list[dict[str, Any]], max_new_tokens: int,
-                   finished_only: bool = False) -> list[dict[str, Any]]:
-    """The pairs (reference answer chosen, the model's greedy answer rejected) of the conversations."""
+                   finished_only: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """The pairs (reference answer chosen, the model's greedy answer rejected) of the conversations,
+    and how many conversations were passed over because their prompt leaves the model fewer than
+    ``max_new_tokens`` positions (an answer generated past them would be garbage)."""
     system_prompt = run.config.data.system_prompt
-    prompts = [conversation["messages"][:-1] for conversation in conversations]
     tokenizer = run.tokenizer
-    prompt_ids = [encode_prompt(tokenizer, render_prompt(tokenizer, with_system_prompt(prompt, system_prompt)))
-                  for prompt in prompts]
+    kept, prompt_ids = [], []
+    for conversation in conversations:
+        prompt = conversation["messages"][:-1]
+        ids = generation_prompt(tokenizer, with_system_prompt(prompt, system_prompt), run.max_positions)
+        if run.max_positions is None or len(ids) + max_new_tokens <= run.max_positions:
+            kept.append((conversation, prompt))
+            prompt_ids.append(ids)
     answers = generate_greedy(run.model, tokenizer, prompt_ids, max_new_tokens, end_of_turn_ids(tokenizer),
                               batch_size=run.config.training.eval_batch_size)
     pairs = []
-    for conversation, prompt, answer in zip(conversations, prompts, answers, strict=True):
+    for (conversation, prompt), answer in zip(kept, answers, strict=True):
         reference = conversation["messages"][-1]["content"]
         if answer.text != reference.strip() and (answer.finished or not finished_only):
             pairs.append({"id": conversation["id"], "source": SOURCE, "prompt": prompt, "chosen": reference,
                           "rejected": answer.text})
-    return pairs
+    return pairs, len(conversations) - len(kept)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         check_adapter_dir(adapter_dir)
         conversations = read_conversations(args.source)
         conversations = conversations[:args.limit] if args.limit else conversations
-        pairs = onpolicy_pairs(load_run(adapter_dir, run_config(adapter_dir)), conversations, args.max_new_tokens,
-                               args.finished_only)
+        run = load_run(adapter_dir, run_config(adapter_dir))
+        pairs, too_long = onpolicy_pairs(run, conversations, args.max_new_tokens, args.finished_only)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
         print(f"wrote {len(pairs)} pairs to {args.out} ({len(conversations) - len(pairs)} of {len(conversations)} "
-              f"conversations gave none: the model's answer was the reference, or unfinished with --finished-only)")
+              f"conversations gave none: the model's answer was the reference, or unfinished with --finished-only"
+              + (f"; {too_long} passed over: their prompt leaves fewer than --max-new-tokens {args.max_new_tokens} "
+                 f"of the model's {run.max_positions} positions" if too_long else "") + ")")
 
     return run_command(run)
 

@@ -28,7 +28,7 @@ from sft.config import DPOConfig, StrictArgumentParser, add_config_arguments
 from sft.data.pairs import encode_pairs
 from sft.data.prepared import read_preferences
 from sft.data.templates import end_of_turn_ids
-from sft.errors import DataError, run_command
+from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_write_text
 from sft.inference.generate import generate_greedy
 from sft.inference.loading import LoadedRun, check_adapter_dir, folded_adapter, load_run, run_config
@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = overrides.get("output_dir") or run_config(None, args.config).training.output_dir
         adapter_dir = Path(args.adapter or output_dir)
         check_adapter_dir(adapter_dir)
-        report = evaluate_preferences(run_config(adapter_dir, args.config, overrides), adapter_dir)
+        config = run_config(adapter_dir, args.config, overrides)
+        if not isinstance(config, DPOConfig):  # scoring base and SFT first would end in a traceback
+            raise ConfigError(f"{adapter_dir}: not a DPO run (its configuration has no dpo section); sft eval-dpo "
+                              f"compares base, SFT and DPO models: pass a run of `sft dpo`, or use `sft eval` for an "
+                              f"SFT run")
+        report = evaluate_preferences(config, adapter_dir)
         print(format_metrics(report["metrics"]))
         print(f"Report: {report['report_path']}")
 
@@ -97,9 +102,11 @@ def evaluate_preferences(config: DPOConfig, adapter_dir: Path) -> dict[str, Any]
                         f"{stats.dropped_no_answer_tokens} with no answer token within max_seq_length="
                         f"{data.max_seq_length}); use a validation file with pairs, or a larger --max-seq-length")
     limit, budget = run.max_positions, config.eval.max_new_tokens
-    shown = [pair for pair in pairs if limit is None or len(pair["prompt_ids"]) + budget <= limit]
+    # Each kept pair with the record it came from: by position, as ids may repeat in a file.
+    shown = [(pair, raw[row]) for pair, row in zip(pairs, stats.kept_rows, strict=True)
+             if limit is None or len(pair["prompt_ids"]) + budget <= limit]
     shown = shown[:config.eval.num_generations]
-    prompts = [pair["prompt_ids"] for pair in shown]
+    prompts = [pair["prompt_ids"] for pair, _ in shown]
 
     reference = "sft" if folded_adapter(adapter_dir) is not None else "base"
     scores: dict[str, torch.Tensor] = {}
@@ -116,15 +123,15 @@ def evaluate_preferences(config: DPOConfig, adapter_dir: Path) -> dict[str, Any]
                                  dtype=torch.float32)
     models = [name for name in MODELS if name in scores]
     metrics: dict[str, Any] = {
-        "pairs": stats.kept, "dropped": stats.dropped_no_answer_tokens, "reference": reference,
+        "pairs": stats.kept, "dropped": stats.dropped_no_answer_tokens + stats.dropped_identical_after_truncation,
+        "reference": reference,
         "beta": config.dpo.beta,
         "models": {name: preference_metrics(scores[name], scores[reference], answer_tokens, config.dpo.beta)
                    for name in models}}
-    by_id = {pair["id"]: pair for pair in raw}
-    generations = [{"id": pair["id"], "prompt": by_id[pair["id"]]["prompt"], "chosen": by_id[pair["id"]]["chosen"]}
+    generations = [{"id": record["id"], "prompt": record["prompt"], "chosen": record["chosen"]}
                    | {name: answers[name][row].text for name in models}
                    | {f"{name}_finished": answers[name][row].finished for name in models}
-                   for row, pair in enumerate(shown)]
+                   for row, (_, record) in enumerate(shown)]
 
     eval_dir = Path(config.training.output_dir) / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
@@ -148,8 +155,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
                     f"{m['logps/rejected']:.2f} |")
     return "\n".join([
         *rows, "",
-        f"{metrics['pairs']} held-out pairs ({metrics['dropped']} dropped: no answer token within max_seq_length). "
-        f"Rewards are beta = {metrics['beta']} times the log-probability ratio to the reference "
+        f"{metrics['pairs']} held-out pairs ({metrics['dropped']} dropped: no answer token within max_seq_length, "
+        f"or the two answers identical within it). Rewards are beta = {metrics['beta']} times the log-probability ratio to the reference "
         f"({TITLES[metrics['reference']]}); reward accuracy counts pairs with a positive margin.",
     ])
 

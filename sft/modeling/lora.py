@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from pathlib import Path
+from typing import Any
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -21,6 +23,9 @@ from collections.abc import Iterator
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+
+from sft.config.sections import MAX_LORA_SCALE
+from sft.errors import ModelNotFoundError
 
 _INT16_MIN = -(2**15)
 
@@ -123,3 +128,25 @@ def add_lora(model: torch.nn.Module, config: LoraConfig, device: str, fused: boo
                     if isinstance(dropout, torch.nn.Dropout):
                         module.lora_dropout[name] = FastDropout(dropout.p, shared)
     return model
+
+
+def check_adapter_config(path: Path, adapter_config: dict[str, Any]) -> None:
+    """Refuse an adapter_config.json that PEFT would stumble over with a traceback (an edited or
+    foreign file): a peft_type other than LORA, a rank that is not a positive integer, a scale that
+    is not a finite number of sane size, target modules that are not names."""
+    def refuse(why: str) -> ModelNotFoundError:
+        return ModelNotFoundError(f"{path}: {why}; only LoRA adapters as sft or PEFT save them are loaded (retrain, "
+                                  f"or restore the file)")
+
+    peft_type = adapter_config.get("peft_type")
+    if peft_type != "LORA":
+        raise refuse("no peft_type" if peft_type is None else f"peft_type is {peft_type!r}, not 'LORA'")
+    r, alpha = adapter_config.get("r"), adapter_config.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise refuse(f"r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha <= MAX_LORA_SCALE * r:
+        raise refuse(f"lora_alpha must be a number in (0, {MAX_LORA_SCALE} * r], got {alpha!r}")
+    modules = adapter_config.get("target_modules")
+    if modules is not None and not isinstance(modules, str) and not (
+            isinstance(modules, list) and all(isinstance(name, str) for name in modules)):
+        raise refuse(f"target_modules must be a list of module names, got {modules!r}"[:300])

@@ -8,9 +8,11 @@ converted once into a plain safetensors directory under the cache and loaded fro
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,9 +117,24 @@ def _converted_bundled_model(name: str) -> Path:
     return target
 
 
+@contextlib.contextmanager
+def _custom_code_refused(path: str) -> Iterator[None]:
+    """Transformers' refusal to run a model's own code (an ``auto_map`` in its config or
+    tokenizer_config) as one line: nothing ran, and only the user can decide that it may."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelNotFoundError(f"{path}: loading it needs Python code that comes with it (an auto_map in its "
+                                 f"config.json or tokenizer_config.json); sft runs no such code unless told to: pass "
+                                 f"--trust-remote-code only if you trust the code in {path}") from None
+
+
 def load_config(path: str, trust_remote_code: bool = False) -> PretrainedConfig:
     try:
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _custom_code_refused(path):
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelNotFoundError(_not_found_message(path, exc)) from None
 
@@ -127,7 +144,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         raise ModelNotFoundError(f"{path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); copy the tokenizer files of "
                                  f"the model it came from into it")
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with _custom_code_refused(path):
+            return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise ModelNotFoundError(_not_found_message(path, exc)) from None
 
@@ -167,17 +185,18 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
             device = f"cuda:{PartialState().local_process_index}"
         quantized = {"quantization_config": quantization_config(load_in_4bit_compute), "device_map": {"": device}}
     try:
-        try:
-            return AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-                use_safetensors=True, **quantized)
-        except ValueError as exc:
-            if attn_implementation != VARLEN_SDPA or "scaled_dot_product_attention" not in str(exc):
-                raise
-            # a family transformers keeps off SDPA (Gemma 2's soft-capped scores): ours under its other name
-            return AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=VARLEN_KEYS[1], trust_remote_code=trust_remote_code,
-                use_safetensors=True, **quantized)
+        with _custom_code_refused(path):
+            try:
+                return AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                    use_safetensors=True, **quantized)
+            except ValueError as exc:
+                if attn_implementation != VARLEN_SDPA or "scaled_dot_product_attention" not in str(exc):
+                    raise
+                # a family transformers keeps off SDPA (Gemma 2's soft-capped scores): ours under its other name
+                return AutoModelForCausalLM.from_pretrained(
+                    path, dtype=dtype, attn_implementation=VARLEN_KEYS[1], trust_remote_code=trust_remote_code,
+                    use_safetensors=True, **quantized)
     except OSError as exc:
         raise ModelNotFoundError(_not_found_message(path, exc)) from None
     except SafetensorError as exc:

@@ -148,11 +148,13 @@ def encode_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase,
                                              progress=runtime.main_process)
         report[split] = stats.as_dict()
     if not encoded["train"]:
-        raise DataError(f"{data.train_file}: no pair has an answer token within max_seq_length={data.max_seq_length}")
+        raise DataError(f"{data.train_file}: no pair has an answer token within max_seq_length={data.max_seq_length} "
+                        f"that tells its two answers apart")
     train = report["train"]
     runtime.say(f"train: {train['kept']} pairs ({train['chosen_tokens']} chosen and {train['rejected_tokens']} "
                 f"rejected answer tokens, {train['truncated']} truncated, {train['dropped_no_answer_tokens']} dropped "
-                f"with no answer token left); val: {report['val']['kept']} pairs")
+                f"with no answer token left, {train['dropped_identical_after_truncation']} dropped with answers "
+                f"identical after truncation); val: {report['val']['kept']} pairs")
     return encoded["train"], encoded["val"], report
 
 

@@ -120,9 +120,13 @@ def plot_losses(run_dir: str | Path, out: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / PLOT_FILE
     image_format = _image_format(out)
-    history = _read_history(_state_file(run_dir))
+    state_file = _state_file(run_dir)
+    history = _read_history(state_file)
     series = {key: [(entry["step"], entry[key]) for entry in history if key in entry]
               for key in ("loss", "eval_loss", *_REWARD_SERIES, *_ONLINE_SERIES)}
+    if not any(series.values()):
+        raise DataError(f"{state_file}: no loss logged yet ({len(history)} log entries, none with a loss or reward); "
+                        f"nothing to plot. Training logs every --logging-steps steps: plot again after the first log")
     preference = bool(series["rewards/margins"])  # a DPO run: its rewards get a panel of their own
     online = bool(series["reward"])  # a GRPO run: so do its sampled answers' rewards
     figure, panels = plt.subplots(1, 2 if preference or online else 1, figsize=(12 if preference or online else 7, 4),

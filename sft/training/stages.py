@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -285,7 +286,7 @@ def explained_write_failures(args: TrainingArguments) -> Iterator[None]:
     what failed, the space left, and that the checkpoints saved before are intact."""
     try:
         yield
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:  # safetensors writes the adapter; its errors are its own
         if isinstance(exc, RuntimeError) and TORCH_WRITER not in str(exc):
             raise
         reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0][:200]

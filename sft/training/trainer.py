@@ -187,14 +187,20 @@ class SupervisedTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._staging_dir = str(staging)
         try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        self.accelerator.wait_for_everyone()  # every process has written its files (RNG states)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_dir = None
+            self.accelerator.wait_for_everyone()  # every process has written its files (RNG states)
+            if self.args.should_save:
+                if self.run_identity is not None:
+                    write_checkpoint_record(staging / name, run_dir, self.run_identity)
+                fsync_tree(staging / name)
+        except BaseException:  # a full disk, say: the checkpoints before stay, the half-written one goes
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
         if self.args.should_save:
-            if self.run_identity is not None:
-                write_checkpoint_record(staging / name, run_dir, self.run_identity)
-            fsync_tree(staging / name)
             shutil.rmtree(run_dir / name, ignore_errors=True)
             os.replace(staging / name, run_dir / name)
             fsync_directory(run_dir)

@@ -66,8 +66,10 @@ def test_both_answers_are_cut_to_the_same_budget(chatml_tokenizer) -> None:
     assert truncated and len(mixed["chosen_ids"]) == 20
     assert mixed["rejected_ids"] == encode_pair(chatml_tokenizer, short, 4096, None)[0]["rejected_ids"]
     examples, stats = encode_pairs(chatml_tokenizer, [pair, short], max_seq_length, None, progress=False)
-    assert (stats.read, stats.kept, stats.truncated, stats.dropped_no_answer_tokens) == (2, 2, 2, 0)
-    assert stats.chosen_tokens == 40 and stats.rejected_tokens == 20 + len(mixed["rejected_ids"])
+    # The long pair's answers differ only beyond the cut: it carries no preference and is dropped.
+    assert (stats.read, stats.kept, stats.truncated, stats.dropped_no_answer_tokens) == (2, 1, 1, 0)
+    assert stats.dropped_identical_after_truncation == 1 and [e["id"] for e in examples] == ["mixed"]
+    assert stats.chosen_tokens == 20 and stats.rejected_tokens == len(mixed["rejected_ids"])
 
 
 def test_a_pair_with_no_answer_token_left_is_dropped_and_counted(chatml_tokenizer) -> None:

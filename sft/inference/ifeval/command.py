@@ -29,10 +29,10 @@ import torch
 from tqdm.auto import tqdm
 
 from sft.config import ConfigError, StrictArgumentParser
-from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
-from sft.errors import run_command
+from sft.data.templates import end_of_turn_ids, with_system_prompt
+from sft.errors import DataError, run_command
 from sft.files import atomic_write_text, sha256_of_files
-from sft.inference.generate import Answer, generate_greedy
+from sft.inference.generate import Answer, generate_greedy, generation_prompt
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
 from sft.inference.loading import (
@@ -84,10 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    prompts = read_prompts(args.input_data)[:args.limit]
+    every_prompt = read_prompts(args.input_data)
+    prompts = every_prompt[:args.limit]
     if args.responses:
-        responses = read_responses(args.responses, prompts)
+        # A responses file answers the whole prompts file; --limit picks which of its answers are scored.
+        responses = read_responses(args.responses, every_prompt)
         unanswered = [p for p in prompts if p.prompt not in responses]
+        if len(unanswered) == len(prompts):
+            raise DataError(f"{args.responses}: none of the {len(prompts)} prompts has a response here; expected "
+                            f"JSONL of {{\"prompt\": ..., \"response\": ...}} answering {args.input_data}")
         if unanswered:
             print(f"note: {len(unanswered)} of {len(prompts)} prompts have no response in {args.responses} "
                   f"and are not scored", file=sys.stderr)
@@ -97,8 +102,9 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
     run = load_run(args.adapter, run_config(args.adapter), args.model, args.device)
     system_prompt = run.config.data.system_prompt
-    check_prompt_fits(run, max(len(encode_question(run.tokenizer, p.prompt, system_prompt)) for p in prompts),
-                      args.max_new_tokens)
+    positions = run.max_positions
+    check_prompt_fits(run, max(len(encode_question(run.tokenizer, p.prompt, system_prompt, positions))
+                               for p in prompts), args.max_new_tokens)
     variants = {"base": (run.model_name, None)}
     if args.adapter:
         adapter = Path(args.adapter).resolve()
@@ -131,7 +137,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     interrupted run's time still counts."""
     out_dir.mkdir(parents=True, exist_ok=True)
     answers_file, generation_file = out_dir / ANSWERS_FILE, out_dir / GENERATION_FILE
-    generation = json.loads(generation_file.read_text(encoding="utf-8")) if generation_file.is_file() else {}
+    generation = read_generation_state(generation_file)
     if generation.get("settings", settings) != settings:
         raise ConfigError(f"{answers_file} holds answers generated with {generation['settings']}, not {settings}; "
                           f"pass another --out or delete {out_dir}")
@@ -140,7 +146,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
     done = read_saved_answers(answers_file)
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
-        ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]
+        ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]  # they fit: see run
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="answer", disable=None,
                    desc=f"answering ({'base + adapter' if settings['adapter'] else 'base'})")
         started, seconds_before, new_tokens = time.perf_counter(), generation["seconds"], 0
@@ -181,10 +187,32 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     return sha256_of_files(files)
 
 
-def encode_question(tokenizer: Any, question: str, system_prompt: str | None) -> list[int]:
-    """The prompt token ids of a one-turn question, built by the same functions as training's."""
+def encode_question(tokenizer: Any, question: str, system_prompt: str | None,
+                    positions: int | None = None) -> list[int]:
+    """The prompt token ids of a one-turn question, built by the same functions as training's
+    (a question too long for ``positions`` cut where that is certain; see generation_prompt)."""
     messages = with_system_prompt([{"role": "user", "content": question}], system_prompt)
-    return encode_prompt(tokenizer, render_prompt(tokenizer, messages))
+    return generation_prompt(tokenizer, messages, positions)
+
+
+def _damaged_state(path: Path, why: str) -> DataError:
+    return DataError(f"{path}: {why}; it is this command's own record of an earlier run: delete "
+                     f"{path.parent} to start over")
+
+
+def read_generation_state(path: Path) -> dict[str, Any]:
+    """The settings and seconds an earlier run recorded in ``generation.json`` ({} before the first)."""
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _damaged_state(path, "not UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise _damaged_state(path, f"not JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("seconds", 0.0), (int, float)):
+        raise _damaged_state(path, "not an object with the generation's settings and seconds")
+    return state
 
 
 def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
@@ -192,7 +220,11 @@ def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
     prompt is answered again); anything else unreadable is an error."""
     if not path.is_file():
         return {}
-    lines = path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise _damaged_state(path, f"line {line} is not UTF-8") from None
     if lines[-1]:
         # a kill during this rewrite must not cost the answers before the cut line
         atomic_write_text(path, "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
@@ -201,7 +233,14 @@ def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: line {number} is not JSON ({exc.msg}); delete the file to start over") from None
+            raise _damaged_state(path, f"line {number} is not JSON ({exc.msg})") from None
+        except (RecursionError, ValueError):
+            raise _damaged_state(path, f"line {number} is not JSON") from None
+        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+                and isinstance(record.get("response"), str) and isinstance(record.get("finished"), bool)
+                and isinstance(record.get("new_tokens"), int)):
+            raise _damaged_state(path, f"line {number} is not an answer record (an object with prompt, response, "
+                                       f"finished and new_tokens)")
         saved[record["prompt"]] = record
     return saved
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sft.config import StrictArgumentParser
-from sft.data.sources import describe_json_type, read_source
+from sft.data.sources import DuplicateKeysObject, describe_json_type, read_source
 from sft.errors import DataError, run_command
 from sft.files import atomic_file
 from sft.inference.ifeval.instructions import bind
@@ -52,6 +52,9 @@ def read_prompts(path: str | Path) -> list[IFEvalPrompt]:
         where = f"{path}: line {line}"
         _require_fields(where, record, {"key": int, "prompt": str, "instruction_id_list": list, "kwargs": list})
         ids, kwargs = record["instruction_id_list"], record["kwargs"]
+        if not ids:
+            raise DataError(f"{where}: instruction_id_list is empty; an IFEval prompt has at least one "
+                            f"instruction to check")
         if len(ids) != len(kwargs) or not all(isinstance(k, dict) for k in kwargs):
             raise DataError(f"{where}: kwargs must be one object per instruction id "
                             f"({len(ids)} ids, {len(kwargs)} kwargs)")
@@ -90,6 +93,8 @@ def read_responses(path: str | Path, prompts: list[IFEvalPrompt]) -> dict[str, s
 def _require_fields(where: str, record: object, fields: dict[str, type]) -> None:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {describe_json_type(record)}")
+    if isinstance(record, DuplicateKeysObject):  # JSON would keep the last value without a word, as prepare refuses
+        raise DataError(f"{where}: key {record.duplicate_keys[0]!r} is given twice in one object; keep one")
     for name, kind in fields.items():
         if name not in record:
             raise DataError(f"{where}: missing field {name!r}")
