@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ifeval": ("sft.inference.ifeval.command", "instruction-following scores (IFEval), base vs adapter"),
     "fetch-eval-data": ("sft.inference.ifeval.data", "download IFEval's prompts into data/ifeval/"),
     "constraints": ("sft.rewards.constraints", "prompts with checkable instructions (IFEval types), decontaminated"),
+    "sample": ("sft.rewards.sample", "k sampled answers per constraint prompt (seeded, resumable)"),
 }
 
 
