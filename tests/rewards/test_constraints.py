@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from sft.errors import DataError
+from sft.inference.ifeval.command import main as ifeval_main
 from sft.rewards.constraints import build, main, write_records
 from sft.rewards.decontaminate import Decontaminator
 from sft.rewards.instructions import CONFLICTS, TYPES, Context, phrase, phrase_fields
@@ -184,3 +185,15 @@ def test_bad_constraint_records_name_file_line_and_field(generated: Path, tmp_pa
     records[1] = {**records[0], "id": "other", "prompt": "not the last turn"}
     with pytest.raises(DataError, match=rf"^{path}:2: field 'prompt'"):
         read_constraint_prompts(write_jsonl(path, records))
+
+
+def test_sft_ifeval_scores_a_constraints_file(generated: Path, tmp_path: Path) -> None:
+    """The records are IFEval's input layout: `sft ifeval --input-data` reads and scores them."""
+    records = [json.loads(line) for line in generated.read_text(encoding="utf-8").splitlines()]
+    responses = [{"prompt": r["prompt"],
+                  "response": follow_and_break(r["instruction_id_list"][0], r["kwargs"][0], r["reference"])[0]}
+                 for r in records]
+    answers = write_jsonl(tmp_path / "responses.jsonl", responses)
+    assert ifeval_main(["--responses", str(answers), "--input-data", str(generated), "--out", str(tmp_path)]) == 0
+    results = [json.loads(line) for line in (tmp_path / "eval_results_strict.jsonl").read_text().splitlines()]
+    assert len(results) == len(records) and all(r["follow_instruction_list"][0] for r in results)
