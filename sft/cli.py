@@ -29,8 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fetch-eval-data": ("sft.inference.ifeval.data", "download IFEval's prompts into data/ifeval/"),
     "constraints": ("sft.rewards.constraints", "prompts with checkable instructions (IFEval types), decontaminated"),
     "sample": ("sft.rewards.sample", "k sampled answers per constraint prompt (seeded, resumable)"),
-    "verify": ("sft.rewards.datasets", "score sampled answers by their instructions: rejection-sampling SFT "
-                                       "data and verified preference pairs"),
+    "verify": ("sft.rewards.datasets", "score sampled answers: rejection-sampling SFT data, verified pairs"),
 }
 
 

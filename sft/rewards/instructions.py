@@ -39,7 +39,7 @@ some such than that the their theirs them themselves then there these they this 
 under until up very was we were what when where which while who whom why will with would you your
 yours yourself please give write make tell using based following create describe explain provide
 list name find generate short something thing things way ways item input output sentence text
-""".split())
+""".split())  # noqa: SIM905 - a word list reads best as text
 
 LANGUAGES = {"fr": "French", "de": "German", "es": "Spanish", "it": "Italian", "pt": "Portuguese",
              "nl": "Dutch", "sv": "Swedish", "pl": "Polish", "tr": "Turkish", "id": "Indonesian",
@@ -224,12 +224,12 @@ TYPES: dict[str, InstructionType] = {
         "Your reply must have {num_paragraphs} paragraphs; put *** between neighbouring ones.",
     )),
     "length_constraints:nth_paragraph_first_word": InstructionType(_nth_paragraph, (
-        "Write {num_paragraphs} paragraphs separated by blank lines; paragraph number {nth_paragraph} must "
-        "begin with the word '{first_word}'.",
-        "Your reply needs {num_paragraphs} paragraphs with an empty line between each; start the {ordinal} "
-        "paragraph with '{first_word}'.",
-        "Answer in {num_paragraphs} paragraphs (one blank line apart), the {ordinal} of which opens with the "
-        "word '{first_word}'.",
+        ("Write {num_paragraphs} paragraphs separated by blank lines; paragraph number {nth_paragraph} must "
+        "begin with the word '{first_word}'."),
+        ("Your reply needs {num_paragraphs} paragraphs with an empty line between each; start the {ordinal} "
+        "paragraph with '{first_word}'."),
+        ("Answer in {num_paragraphs} paragraphs (one blank line apart), the {ordinal} of which opens with the "
+        "word '{first_word}'."),
     )),
     "detectable_content:number_placeholders": InstructionType(_count("num_placeholders", 1, 4), (
         "Include {num_placeholders} or more placeholders in square brackets, e.g. {example}.",
@@ -247,10 +247,10 @@ TYPES: dict[str, InstructionType] = {
         "Your answer must hold {num_bullets} bullets, no more and no fewer, each a line beginning with '- '.",
     )),
     "detectable_format:constrained_response": InstructionType(_no_arguments, (
-        "Reply with one of these, word for word, and nothing else: either 'My answer is yes.', or else "
-        "'My answer is no.', or then 'My answer is maybe.'",
-        "Your whole reply is one of three sentences, 'My answer is yes.' or else 'My answer is no.' or "
-        "perhaps 'My answer is maybe.'",
+        ("Reply with one of these, word for word, and nothing else: either 'My answer is yes.', or else "
+        "'My answer is no.', or then 'My answer is maybe.'"),
+        ("Your whole reply is one of three sentences, 'My answer is yes.' or else 'My answer is no.' or "
+        "perhaps 'My answer is maybe.'"),
         "Respond only with 'My answer is yes.', otherwise 'My answer is no.', or failing both 'My answer is maybe.'",
     )),
     "detectable_format:number_highlighted_sections": InstructionType(_count("num_highlights", 1, 4), (
@@ -259,8 +259,8 @@ TYPES: dict[str, InstructionType] = {
         "Emphasize {num_highlights} or more phrases by wrapping them in *asterisks*.",
     )),
     "detectable_format:multiple_sections": InstructionType(_sections, (
-        "Organize the response into {num_sections} sections, each headed '{section_spliter} N' where N is its "
-        "number.",
+        ("Organize the response into {num_sections} sections, each headed '{section_spliter} N' where N is its "
+        "number."),
         "Break your answer into {num_sections} parts labeled {section_spliter} 1, {section_spliter} 2 and so on.",
         "Use {num_sections} numbered sections, each starting with a line like '{section_spliter} 1'.",
     )),
@@ -280,12 +280,12 @@ TYPES: dict[str, InstructionType] = {
         "Offer two alternative responses, divided by ******, and nothing else.",
     )),
     "combination:repeat_prompt": InstructionType(_repeat, (
-        "Before answering, copy the request above word for word (leaving out these added requirements), then "
-        "give your answer.",
-        "Begin your reply by restating the original request exactly as written, minus the conditions listed "
-        "here; then answer it.",
-        "Your reply must open with the request repeated verbatim (only the part before these requirements), "
-        "followed by your answer.",
+        ("Before answering, copy the request above word for word (leaving out these added requirements), then "
+        "give your answer."),
+        ("Begin your reply by restating the original request exactly as written, minus the conditions listed "
+        "here; then answer it."),
+        ("Your reply must open with the request repeated verbatim (only the part before these requirements), "
+        "followed by your answer."),
     )),
     "startend:end_checker": InstructionType(_end, (
         "Finish your response with the exact phrase \"{end_phrase}\" and write nothing after it.",

@@ -33,7 +33,7 @@ from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, wi
 from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_write_text, sha256_of_files
 from sft.inference.generate import Answer, Sampling, generate_sampled
-from sft.inference.ifeval.command import adapter_fingerprint
+from sft.inference.ifeval.command import adapter_fingerprint, read_saved_answers
 from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
 from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
 
@@ -47,24 +47,14 @@ def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
 
 
 def read_samples(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
-    """(prompt id, j) -> saved answer. A last line cut short by an interruption is dropped (and
-    removed from the file, so appending continues cleanly); anything else unreadable is an error."""
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines[-1]:
-        atomic_write_text(path, "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
+    """(prompt id, j) -> saved answer, from a samples file `sft sample` appends to (a last line
+    cut by an interruption is dropped); anything else unusable is an error naming the line."""
     samples = {}
-    for number, line in enumerate(lines[:-1], start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not valid JSON ({exc.msg}); delete the file to start over") from None
+    for where, record in read_saved_answers(Path(path)):
         if not (isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("sample"), int)
-                and isinstance(record.get("response"), str)):
-            raise DataError(f"{path}:{number}: expected an object with 'id' (string), 'sample' (integer) and "
-                            f"'response' (string), as `sft sample` writes")
+                and isinstance(record.get("response"), str) and isinstance(record.get("finished"), bool)):
+            raise DataError(f"{where}: expected an object with 'id' (string), 'sample' (integer), 'response' "
+                            f"(string) and 'finished' (true or false), as `sft sample` writes")
         samples[(record["id"], record["sample"])] = record
     return samples
 

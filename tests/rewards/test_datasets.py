@@ -84,7 +84,7 @@ def test_answers_to_unknown_prompts_are_refused(verified: tuple[Path, list[dict]
 
 def test_sampled_answers_of_the_tiny_model_verify(verified: tuple[Path, list[dict], Path], tiny_model_dir: Path,
                                                   tmp_path: Path) -> None:
-    prompts, records, _ = verified
+    prompts, _, _ = verified
     assert sample_main(["--prompts", str(prompts), "--model", str(tiny_model_dir), "--out", str(tmp_path),
                         "--k", "2", "--max-new-tokens", "4", "--limit", "3", "--device", "cpu"]) == 0
     assert main(["--prompts", str(prompts), "--samples", str(tmp_path / "samples.jsonl"), "--out",

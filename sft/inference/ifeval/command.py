@@ -137,7 +137,7 @@ def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalP
                           f"pass another --out or delete {out_dir}")
     generation = {"settings": settings, "seconds": generation.get("seconds", 0.0)}
     atomic_write_text(generation_file, json.dumps(generation, indent=2) + "\n")
-    done = read_saved_answers(answers_file)
+    done = {record["prompt"]: record for _, record in read_saved_answers(answers_file)}
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
         ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]
@@ -187,22 +187,23 @@ def encode_question(tokenizer: Any, question: str, system_prompt: str | None) ->
     return encode_prompt(tokenizer, render_prompt(tokenizer, messages))
 
 
-def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
-    """Prompt -> saved answer record. A last line cut short by an interruption is dropped (its
-    prompt is answered again); anything else unreadable is an error."""
+def read_saved_answers(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``("<path>:<line>", record)`` of a file that answers are appended to as they complete. A last
+    line cut short by an interruption is dropped, and removed from the file so appending continues
+    cleanly (its prompt is answered again); anything else unreadable is an error."""
     if not path.is_file():
-        return {}
+        return []
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines[-1]:
         # a kill during this rewrite must not cost the answers before the cut line
         atomic_write_text(path, "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
-    saved = {}
+    saved = []
     for number, line in enumerate(lines[:-1], start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: line {number} is not JSON ({exc.msg}); delete the file to start over") from None
-        saved[record["prompt"]] = record
+        saved.append((f"{path}:{number}", record))
     return saved
 
 
