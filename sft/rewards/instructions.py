@@ -175,7 +175,7 @@ TYPES: dict[str, InstructionType] = {
     )),
     "keywords:frequency": InstructionType(_keyword_frequency, (
         "Use the word '{keyword}' {relation} {frequency} times.",
-        "The word '{keyword}' should show up {relation} {frequency} times in what you write.",
+        "Let '{keyword}' come up {relation} {frequency} times in what you write.",
         "Mention '{keyword}' {relation} {frequency} times.",
     )),
     "keywords:forbidden_words": InstructionType(_forbidden, (
@@ -184,8 +184,8 @@ TYPES: dict[str, InstructionType] = {
         "Your text must not contain {forbidden_words}.",
     )),
     "keywords:letter_frequency": InstructionType(_letter, (
-        "The letter '{letter}' has to occur {let_relation} {let_frequency} times in your text.",
-        "Write so that the letter {letter} appears {let_relation} {let_frequency} times.",
+        "Across the whole reply, the letter '{letter}' has to occur {let_relation} {let_frequency} times.",
+        "Write so that {letter} (the letter) is used {let_relation} {let_frequency} times.",
         "Count your letters: '{letter}' must be used {let_relation} {let_frequency} times.",
     )),
     "language:response_language": InstructionType(_language, (
@@ -210,11 +210,11 @@ TYPES: dict[str, InstructionType] = {
     )),
     "length_constraints:number_sentences": InstructionType(_sentences, (
         "Answer in {relation} {num_sentences} sentences.",
-        "Your reply should have {relation} {num_sentences} sentences.",
+        "Your reply's sentence count must be {relation} {num_sentences}.",
         "Write {relation} {num_sentences} sentences in total.",
     )),
     "length_constraints:number_words": InstructionType(_words, (
-        "Your answer should be {relation} {num_words} words long.",
+        "Make the answer {relation} {num_words} words in length.",
         "Write {relation} {num_words} words.",
         "Use {relation} {num_words} words in your reply.",
     )),
@@ -238,7 +238,7 @@ TYPES: dict[str, InstructionType] = {
     )),
     "detectable_content:postscript": InstructionType(_postscript, (
         "End with a postscript that begins with {postscript_marker}",
-        "After the main answer, add a note starting with {postscript_marker}",
+        "After the main answer, tack on a postscript whose first characters are {postscript_marker}",
         "Close with an extra line opening with {postscript_marker}",
     )),
     "detectable_format:number_bullet_lists": InstructionType(_count("num_bullets", 2, 6), (
@@ -280,7 +280,7 @@ TYPES: dict[str, InstructionType] = {
         "Offer two alternative responses, divided by ******, and nothing else.",
     )),
     "combination:repeat_prompt": InstructionType(_repeat, (
-        ("Before answering, copy the request above word for word (leaving out these added requirements), then "
+        ("Before answering, copy out the request above exactly (leaving out these added requirements), then "
         "give your answer."),
         ("Begin your reply by restating the original request exactly as written, minus the conditions listed "
         "here; then answer it."),
@@ -288,7 +288,7 @@ TYPES: dict[str, InstructionType] = {
         "followed by your answer."),
     )),
     "startend:end_checker": InstructionType(_end, (
-        "Finish your response with the exact phrase \"{end_phrase}\" and write nothing after it.",
+        "Make \"{end_phrase}\" the final words of your reply, with nothing after them.",
         "The very last words of your reply must be: {end_phrase}",
         "End your answer with this exact sentence: {end_phrase}",
     )),

@@ -14,7 +14,7 @@ from sft.errors import DataError
 from sft.inference.ifeval.command import main as ifeval_main
 from sft.rewards.constraints import build, main, write_records
 from sft.rewards.decontaminate import Decontaminator
-from sft.rewards.instructions import CONFLICTS, TYPES, Context, phrase, phrase_fields
+from sft.rewards.instructions import CONFLICTS, TYPES, Context, phrase_fields
 from sft.rewards.verify import read_constraint_prompts, reward
 from tests.inference.conftest import SHARED_INPUT_DATA
 from tests.rewards.answers import follow_and_break
@@ -129,19 +129,24 @@ def test_decontamination_drops_a_planted_ifeval_prompt(sources: Path, tmp_path: 
     assert planted[2]["id"] not in out.read_text(encoding="utf-8")
 
 
-def test_our_phrasings_share_nothing_with_ifeval() -> None:
+def test_our_phrasings_share_no_six_words_with_ifeval() -> None:
+    """Not even six words in a row (eight would drop the prompt), so a phrasing next to another
+    sentence does not make an IFEval 8-gram either."""
     if not SHARED_INPUT_DATA.is_file():
         pytest.skip(f"{SHARED_INPUT_DATA} is not here")
-    decontaminator = Decontaminator.from_ifeval(SHARED_INPUT_DATA)
-    context = Context("Describe the migration of monarch butterflies across North America in spring.")
-    for instruction_id, kind in TYPES.items():
-        for seed in range(30):
+    test_prompts = [json.loads(line)["prompt"] for line in SHARED_INPUT_DATA.read_text(encoding="utf-8").splitlines()]
+    decontaminator = Decontaminator(test_prompts, n=6)
+    contexts = [Context("Describe the migration of monarch butterflies across North America in spring."),
+                Context("Start teaching me design patterns in React"), Context("Write a poem about the answer.")]
+    for (instruction_id, kind), context in itertools.product(TYPES.items(), contexts):
+        for seed in range(40):
             rng = random.Random(seed)
             kwargs = kind.draw(rng, context)
+            if kwargs is None:
+                continue
             for template in kind.phrasings:
                 text = template.format(**phrase_fields(instruction_id, kwargs, rng))
                 assert not decontaminator.contaminated(text), (instruction_id, text)
-            assert not decontaminator.contaminated(phrase(instruction_id, kwargs, rng))
 
 
 def test_real_ifeval_prompt_is_caught(sources: Path, tmp_path: Path) -> None:
