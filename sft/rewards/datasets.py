@@ -33,9 +33,9 @@ from typing import Any
 
 from sft.config import StrictArgumentParser
 from sft.errors import ConfigError, DataError, run_command
-from sft.files import atomic_files
+from sft.files import atomic_files, sha256_of_files
 from sft.inference.ifeval.scoring import judge
-from sft.rewards.sample import read_samples
+from sft.rewards.sample import SETTINGS_FILE, read_samples
 from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
 
 REWARDS_FILE = "rewards.jsonl"
@@ -44,6 +44,18 @@ PAIRS_FILE = "verified_pairs.jsonl"
 REPORT_FILE = "report.json"
 SFT_SOURCE = "rejection-sampling"
 PAIRS_SOURCE = "verified-on-policy"
+
+
+def check_sampled_from(samples: Path, prompts: Path) -> None:
+    """Refuse answers that `sft sample` drew for another prompts file (same ids, other instructions
+    would be judged by the wrong checks); answers without a sampling.json beside them are taken as given."""
+    settings_file = samples.parent / SETTINGS_FILE
+    if not settings_file.is_file():
+        return
+    sampled_from = json.loads(settings_file.read_text(encoding="utf-8"))["settings"].get("prompts_sha256")
+    if sampled_from not in (None, sha256_of_files([prompts])):
+        raise DataError(f"{samples}: answers prompts whose file had sha256 {sampled_from} ({settings_file}), not "
+                        f"{prompts}; pass the --prompts they were sampled from")
 
 
 def score_samples(prompts: list[ConstraintPrompt], samples: dict[tuple[str, int], dict[str, Any]],
@@ -125,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = [out / name for name in (REWARDS_FILE, SFT_FILE, PAIRS_FILE, REPORT_FILE)]
         if any(path.resolve() in (Path(args.prompts).resolve(), Path(args.samples).resolve()) for path in outputs):
             raise ConfigError(f"--out {out} would overwrite an input; write elsewhere")
+        check_sampled_from(Path(args.samples), Path(args.prompts))
         prompts = read_constraint_prompts(args.prompts)
         scored = score_samples(prompts, read_samples(args.samples), args.loose, args.samples)
         conversations, pairs = training_data(prompts, scored, args.pairs_per_prompt)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,16 +103,20 @@ def test_a_reward_is_the_share_of_instructions_followed(generated: Path) -> None
 
 def test_same_seed_same_bytes_other_seed_other_draws(sources: Path, tmp_path: Path) -> None:
     ifeval = write_jsonl(tmp_path / "input_data.jsonl", IFEVAL_LIKE)
-    outputs = []
-    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
-        args = ["--source", str(sources), "--out", str(tmp_path / f"{name}.jsonl"), "--seed", str(seed),
-                "--ifeval-prompts", str(ifeval)]
-        assert main(args) == 0
-        outputs.append((tmp_path / f"{name}.jsonl").read_bytes())
+    runs = {name: ["--source", str(sources), "--out", str(tmp_path / f"{name}.jsonl"), "--seed", str(seed),
+                   "--ifeval-prompts", str(ifeval)] for name, seed in (("a", 7), ("b", 7), ("c", 8))}
+    assert main(runs["a"]) == 0 and main(runs["c"]) == 0
+    # another process with another string hash seed writes the same bytes
+    subprocess.run([sys.executable, "-m", "sft.cli", "constraints", *runs["b"]], check=True, capture_output=True,
+                   env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(Path(__file__).parents[2])})
+    outputs = [(tmp_path / f"{name}.jsonl").read_bytes() for name in "abc"]
     assert outputs[0] == outputs[1] and outputs[0] != outputs[2]
     # a record's draw depends on its id and the seed, not on the records around it
-    records, _ = build([str(sources)], Decontaminator([]), seed=7, limit=5)
-    assert [json.dumps(r) for r in records] == outputs[0].decode().splitlines()[:5]
+    reversed_source = write_jsonl(tmp_path / "reversed.jsonl",
+                                  [json.loads(line) for line in sources.read_text(encoding="utf-8").splitlines()][::-1])
+    records, _ = build([str(reversed_source)], Decontaminator([]), seed=7)
+    forward = {r["id"]: r | {"key": None} for r in map(json.loads, outputs[0].decode().splitlines())}
+    assert {r["id"]: r | {"key": None} for r in records} == forward
 
 
 def test_decontamination_drops_a_planted_ifeval_prompt(sources: Path, tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_answers_to_unknown_prompts_are_refused(verified: tuple[Path, list[dict]
 
 
 def test_sampled_answers_of_the_tiny_model_verify(verified: tuple[Path, list[dict], Path], tiny_model_dir: Path,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     prompts, _, _ = verified
     assert sample_main(["--prompts", str(prompts), "--model", str(tiny_model_dir), "--out", str(tmp_path),
                         "--k", "2", "--max-new-tokens", "4", "--limit", "3", "--device", "cpu"]) == 0
@@ -91,3 +91,11 @@ def test_sampled_answers_of_the_tiny_model_verify(verified: tuple[Path, list[dic
                  str(tmp_path / "verified"), "--loose"]) == 0
     report = json.loads((tmp_path / "verified" / REPORT_FILE).read_text(encoding="utf-8"))
     assert report["answers"] == 6 and report["prompts_sampled"] == 3 and report["judgment"] == "loose"
+    # the same ids with other instructions: the answers were not drawn for them
+    records = [json.loads(line) for line in prompts.read_text(encoding="utf-8").splitlines()]
+    records[0] |= {"instruction_id_list": ["startend:quotation"], "kwargs": [{}]}
+    other = write_jsonl(tmp_path / "other.jsonl", records)
+    capsys.readouterr()
+    assert main(["--prompts", str(other), "--samples", str(tmp_path / "samples.jsonl"), "--out",
+                 str(tmp_path / "verified")]) == 2
+    assert "pass the --prompts they were sampled from" in capsys.readouterr().err
