@@ -345,8 +345,14 @@ CONFLICTS: dict[str, frozenset[str]] = _symmetric({
     "combination:repeat_prompt": {"startend:quotation", *LENGTH},
     # Both want the last line.
     "startend:end_checker": {"detectable_content:postscript"},
-    # Section headers are capitalized words ("Section 1", "PART 2").
-    "detectable_format:multiple_sections": CASE,
+    # Section headers are capitalized words ("Section 1", "PART 2"); sections are paragraphs of
+    # their own, whose count another instruction must not fix otherwise.
+    "detectable_format:multiple_sections": {*CASE, "length_constraints:number_paragraphs",
+                                            "length_constraints:nth_paragraph_first_word"},
+    # A postscript is a paragraph of its own, beyond a count of blank-line paragraphs; the title
+    # is asked for at the top, where the first paragraph's first word may be asked for.
+    "detectable_content:postscript": {"length_constraints:nth_paragraph_first_word"},
+    "detectable_format:title": {"length_constraints:nth_paragraph_first_word"},
 })
 
 

@@ -113,3 +113,77 @@ def follow_and_break(instruction_id: str, kwargs: dict[str, Any], base: str) -> 
     if kind == "no_comma":
         return base.replace(",", ""), f"{base}, yes"
     raise AssertionError(f"no answer maker for {instruction_id}")
+
+
+FILLER = "The children play in the garden with their friends and the waves touch the stones."
+"""English enough for language detection; no commas, no q/x/z/j, none of the forbidden-word pool."""
+
+
+def compose(instructions: list[tuple[str, dict[str, Any]]], sentences: int, repeats: int) -> str | None:
+    """One answer meant to follow all ``instructions`` at once: ``sentences`` sentences of
+    ``repeats`` filler units each, laid out as the instructions ask (None if too few sentences)."""
+    given = {instruction_id.split(":")[1]: kwargs for instruction_id, kwargs in instructions}
+    if "constrained_response" in given:
+        return "My answer is yes."
+    unit = IN_LANGUAGE[given["response_language"]["language"]] if "response_language" in given else FILLER
+    inline = []
+    if "existence" in given:
+        inline += given["existence"]["keywords"]
+    if "frequency" in given and given["frequency"]["relation"] == "at least":
+        inline += [given["frequency"]["keyword"]] * given["frequency"]["frequency"]
+    if "letter_frequency" in given and given["letter_frequency"]["let_relation"] == "at least":
+        inline.append(given["letter_frequency"]["letter"] * given["letter_frequency"]["let_frequency"])
+    if "capital_word_frequency" in given and given["capital_word_frequency"]["capital_relation"] == "at least":
+        inline += ["LOUD"] * given["capital_word_frequency"]["capital_frequency"]
+    inline += ["[name]"] * given.get("number_placeholders", {}).get("num_placeholders", 0)
+    inline += ["*key*"] * given.get("number_highlighted_sections", {}).get("num_highlights", 0)
+    sentence = " ".join([unit[:-1]] * (repeats - 1) + [unit])
+    body = [sentence] * sentences
+    body[0] = f"{sentence[:-1]} {' '.join(inline)}." if inline else sentence
+    groups = next((kwargs["num_paragraphs"] for kind, kwargs in given.items()
+                   if kind in ("number_paragraphs", "nth_paragraph_first_word")),
+                  given.get("multiple_sections", {}).get("num_sections", 1))
+    if sentences < groups:
+        return None
+    paragraphs = [" ".join(body[i::groups]) for i in range(groups)]
+    if "nth_paragraph_first_word" in given:
+        nth = given["nth_paragraph_first_word"]["nth_paragraph"] - 1
+        paragraphs[nth] = f"{given['nth_paragraph_first_word']['first_word']} {paragraphs[nth]}"
+    if "multiple_sections" in given:
+        paragraphs = [f"{given['multiple_sections']['section_spliter']} {i}\n{p}" for i, p in enumerate(paragraphs, 1)]
+    text = ("\n***\n" if "number_paragraphs" in given else "\n\n").join(paragraphs)
+    if "number_bullet_lists" in given:
+        words = unit.split()
+        text += "\n" + "\n".join(f"* {words[i % len(words)]} {words[(i + 1) % len(words)]}"
+                                 for i in range(given["number_bullet_lists"]["num_bullets"]))
+    if "two_responses" in given:
+        text = f"{text}\n******\n{unit} {text}"
+    if "title" in given:
+        text = f"<<{' '.join(unit.split()[:2])}>>\n{text}"
+    if "repeat_prompt" in given:
+        text = f"{given['repeat_prompt']['prompt_to_repeat']}\n{text}"
+    if "postscript" in given:
+        text += f"\n\n{given['postscript']['postscript_marker']} {unit}"
+    if "end_checker" in given:
+        text += f" {given['end_checker']['end_phrase']}"
+    if "json_format" in given:
+        text = json.dumps({"answer": text}, ensure_ascii=False)
+    if "quotation" in given:
+        text = f'"{text}"'
+    if "english_lowercase" in given:
+        text = text.lower()
+    if "english_capital" in given:
+        text = text.upper()
+    if "no_comma" in given:
+        text = text.replace(",", "")
+    return text
+
+
+def follow_all(instructions: list[tuple[str, dict[str, Any]]], followed: Any) -> str | None:
+    """The first composed answer (fewest sentences, then shortest) that ``followed(answer)`` accepts."""
+    for sentences in range(1, 13):
+        for repeats in (1, 2, 3):
+            answer = compose(instructions, sentences, repeats)
+            if answer is not None and followed(answer):
+                return answer
+    return None

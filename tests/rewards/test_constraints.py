@@ -15,12 +15,13 @@ import pytest
 
 from sft.errors import DataError
 from sft.inference.ifeval.command import main as ifeval_main
+from sft.inference.ifeval.instructions import bind
 from sft.rewards.constraints import build, main, write_records
 from sft.rewards.decontaminate import Decontaminator
-from sft.rewards.instructions import CONFLICTS, TYPES, Context, phrase_fields
+from sft.rewards.instructions import CONFLICTS, TYPES, Context, compatible, phrase_fields
 from sft.rewards.verify import read_constraint_prompts, reward
 from tests.inference.conftest import SHARED_INPUT_DATA
-from tests.rewards.answers import follow_and_break
+from tests.rewards.answers import follow_all, follow_and_break
 from tests.tiny import write_jsonl, write_prepared_split
 from tests.training.tiny_pairs import write_preference_split
 
@@ -209,3 +210,25 @@ def test_sft_ifeval_scores_a_constraints_file(generated: Path, tmp_path: Path) -
     assert ifeval_main(["--responses", str(answers), "--input-data", str(generated), "--out", str(tmp_path)]) == 0
     results = [json.loads(line) for line in (tmp_path / "eval_results_strict.jsonl").read_text().splitlines()]
     assert len(results) == len(records) and all(r["follow_instruction_list"][0] for r in results)
+
+
+def test_every_drawn_instruction_set_can_be_followed_at_once(generated: Path) -> None:
+    """The conflict table and the argument check leave only sets one answer can satisfy."""
+    for prompt in read_constraint_prompts(generated):
+        instructions = list(zip(prompt.instruction_id_list, prompt.kwargs))
+        answer = follow_all(instructions, lambda text, prompt=prompt: reward(prompt, text) == 1.0)
+        assert answer is not None, (prompt.id, instructions)
+
+
+def test_every_allowed_pair_of_types_can_be_followed_at_once() -> None:
+    context = Context("Explain a red bicycle (item 1).\n\nContext 1: quick and a red bicycle.")
+    for (a, kind_a), (b, kind_b) in itertools.combinations(TYPES.items(), 2):
+        if b in CONFLICTS[a]:
+            continue
+        for seed in range(3):
+            rng = random.Random(seed)
+            first, second = (a, kind_a.draw(rng, context)), (b, kind_b.draw(rng, context))
+            if not compatible([first], second):
+                continue
+            checks = [bind(*first), bind(*second)]
+            assert follow_all([first, second], lambda text, checks=checks: all(c(text) for c in checks)), (first, second)
