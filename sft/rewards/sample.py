@@ -123,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model", help="a base model name or directory: sample it alone")
     parser.add_argument("--out", required=True, metavar="DIR", help="where samples.jsonl and sampling.json go")
     parser.add_argument("--k", type=int, default=4, help="answers per prompt (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="divides the logits: below 1 sharper, above 1 more varied (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 is off (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=0, help="likeliest k tokens only; 0 is off (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="with the prompt id and j, seeds the j-th answer to a prompt (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="answers generated together (default: %(default)s)")
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts")
