@@ -22,7 +22,7 @@ which prompts share its batch or whether an interrupted run is resumed.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,6 +91,9 @@ class Answer:
     """Whether the answer ended its turn (an end-of-turn id) within the token budget."""
     new_tokens: int
     """Tokens generated, the end-of-turn token included."""
+    token_ids: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    """The generated ids themselves, the end-of-turn token included: what a policy-gradient step
+    scores (decoding and re-tokenizing the text need not give them back)."""
 
 
 Chooser = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -184,7 +187,7 @@ def _generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
                                              pad_id, device, new_cache(), chooser(batch)):
                 ended = tokens[-1] in stop_ids
                 text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
-                answer = answers[batch[row]] = Answer(text, ended, len(tokens))
+                answer = answers[batch[row]] = Answer(text, ended, len(tokens), tuple(tokens))
                 if on_answer is not None:
                     on_answer(batch[row], answer)
     return answers  # type: ignore[return-value]

@@ -48,7 +48,9 @@ def test_seeded_sampling_repeats_whatever_the_batch(model_and_tokenizer) -> None
     batched = generate_sampled(model, tokenizer, prompts, 10, [-1], seeds, sampling, batch_size=8)
     alone = [generate_sampled(model, tokenizer, [p], 10, [-1], [s], sampling, batch_size=1)[0]
              for p, s in zip(prompts, seeds)]
-    assert batched == alone
+    assert batched == alone and [a.token_ids for a in batched] == [a.token_ids for a in alone]
+    assert all(len(a.token_ids) == a.new_tokens == 10 for a in batched)
+    assert batched[1].text == tokenizer.decode(list(batched[1].token_ids), skip_special_tokens=True).strip()
     assert generate_sampled(model, tokenizer, prompts, 10, [-1], seeds, sampling, batch_size=3) == batched
     # the same prompt with another seed draws another answer; top_k=1 is greedy
     assert batched[0] != batched[4]
