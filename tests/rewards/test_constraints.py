@@ -232,3 +232,19 @@ def test_every_allowed_pair_of_types_can_be_followed_at_once() -> None:
                 continue
             checks = [bind(*first), bind(*second)]
             assert follow_all([first, second], lambda text, checks=checks: all(c(text) for c in checks)), (first, second)
+
+
+def test_multi_turn_prompts_end_at_the_last_user_turn_and_tool_use_is_skipped(tmp_path: Path) -> None:
+    turns = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a planet."},
+             {"role": "assistant", "content": "Mars."}, {"role": "user", "content": "Name another planet."},
+             {"role": "assistant", "content": "Venus."}]
+    tool_use = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "weather", "arguments": {}}}]},
+                {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    source = write_jsonl(tmp_path / "chats.jsonl", [{"id": "chat", "messages": turns},
+                                                    {"id": "tools", "messages": tool_use}])
+    records, report = build([str(source)], Decontaminator([]))
+    assert report["read"] == 1 and report["skipped_tool_use"] == 1 and len(records) == 1
+    assert records[0]["messages"][:-1] == turns[:3] and records[0]["reference"] == "Venus."
+    assert records[0]["prompt"].startswith("Name another planet.\n\n")
