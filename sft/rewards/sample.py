@@ -21,19 +21,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import time
 from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from sft.config import StrictArgumentParser
 from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
 from sft.errors import ConfigError, DataError, run_command
-from sft.files import atomic_write_text, sha256_of_files
+from sft.files import sha256_of_files
+from sft.inference.answer_log import AnswerLog, read_saved_answers
 from sft.inference.generate import Answer, Sampling, generate_sampled
-from sft.inference.ifeval.command import adapter_fingerprint, read_saved_answers
+from sft.inference.ifeval.command import adapter_fingerprint
 from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
 from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
 
@@ -70,47 +67,28 @@ def sample_answers(run: LoadedRun, prompts: list[ConstraintPrompt], k: int, samp
                    settings: dict[str, Any]) -> dict[tuple[str, int], dict[str, Any]]:
     """Every (prompt id, j) -> answer record for j < k, sampling only those not yet saved in
     ``out_dir/samples.jsonl``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples_file, settings_file = out_dir / SAMPLES_FILE, out_dir / SETTINGS_FILE
-    saved = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.is_file() else {}
-    if saved.get("settings", settings) != settings:
-        raise ConfigError(f"{samples_file} holds answers sampled with {saved['settings']}, not {settings}; "
-                          f"pass another --out or delete {out_dir}")
-    state = {"settings": settings, "seconds": saved.get("seconds", 0.0)}
-    atomic_write_text(settings_file, json.dumps(state, indent=2) + "\n")
-    done = read_samples(samples_file)
+    log = AnswerLog(out_dir / SAMPLES_FILE, out_dir / SETTINGS_FILE, settings)
+    done = read_samples(log.answers_file)
     todo = [(prompt, j) for prompt in prompts for j in range(k) if (prompt.id, j) not in done]
     if not todo:
         return done
     ids = {prompt.id: prompt_ids(run, prompt) for prompt, _ in todo}
     check_prompt_fits(run, max(map(len, ids.values())), max_new_tokens)
-    bar = tqdm(total=len(prompts) * k, initial=len(prompts) * k - len(todo), unit="answer", disable=None,
-               desc="sampling")
-    started, seconds_before, new_tokens = time.perf_counter(), state["seconds"], 0
-    with samples_file.open("a", encoding="utf-8") as handle:
-        def save(chunk: list[tuple[ConstraintPrompt, int]], index: int, answer: Answer) -> None:
-            nonlocal new_tokens
+    with log.appending(len(prompts) * k, len(prompts) * k - len(todo), "sampling") as save:
+        def on_answer(chunk: list[tuple[ConstraintPrompt, int]], index: int, answer: Answer) -> None:
             prompt, j = chunk[index]
             record = {"id": prompt.id, "sample": j, "seed": sample_seed(seed, prompt.id, j), "response": answer.text,
                       "finished": answer.finished, "new_tokens": answer.new_tokens}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
+            save(record)
             done[(prompt.id, j)] = record
-            elapsed = time.perf_counter() - started
-            state["seconds"] = seconds_before + elapsed
-            atomic_write_text(settings_file, json.dumps(state, indent=2) + "\n")
-            new_tokens += answer.new_tokens
-            bar.set_postfix(new_tokens_per_s=f"{new_tokens / elapsed:.1f}")
-            bar.update()
 
         # One batch at a time in file order: an interrupted run has answered a prefix.
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             generate_sampled(run.model, run.tokenizer, [ids[prompt.id] for prompt, _ in chunk], max_new_tokens,
                              end_of_turn_ids(run.tokenizer), [sample_seed(seed, p.id, j) for p, j in chunk],
-                             sampling, batch_size, on_answer=lambda index, answer, chunk=chunk: save(chunk, index,
-                                                                                                     answer))
-    bar.close()
+                             sampling, batch_size,
+                             on_answer=lambda index, answer, chunk=chunk: on_answer(chunk, index, answer))
     return done
 
 

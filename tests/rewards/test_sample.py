@@ -92,5 +92,5 @@ def test_resumed_sampling_equals_uninterrupted(tiny_model_dir: Path, constraint_
     assert len(samples.read_text(encoding="utf-8").splitlines()) == 15
     capsys.readouterr()
     assert _sample(tiny_model_dir, constraint_file, tmp_path / "resumed", "--top-k", "3") == 2
-    assert "sampled with" in capsys.readouterr().err
+    assert "holds answers generated with" in capsys.readouterr().err
     assert json.loads(lines[0]).keys() == {"id", "sample", "seed", "response", "finished", "new_tokens"}
