@@ -155,7 +155,7 @@ def generate_sampled(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     device = next(model.parameters()).device
 
-    def chooser(batch: list[int]) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    def chooser(batch: list[int]) -> Chooser:
         generators = [torch.Generator(device=device).manual_seed(seeds[index]) for index in batch]
 
         def choose(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
