@@ -110,7 +110,7 @@ def build(sources: list[str], decontaminator: Decontaminator, seed: int = 0, var
     records: list[Record] = []
     seen: set[str] = set()
     report: dict[str, Any] = {"sources": sources, "seed": seed, "variants": variants, "ngram": NGRAM,
-                              "read": len(prompts), "skipped_tool_use": skipped_tools, "written": 0,
+                              "read": len(prompts), "skipped_tool_use": skipped_tools, "kept": 0,
                               "dropped_contaminated": 0, "dropped_duplicate": 0, "dropped_too_few_instructions": 0,
                               "dropped_contaminated_ids": []}
     for prompt in prompts:
@@ -127,7 +127,7 @@ def build(sources: list[str], decontaminator: Decontaminator, seed: int = 0, var
                 seen.update((identity, record["prompt"]))
                 records.append({"id": record["id"], "key": len(records), **record})
     by_type = Counter(instruction_id for record in records for instruction_id in record["instruction_id_list"])
-    report |= {"written": len(records),
+    report |= {"kept": len(records),
                "instructions_per_prompt": dict(sorted(Counter(str(len(r["instruction_id_list"])) for r in records)
                                                       .items())),
                "by_type": {instruction_id: by_type[instruction_id] for instruction_id in types}}

@@ -130,7 +130,7 @@ def test_decontamination_drops_a_planted_ifeval_prompt(sources: Path, tmp_path: 
     out = tmp_path / "c.jsonl"
     assert main(["--source", str(source), "--out", str(out), "--ifeval-prompts", str(ifeval)]) == 0
     report = json.loads((tmp_path / "c.report.json").read_text(encoding="utf-8"))
-    assert report["read"] == 6 and report["written"] == 5 and report["dropped_contaminated"] == 1
+    assert report["read"] == 6 and report["kept"] == 5 and report["dropped_contaminated"] == 1
     assert report["dropped_contaminated_ids"] == [f"{planted[2]['id']}-c0"]
     assert sum(report["by_type"].values()) == sum(report["instructions_per_prompt"][n] * int(n)
                                                  for n in report["instructions_per_prompt"])
@@ -166,7 +166,7 @@ def test_real_ifeval_prompt_is_caught(sources: Path, tmp_path: Path) -> None:
     assert main(["--source", str(source), "--out", str(tmp_path / "c.jsonl"),
                  "--ifeval-prompts", str(SHARED_INPUT_DATA)]) == 0
     report = json.loads((tmp_path / "c.report.json").read_text(encoding="utf-8"))
-    assert report["dropped_contaminated_ids"] == ["planted-c0"] and report["written"] == 1
+    assert report["dropped_contaminated_ids"] == ["planted-c0"] and report["kept"] == 1
 
 
 def test_preference_files_give_their_prompts(tmp_path: Path) -> None:
