@@ -22,7 +22,8 @@ where it has none), ``source_id`` the source record's id.
 
 Decontamination is part of the command: a prompt sharing any word 8-gram with IFEval's 541 test
 prompts (``--ifeval-prompts``) is dropped, counted and named in the report written beside the
-output (``*.report.json``). The same sources, seed and flags give the same file byte for byte;
+output (``*.report.json``: ``read`` source prompts, ``drawn`` = read x ``--variants`` instruction
+sets, of which ``kept`` plus each ``dropped_*`` count add up to ``drawn``, and counts per type). The same sources, seed and flags give the same file byte for byte;
 each prompt's instructions are drawn from a generator seeded by the seed and the record's id, so
 adding or removing other records does not change them.
 """
@@ -110,7 +111,8 @@ def build(sources: list[str], decontaminator: Decontaminator, seed: int = 0, var
     records: list[Record] = []
     seen: set[str] = set()
     report: dict[str, Any] = {"sources": sources, "seed": seed, "variants": variants, "ngram": NGRAM,
-                              "read": len(prompts), "skipped_tool_use": skipped_tools, "kept": 0,
+                              "read": len(prompts), "skipped_tool_use": skipped_tools,
+                              "drawn": len(prompts) * variants, "kept": 0,
                               "dropped_contaminated": 0, "dropped_duplicate": 0, "dropped_too_few_instructions": 0,
                               "dropped_contaminated_ids": []}
     for prompt in prompts:

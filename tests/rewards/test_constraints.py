@@ -130,7 +130,7 @@ def test_decontamination_drops_a_planted_ifeval_prompt(sources: Path, tmp_path: 
     out = tmp_path / "c.jsonl"
     assert main(["--source", str(source), "--out", str(out), "--ifeval-prompts", str(ifeval)]) == 0
     report = json.loads((tmp_path / "c.report.json").read_text(encoding="utf-8"))
-    assert report["read"] == 6 and report["kept"] == 5 and report["dropped_contaminated"] == 1
+    assert report["read"] == report["drawn"] == 6 and report["kept"] == 5 and report["dropped_contaminated"] == 1
     assert report["dropped_contaminated_ids"] == [f"{planted[2]['id']}-c0"]
     assert sum(report["by_type"].values()) == sum(report["instructions_per_prompt"][n] * int(n)
                                                  for n in report["instructions_per_prompt"])
