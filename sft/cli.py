@@ -28,6 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("sft.export.gguf", "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"),
     "ifeval": ("sft.inference.ifeval.command", "instruction-following scores (IFEval), base vs adapter"),
     "fetch-eval-data": ("sft.inference.ifeval.data", "download IFEval's prompts into data/ifeval/"),
+    "constraints": ("sft.rewards.constraints", "prompts with checkable instructions (IFEval types), decontaminated"),
+    "sample": ("sft.rewards.sample", "k sampled answers per constraint prompt (seeded, resumable)"),
+    "verify": ("sft.rewards.datasets", "score sampled answers: rejection-sampling SFT data, verified pairs"),
 }
 
 

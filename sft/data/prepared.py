@@ -66,6 +66,14 @@ def read_preferences(path: str | Path) -> list[dict[str, Any]]:
     return [_preference(where, record) for where, record in _lines(Path(path), "prepare_dpo_data.py")]
 
 
+def read_prompt_records(path: str | Path, script: str) -> list[tuple[str, dict[str, Any]]]:
+    """``("<path>:<line>", record)`` for every line of a file of prompts to answer (``sft
+    constraints`` writes them, ``script`` names what does), its ``messages`` checked as a
+    preference prompt is (ending with a user turn); the other fields are the caller's to check."""
+    return [(where, record | {"messages": _messages(where, record, "messages", last="user")})
+            for where, record in _lines(Path(path), script)]
+
+
 def _lines(path: Path, script: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("<path>:<line>", object)`` for every non-blank line of a prepared JSONL file."""
     if path.is_dir():

@@ -13,12 +13,16 @@ copies the whole cache of every layer at every step, which at a thousand tokens 
 64 costs more than the model's own step on a CPU.
 
 ``batch_size=1`` is the one-at-a-time path, kept for measuring what batching buys.
+
+:func:`generate_sampled` runs the same loop drawing each token (temperature, top-k, top-p) from a
+generator of its own prompt, seeded by the caller: a prompt's answer depends on its seed, not on
+which prompts share its batch or whether an interrupted run is resumed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -107,6 +111,13 @@ class Answer:
     """Whether the answer ended its turn (an end-of-turn id) within the token budget."""
     new_tokens: int
     """Tokens generated, the end-of-turn token included."""
+    token_ids: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    """The generated ids themselves, the end-of-turn token included: what a policy-gradient step
+    scores (decoding and re-tokenizing the text need not give them back)."""
+
+
+Chooser = Callable[[torch.Tensor, list[int]], torch.Tensor]
+"""The next token of each live row, from the rows' last logits and their rows in the batch."""
 
 
 def generate_greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
@@ -119,6 +130,69 @@ def generate_greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
     caller can save answers as they come and resume after an interruption. ``new_cache`` makes
     each batch's KV cache (the benchmark compares transformers' DynamicCache).
     """
+    return _generate(model, tokenizer, prompts, max_new_tokens, stop_ids, batch_size, on_answer, new_cache,
+                     lambda batch: lambda logits, rows: logits.argmax(-1))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is drawn from the model's next-token distribution."""
+
+    temperature: float = 1.0
+    """Divides the logits: below 1 sharper, above 1 flatter; must be > 0."""
+    top_k: int = 0
+    """Draw among the k likeliest tokens only; 0 for no limit."""
+    top_p: float = 1.0
+    """Draw among the likeliest tokens whose probabilities sum to top_p (nucleus); 1 for no limit."""
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1, got {self}")
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution each row's next token is drawn from, in float32."""
+        logits = logits.float() / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            ordered, order = logits.sort(dim=-1, descending=True)
+            probs = ordered.softmax(-1)
+            # drop a token once the likelier ones already reach top_p; the likeliest always stays
+            outside = probs.cumsum(-1) - probs >= self.top_p
+            logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
+        return logits.softmax(-1)
+
+
+def generate_sampled(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+                     max_new_tokens: int, stop_ids: Sequence[int], seeds: Sequence[int], sampling: Sampling,
+                     batch_size: int = 8, on_answer: Callable[[int, Answer], None] | None = None,
+                     new_cache: Callable[[], Cache] = GrowingCache) -> list[Answer]:
+    """Sampled answers to token-id prompts, in the prompts' order; prompt i's tokens are drawn
+    with a generator seeded by ``seeds[i]`` (repeat a prompt with other seeds for several answers).
+    ``on_answer`` and ``new_cache`` as in :func:`generate_greedy`."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    device = next(model.parameters()).device
+
+    def chooser(batch: list[int]) -> Chooser:
+        generators = [torch.Generator(device=device).manual_seed(seeds[index]) for index in batch]
+
+        def choose(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+            probs = sampling.probabilities(logits)
+            return torch.cat([torch.multinomial(probs[slot], 1, generator=generators[row])
+                              for slot, row in enumerate(rows)])
+        return choose
+
+    return _generate(model, tokenizer, prompts, max_new_tokens, stop_ids, batch_size, on_answer, new_cache, chooser)
+
+
+def _generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+              max_new_tokens: int, stop_ids: Sequence[int], batch_size: int,
+              on_answer: Callable[[int, Answer], None] | None, new_cache: Callable[[], Cache],
+              chooser: Callable[[list[int]], Chooser]) -> list[Answer]:
+    """Answers in batches of prompts of similar length; ``chooser(batch)`` gives the token
+    choice of a batch (its prompt indices)."""
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError("max_new_tokens and batch_size must be >= 1")
     device = next(model.parameters()).device
@@ -130,10 +204,10 @@ def generate_greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
         for start in range(0, len(by_length), batch_size):
             batch = by_length[start:start + batch_size]
             for row, tokens in _decode_batch(model, [prompts[i] for i in batch], max_new_tokens, set(stop_ids),
-                                             pad_id, device, new_cache()):
+                                             pad_id, device, new_cache(), chooser(batch)):
                 ended = tokens[-1] in stop_ids
                 text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
-                answer = answers[batch[row]] = Answer(text, ended, len(tokens))
+                answer = answers[batch[row]] = Answer(text, ended, len(tokens), tuple(tokens))
                 if on_answer is not None:
                     on_answer(batch[row], answer)
     return answers  # type: ignore[return-value]
@@ -141,11 +215,8 @@ def generate_greedy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, 
 
 def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
                   pad_id: int, device: torch.device, cache: Cache,
-                  pick: Callable[[torch.Tensor, list[int]], torch.Tensor] | None = None
-                  ) -> Iterator[tuple[int, list[int]]]:
-    """Decode one left-padded batch, yielding (row, new tokens) as each row completes. Greedy, or
-    ``pick(last logits [live rows, vocab], the prompt row of each live row)`` chooses the next ids
-    (a sampler: sft.training.grpo_sampling)."""
+                  choose: Chooser) -> Iterator[tuple[int, list[int]]]:
+    """Decode one left-padded batch, yielding (row, new tokens) as each row completes."""
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -155,7 +226,7 @@ def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
     for step in range(max_new_tokens):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_ids = logits.argmax(-1) if pick is None else pick(logits, rows)
+        next_ids = choose(logits, rows)
         live = []
         for slot, (row, token) in enumerate(zip(rows, next_ids.tolist())):
             tokens[row].append(token)

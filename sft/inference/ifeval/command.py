@@ -19,19 +19,17 @@ interruption and it continues where it stopped.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from sft.config import ConfigError, StrictArgumentParser
+from sft.config import StrictArgumentParser
 from sft.data.templates import end_of_turn_ids, with_system_prompt
 from sft.errors import DataError, run_command
 from sft.files import atomic_write_text, sha256_of_files
+from sft.inference.answer_log import AnswerLog
 from sft.inference.generate import Answer, generate_greedy, generation_prompt
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
@@ -130,50 +128,35 @@ def run(args: argparse.Namespace) -> None:
 def answer_prompts(model: torch.nn.Module, tokenizer: Any, prompts: list[IFEvalPrompt], settings: dict[str, Any],
                    batch_size: int, out_dir: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """Every prompt's answer, generating only those not yet in ``out_dir/responses.jsonl``, and
-    the generation's totals (answers, new tokens, and seconds over all runs that wrote the file).
-
-    ``generation.json`` records the settings before the first answer, so a rerun with other
-    settings cannot mix its answers into the file, and the seconds after each answer, so an
-    interrupted run's time still counts."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    answers_file, generation_file = out_dir / ANSWERS_FILE, out_dir / GENERATION_FILE
-    generation = read_generation_state(generation_file)
-    if generation.get("settings", settings) != settings:
-        raise ConfigError(f"{answers_file} holds answers generated with {generation['settings']}, not {settings}; "
-                          f"pass another --out or delete {out_dir}")
-    generation = {"settings": settings, "seconds": generation.get("seconds", 0.0)}
-    atomic_write_text(generation_file, json.dumps(generation, indent=2) + "\n")
-    done = read_saved_answers(answers_file)
+    the generation's totals (answers, new tokens, and seconds over all runs that wrote the file);
+    ``generation.json`` holds the settings and the seconds (sft.inference.answer_log)."""
+    log = AnswerLog(out_dir / ANSWERS_FILE, out_dir / GENERATION_FILE, settings)
+    done = {}
+    for location, record in log.saved():
+        if not (isinstance(record.get("prompt"), str) and isinstance(record.get("finished"), bool)
+                and isinstance(record.get("new_tokens"), int)):
+            raise DataError(f"{location}: not an answer record of sft ifeval (prompt, response, finished, "
+                            f"new_tokens); delete {out_dir} to start over")
+        done[record["prompt"]] = record
     todo = [p for p in prompts if p.prompt not in done]
     if todo:
-        ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]  # they fit: see run
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), unit="answer", disable=None,
-                   desc=f"answering ({'base + adapter' if settings['adapter'] else 'base'})")
-        started, seconds_before, new_tokens = time.perf_counter(), generation["seconds"], 0
-        with answers_file.open("a", encoding="utf-8") as handle:
-            def save(index: int, answer: Answer) -> None:
-                nonlocal new_tokens
+        ids = [encode_question(tokenizer, p.prompt, settings["system_prompt"]) for p in todo]
+        desc = f"answering ({'base + adapter' if settings['adapter'] else 'base'})"
+        with log.appending(len(prompts), len(prompts) - len(todo), desc) as save:
+            def on_answer(index: int, answer: Answer) -> None:
                 record = {"key": todo[index].key, "prompt": todo[index].prompt, "response": answer.text,
                           "finished": answer.finished, "new_tokens": answer.new_tokens}
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                handle.flush()
+                save(record)
                 done[todo[index].prompt] = record
-                elapsed = time.perf_counter() - started
-                generation["seconds"] = seconds_before + elapsed
-                atomic_write_text(generation_file, json.dumps(generation, indent=2) + "\n")
-                new_tokens += answer.new_tokens
-                bar.set_postfix(new_tokens_per_s=f"{new_tokens / elapsed:.1f}")
-                bar.update()
 
             # One batch at a time in file order, so an interrupted run has answered a prefix of the
             # prompts: its partial scores are those of --limit N, not of the longest prompts.
             for start in range(0, len(todo), batch_size):
                 generate_greedy(model, tokenizer, ids[start:start + batch_size], settings["max_new_tokens"],
                                 end_of_turn_ids(tokenizer), batch_size,
-                                on_answer=lambda index, answer, start=start: save(start + index, answer))
-        bar.close()
+                                on_answer=lambda index, answer, start=start: on_answer(start + index, answer))
     answered = [done[p.prompt] for p in prompts]
-    totals = {**generation, "answers": len(answered), "new_tokens": sum(r["new_tokens"] for r in answered),
+    totals = {**log.state, "answers": len(answered), "new_tokens": sum(r["new_tokens"] for r in answered),
               "finished": sum(r["finished"] for r in answered)}
     return {p.prompt: done[p.prompt]["response"] for p in prompts}, totals
 
@@ -193,56 +176,6 @@ def encode_question(tokenizer: Any, question: str, system_prompt: str | None,
     (a question too long for ``positions`` cut where that is certain; see generation_prompt)."""
     messages = with_system_prompt([{"role": "user", "content": question}], system_prompt)
     return generation_prompt(tokenizer, messages, positions)
-
-
-def _damaged_state(path: Path, why: str) -> DataError:
-    return DataError(f"{path}: {why}; it is this command's own record of an earlier run: delete "
-                     f"{path.parent} to start over")
-
-
-def read_generation_state(path: Path) -> dict[str, Any]:
-    """The settings and seconds an earlier run recorded in ``generation.json`` ({} before the first)."""
-    if not path.is_file():
-        return {}
-    try:
-        state = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _damaged_state(path, "not UTF-8") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise _damaged_state(path, f"not JSON ({getattr(exc, 'msg', exc)})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("seconds", 0.0), (int, float)):
-        raise _damaged_state(path, "not an object with the generation's settings and seconds")
-    return state
-
-
-def read_saved_answers(path: Path) -> dict[str, dict[str, Any]]:
-    """Prompt -> saved answer record. A last line cut short by an interruption is dropped (its
-    prompt is answered again); anything else unreadable is an error."""
-    if not path.is_file():
-        return {}
-    try:
-        lines = path.read_bytes().decode("utf-8").split("\n")
-    except UnicodeDecodeError as exc:
-        line = exc.object.count(b"\n", 0, exc.start) + 1
-        raise _damaged_state(path, f"line {line} is not UTF-8") from None
-    if lines[-1]:
-        # a kill during this rewrite must not cost the answers before the cut line
-        atomic_write_text(path, "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
-    saved = {}
-    for number, line in enumerate(lines[:-1], start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _damaged_state(path, f"line {number} is not JSON ({exc.msg})") from None
-        except (RecursionError, ValueError):
-            raise _damaged_state(path, f"line {number} is not JSON") from None
-        if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-                and isinstance(record.get("response"), str) and isinstance(record.get("finished"), bool)
-                and isinstance(record.get("new_tokens"), int)):
-            raise _damaged_state(path, f"line {number} is not an answer record (an object with prompt, response, "
-                                       f"finished and new_tokens)")
-        saved[record["prompt"]] = record
-    return saved
 
 
 def render_report(named_scores: dict[str, dict[str, Any]], generation: dict[str, dict[str, Any]], prompts: int,

@@ -1,0 +1,1 @@
+"""Verifiable rewards: prompts with instructions a program checks, sampled answers, the data they make."""
