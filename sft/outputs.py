@@ -296,15 +296,21 @@ def writing_into(root: str | os.PathLike[str], names: Sequence[str],
     ``root`` is locked while the block runs, the outputs are checked first (:func:`check_output`),
     and what the block wrote is listed in ``root``'s manifest (a subfolder it created, whole)."""
     root = Path(root)
+    created = not os.path.lexists(root)
     root.mkdir(parents=True, exist_ok=True)
-    with writer_lock(root):
-        check_outputs([root / name for name in names], inputs, force, flag, root)
-        new_folders = {Path(name).parts[0] for name in names if len(Path(name).parts) > 1
-                       and not os.path.lexists(root / Path(name).parts[0])}
-        yield root
-        manifest = Manifest.load(root)
-        manifest.record(*new_folders, *(name for name in names if Path(name).parts[0] not in new_folders
-                                        and (root / name).exists()))
+    try:
+        with writer_lock(root):
+            check_outputs([root / name for name in names], inputs, force, flag, root)
+            new_folders = {Path(name).parts[0] for name in names if len(Path(name).parts) > 1
+                           and not os.path.lexists(root / Path(name).parts[0])}
+            yield root
+            manifest = Manifest.load(root)
+            manifest.record(*new_folders, *(name for name in names if Path(name).parts[0] not in new_folders
+                                            and (root / name).exists()))
+    finally:
+        if created:  # a command that failed before writing leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                root.rmdir()
 
 
 def record_outputs(paths: Sequence[str | os.PathLike[str]]) -> None:
