@@ -19,6 +19,7 @@ from sft.data.prepare import REPORT_FILE, TRAIN_FILE, VAL_FILE
 from sft.data.prepare import main as prepare_main
 from sft.errors import ModelNotFoundError
 from sft.inference.evaluate import main as eval_main
+from sft.inference.ifeval.command import main as ifeval_main
 from sft.inference.onpolicy import main as onpolicy_main
 from sft.modeling import models
 from sft.outputs import MANIFEST_FILE
@@ -193,3 +194,15 @@ def test_kill_9_while_merging_or_exporting_leaves_no_temporary_the_next_run_keep
     done = run_python("-m", "sft.cli", command, *flags)
     assert done.returncode == 0, done.stderr
     assert out.exists() and temporaries(tmp_path) == [tmp_path / ".merged.0123abcd.tmp"]
+
+
+def test_ifeval_refuses_to_score_into_its_responses_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    prompts = write_jsonl(tmp_path / "input_data.jsonl", [
+        {"key": 1, "prompt": "Say hi.", "instruction_id_list": ["punctuation:no_comma"], "kwargs": [{}]}])
+    out = tmp_path / "out"
+    out.mkdir()
+    responses = write_jsonl(out / "scores.json", [{"prompt": "Say hi.", "response": "hi"}])
+    before = responses.read_bytes()
+    status = ifeval_main(["--responses", str(responses), "--out", str(out), "--input-data", str(prompts)])
+    assert_user_error(status, capsys.readouterr().err, str(responses), "is also an input")
+    assert responses.read_bytes() == before
