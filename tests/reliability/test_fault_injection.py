@@ -13,7 +13,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import pytest
 from sft.recipes.sft import train
 from sft.training.checkpoints import STAGING_DIR, checkpoint_step, checkpoints, damage
 from tests.reliability.conftest import run_config
-from tests.reliability.helpers import DAMAGES, ROOT, assert_same_adapter
+from tests.reliability.helpers import DAMAGES, ROOT, assert_same_adapter, kill_after
 from tests.tiny import as_flags, tiny_run_overrides
 
 SEED = 20261127
@@ -32,31 +31,6 @@ SETTINGS = {"max_steps": 6, "save_steps": 1, "save_total_limit": 3}
 def start_training(flags: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "sft.train_sft", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
-def inode(pattern: Path) -> int | None:
-    """The inode of the entry matching ``pattern`` (a glob: the staging folder's name is the run's own)."""
-    for path in pattern.parent.parent.glob(f"{pattern.parent.name}/{pattern.name}"):
-        try:
-            return path.stat().st_ino
-        except FileNotFoundError:
-            continue
-    return None
-
-
-def kill_after(process: subprocess.Popen, folder: Path, delay: float, timeout: float = 120) -> bool:
-    """SIGKILL ``process`` ``delay`` seconds after it writes ``folder`` (a glob) anew (a damaged one
-    of the same name may be there from before); False if the process had ended by then."""
-    before = inode(folder)
-    deadline = time.monotonic() + timeout
-    while inode(folder) in (None, before) and process.poll() is None:
-        assert time.monotonic() < deadline, f"{folder} did not appear"
-        time.sleep(0.005)
-    time.sleep(delay)
-    ended_first = process.poll() is not None
-    process.kill()
-    process.wait()
-    return not ended_first
 
 
 def test_killed_and_damaged_runs_resume_to_the_uninterrupted_adapter(

@@ -106,7 +106,7 @@ class PoisonAdapterAfterStep(TrainerCallback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_step_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == self.step:
             with torch.no_grad():
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
@@ -125,7 +125,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 def test_out_of_memory_names_the_knobs(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    def out_of_memory(*args, **kwargs):  # noqa: ANN002, ANN003
+    def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(SupervisedTrainer, "train", out_of_memory)
