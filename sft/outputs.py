@@ -181,7 +181,7 @@ class Manifest:
         elif path.is_dir():
             for relative, expected in entry["files"].items():
                 file = path / relative
-                if _matches(file, expected) or (changed_too and file.is_file() and not file.is_symlink()):
+                if (changed_too and file.is_file() and not file.is_symlink()) or _matches(file, expected):
                     file.unlink()
             for directory, _, _ in sorted(os.walk(path), key=lambda item: -len(item[0])):  # deepest first
                 with contextlib.suppress(OSError):
