@@ -75,6 +75,28 @@ def _matches(path: Path, expected: dict[str, Any]) -> bool:
         return False
 
 
+def _plain_relative(name: Any) -> bool:
+    """A name inside the folder: relative, without ``..`` (an edited manifest names nothing outside)."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def _valid_entry(name: Any, entry: Any) -> bool:
+    if not _plain_relative(name):
+        return False
+    if entry is None:
+        return True
+    if not isinstance(entry, dict) or entry.get("kind") not in ("file", "dir"):
+        return False
+    files = entry.get("files", {})
+    return isinstance(files, dict) and all(_plain_relative(relative) and isinstance(value, dict)
+                                           for relative, value in files.items())
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    """Whether ``path`` really lies in ``folder`` (no symlinked folder on the way leads out)."""
+    return path.parent.resolve().is_relative_to(folder.resolve())
+
+
 class Manifest:
     """The entries sft created in ``folder`` (relative names), each described as it was written;
     an entry described as None was claimed (about to be written) and not yet recorded."""
@@ -97,8 +119,7 @@ class Manifest:
             raise ConfigError(f"{path}: unreadable ({exc}); sft cannot tell which files there it wrote. Move "
                               f"the folder's files you want to keep, delete {path}, and run again") from None
         entries = data.get("entries") if isinstance(data, dict) else None
-        if not isinstance(entries, dict) or not all(isinstance(value, dict) or value is None
-                                                    for value in entries.values()):
+        if not isinstance(entries, dict) or not all(_valid_entry(name, value) for name, value in entries.items()):
             raise ConfigError(f"{path}: not an sft manifest; move the folder's files you want to keep, delete "
                               f"{path}, and run again")
         return cls(folder, entries, found=True)
@@ -136,11 +157,6 @@ class Manifest:
                 self.entries[name] = described
         self.save()
 
-    def forget(self, *names: str) -> None:
-        for name in names:
-            self.entries.pop(name, None)
-        self.save()
-
     def owns(self, name: str) -> bool:
         """Whether the entry ``name`` is one sft wrote and nobody changed since (a folder: every file
         listed is as written, and nothing was added)."""
@@ -166,7 +182,7 @@ class Manifest:
         go even if changed (a damaged checkpoint the run replaces or rotates); added files stay."""
         path, entry = self.folder / name, self.entries.get(name)
         kept: list[Path] = []
-        if path.is_symlink():
+        if path.is_symlink() or not _inside(self.folder, path):
             kept.append(path)
         elif entry is None:
             if path.is_dir():
@@ -181,6 +197,8 @@ class Manifest:
         elif path.is_dir():
             for relative, expected in entry["files"].items():
                 file = path / relative
+                if not _inside(path, file):
+                    continue
                 if (changed_too and file.is_file() and not file.is_symlink()) or _matches(file, expected):
                     file.unlink()
             for directory, _, _ in sorted(os.walk(path), key=lambda item: -len(item[0])):  # deepest first

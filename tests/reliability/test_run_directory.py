@@ -190,3 +190,23 @@ def test_an_evaluation_into_a_locked_run_is_refused(reference_run: Path, tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_edited_manifest_never_reaches_outside_the_folder(
+        reference_run: Path, tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path) -> None:
+    run = copy_run(reference_run, tmp_path / "run")
+    outside = tmp_path / "precious.txt"
+    outside.write_text("precious\n", encoding="utf-8")
+    manifest = json.loads((run / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest["entries"]["../precious.txt"] = None
+    (run / MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(ConfigError, match="not an sft manifest"):
+        train(run_config(tiny_model_dir, data, run, max_steps=2), overwrite_output_dir=True)
+    assert outside.read_text(encoding="utf-8") == "precious\n"
+    # A checkpoint's subfolder swapped for a symlink out of the run: nothing through it is deleted.
+    manifest["entries"].pop("../precious.txt")
+    manifest["entries"]["checkpoint-6"]["files"]["linked/precious.txt"] = {"size": 9, "sha256": "x"}
+    (run / MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+    (run / "checkpoint-6" / "linked").symlink_to(tmp_path)
+    Manifest.load(run).delete("checkpoint-6", changed_too=True)
+    assert outside.read_text(encoding="utf-8") == "precious\n"
