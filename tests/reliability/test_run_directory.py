@@ -173,10 +173,12 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next(
     assert not list(run.glob(".checkpoint-staging*"))
 
 
-def test_an_evaluation_into_a_locked_run_is_refused(reference_run: Path, tmp_path: Path) -> None:
-    """A process holds a finished run's lock (as a writer would): `sft eval` into it is refused
-    naming that process, before anything is written."""
+@pytest.mark.parametrize("command", ["eval", "merge"])
+def test_an_evaluation_or_merge_of_a_locked_run_is_refused(reference_run: Path, tmp_path: Path, command: str) -> None:
+    """A process holds a finished run's lock (as a writer would): `sft eval` into it, or `sft merge`
+    of it, is refused naming that process, before anything is written."""
     run = copy_run(reference_run, tmp_path / "run")
+    flags = ["--device", "cpu"] if command == "eval" else ["--out", str(tmp_path / "merged")]
     hold = ("import sys, time; from sft.outputs import writer_lock\n"
             "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
@@ -184,9 +186,9 @@ def test_an_evaluation_into_a_locked_run_is_refused(reference_run: Path, tmp_pat
     try:
         assert holder.stdout.readline().strip() == "held"
         before = files_under(run)
-        done = run_python("-m", "sft.cli", "eval", "--adapter", str(run), "--device", "cpu")
+        done = run_python("-m", "sft.cli", command, "--adapter", str(run), *flags)
         assert_user_error(done.returncode, done.stderr, str(run), f"pid {holder.pid}")
-        assert files_under(run) == before
+        assert files_under(run) == before and not (tmp_path / "merged").exists()
     finally:
         holder.kill()
         holder.wait()
