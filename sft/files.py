@@ -4,6 +4,8 @@ telling a damaged file (written by other tools, or cut short by a full disk) bef
 Every output is written under a temporary name in the same directory, flushed to disk (fsync),
 then renamed into place, and the directory is synced so the rename itself survives a power cut.
 A failure removes the temporary file or folder (and only it) and leaves what was there before.
+A writer killed outright (kill -9) cannot; its temporary, ``.NAME.HOST-PID-RANDOM.tmp``, is
+removed by the next writer of the same name once that process is gone.
 """
 
 from __future__ import annotations
