@@ -313,12 +313,16 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- driver
 def run_round(args: argparse.Namespace, model: str, contender: str, steps: int, warmup: int) -> dict[str, Any]:
+    from sft.modeling.devices import CPU_BF16_VARIABLE
+
     command = [sys.executable, __file__, "--worker", contender, "--model", model, "--steps", str(steps),
                *(["--assets", args.assets] if args.assets else []),
                "--warmup", str(warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--lora-rank", str(args.lora_rank), "--lora-dropout", str(args.lora_dropout),
                "--seed", str(args.seed), "--device", args.device]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
+    if args.precision != "auto":  # every contender takes its CPU precision from our policy
+        env[CPU_BF16_VARIABLE] = "1" if args.precision == "bf16" else "0"
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.stderr.write(done.stderr[-4000:])
@@ -343,12 +347,15 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
              f"% of matmul peak | vs TRL defaults | vs HF Trainer | losses (first, last) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        trl = next(x for x in results if x["model"] == r["model"] and x["contender"] == "trl")
-        hf = next((x for x in results if x["model"] == r["model"] and x["contender"] == "hf_trainer"), None)
+        def peer(name: str, r: dict[str, Any] = r) -> dict[str, Any] | None:  # the same model and precision
+            return next((x for x in results if x["model"] == r["model"] and x["contender"] == name
+                         and x.get("precision") == r.get("precision")), None)
+
+        trl, hf = peer("trl"), peer("hf_trainer")
         vs_hf = f"{r['supervised_tokens_per_s'] / hf['supervised_tokens_per_s']:.2f}x" if hf else "-"
         mem = r["peak_gpu_gb"] if r["peak_gpu_gb"] is not None else r["peak_rss_gb"]
         lines.append(
-            f"| {r['model']} | {r['contender']} | {r['supervised_tokens_per_s']:.1f} | {r['real_tokens_per_s']:.1f} | "
+            f"| {r['model']} | {r['contender']} ({r.get('precision', 'auto')}) | {r['supervised_tokens_per_s']:.1f} | {r['real_tokens_per_s']:.1f} | "
             f"{r['seconds_per_step']:.2f} | {mem:.2f} | {r['useful_gflops_per_s']:.1f} | "
             f"{100 * r['useful_gflops_per_s'] / peak:.0f}% | "
             f"{r['supervised_tokens_per_s'] / trl['supervised_tokens_per_s']:.2f}x | {vs_hf} | "
@@ -373,6 +380,9 @@ def main() -> int:
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precisions", default="auto",
+                        help="comma-separated CPU precisions to run every contender in: auto (what sft picks for "
+                             "this CPU), float32, bf16 (float32 weights, bf16 autocast); e.g. float32,bf16")
     parser.add_argument("--out", default="benchmarks/results/throughput.json", help="JSON results file")
     parser.add_argument("--assets", help="read the tokenized examples and tokenizer from this folder (no network)")
     parser.add_argument("--export-assets", metavar="DIR",
@@ -394,6 +404,9 @@ def main() -> int:
         models, args.steps, args.warmup, args.rounds = ["smollm2-135m"], 2, 1, 1
         args.batch_size, args.max_length = 4, 256
     contenders = args.contenders.split(",")
+    precisions = args.precisions.split(",")
+    if not set(precisions) <= {"auto", "float32", "bf16"}:
+        raise SystemExit("--precisions: expected a comma-separated list of auto, float32, bf16")
     if "trl" not in contenders:
         raise SystemExit("the trl contender is the reference of the ratios; keep it in --contenders")
     from sft.modeling.devices import device_policy
@@ -406,18 +419,19 @@ def main() -> int:
     for model in models:
         steps = args.tinyllama_steps if model == "tinyllama-arch" else args.steps
         warmup = min(args.warmup, 1) if model == "tinyllama-arch" else args.warmup
-        runs: dict[str, list] = {c: [] for c in contenders}
+        runs: dict[tuple[str, str], list] = {(c, p): [] for p in precisions for c in contenders}
         for round_index in range(args.rounds):
-            for contender in contenders:
+            for contender, precision in runs:
                 started = time.perf_counter()
-                run = run_round(args, model, contender, steps, warmup)
-                runs[contender].append(run)
+                args.precision = precision
+                run = run_round(args, model, contender, steps, warmup) | {"precision": precision}
+                runs[contender, precision].append(run)
                 fused = run["settings"].get("fused_groups_ran")
-                print(f"round {round_index + 1}/{args.rounds} {model} {contender}: "
+                print(f"round {round_index + 1}/{args.rounds} {model} {contender} ({precision}): "
                       f"{run['supervised_tokens_per_s']:.1f} supervised tok/s, {run['peak_rss_gb']:.2f} GB "
                       f"({time.perf_counter() - started:.0f} s{f'; fused groups ran: {fused}' if fused else ''})",
                       flush=True)
-        results += [median_result(runs[c]) for c in contenders]
+        results += [median_result(runs[key]) for key in runs]
 
     report = table(results, peak)
     print()
@@ -430,7 +444,8 @@ def main() -> int:
                     "torch_threads": torch.get_num_threads(), "device": policy.device,
                     "matmul_peak_gflops": peak},
         "settings": {k: getattr(args, k) for k in ("batch_size", "max_length", "lora_rank", "lora_dropout",
-                                                   "steps", "warmup", "tinyllama_steps", "rounds", "seed")},
+                                                   "steps", "warmup", "tinyllama_steps", "rounds", "seed",
+                                                   "precisions")},
         "results": results, "table": report}, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {out}")
     return 0

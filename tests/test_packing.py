@@ -364,3 +364,65 @@ def test_torch_varlen_kernel_is_called_right_for_each_torch_release(monkeypatch,
         assert torch.allclose(actual, expected, atol=1e-6)
     finally:
         attention.torch_varlen_attention.cache_clear()
+
+
+def _windowed_reference(query, key, value, boundaries, window, softcap=None):  # noqa: ANN001, ANN202
+    """Attention within each example written out: scores, soft cap, causal mask within ``window``."""
+    outputs = []
+    groups = query.shape[1] // key.shape[1]
+    for start, end in zip(boundaries[:-1], boundaries[1:]):
+        q = query[0, :, start:end]
+        k = key[0, :, start:end].repeat_interleave(groups, 0)
+        v = value[0, :, start:end].repeat_interleave(groups, 0)
+        scores = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
+        allowed = (j <= i) & (j > i - window if window is not None else True)
+        outputs.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v)
+    return torch.cat(outputs, dim=1).transpose(0, 1).unsqueeze(0)
+
+
+@pytest.mark.parametrize("window", [None, 1, 3])
+def test_every_packed_attention_path_honours_a_sliding_window(monkeypatch, window) -> None:
+    """Per-example (CPU), block-diagonal (MPS, CUDA float32) and the varlen kernel's glue (CUDA half
+    precision, a CPU stand-in honouring flash's window_size) against attention written out."""
+    import torch.nn.attention.varlen as varlen
+
+    from sft.modeling import attention
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):  # noqa: ANN001, ANN202
+        left, right = window_size
+        assert right == 0
+        rows = []
+        for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
+            allowed = (j <= i) & ((j >= i - left) if left >= 0 else True)
+            rows.append(F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), v[start:end].transpose(0, 1),
+                attn_mask=allowed, enable_gqa=enable_gqa).transpose(0, 1))
+        return torch.cat(rows)
+
+    monkeypatch.setattr(varlen, "varlen_attn", kernel)
+    attention.torch_varlen_attention.cache_clear()
+    try:
+        query, key, value, boundaries = _packed_qkv([5, 1, 9, 3])
+        expected = _windowed_reference(query, key, value, boundaries, window)
+        kwargs = {"cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32), "max_length_q": 9}
+        for actual in (attention._per_example(query, key, value, boundaries, 0.0, None, window),
+                       attention._block_diagonal(query, key, value, boundaries, 0.0, None, window),
+                       attention._flash_varlen(query, key, value, kwargs, boundaries, None, window)):
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    finally:
+        attention.torch_varlen_attention.cache_clear()
+
+
+def test_soft_capped_attention_runs_the_exact_eager_path_on_packed_rows() -> None:
+    from sft.modeling.attention import varlen_sdpa_attention
+
+    query, key, value, boundaries = _packed_qkv([5, 1, 9, 3])
+    for window in (None, 2):
+        output, _ = varlen_sdpa_attention(torch.nn.Module(), query, key, value, None, packed_boundaries=boundaries,
+                                          softcap=0.5, sliding_window=window)
+        torch.testing.assert_close(output, _windowed_reference(query, key, value, boundaries, window, softcap=0.5),
+                                   atol=1e-5, rtol=1e-5)

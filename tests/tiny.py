@@ -18,11 +18,17 @@ behaviour and chat templates of the models this package targets:
 - ``llama3``: Llama-3-Instruct's layout: ``<|start_header_id|>role<|end_header_id|>`` headers, turns
   ended by ``<|eot_id|>`` (the EOS), no pad token; the tokenizer prepends ``<|begin_of_text|>`` and
   the template writes it too (the double-BOS trap).
+
+:func:`build_chat_tokenizer` builds one for any chat template from its special tokens (a family's
+markers as single tokens, as the real tokenizers have them), and :func:`trl_chat_template` reads a
+family's official template from the installed ``trl`` package (a dev dependency), without
+importing it.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -164,6 +170,46 @@ def build_tokenizer(kind: str) -> PreTrainedTokenizerFast:
         tokenizer = PreTrainedTokenizerFast(
             tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     return tokenizer
+
+
+@functools.cache
+def _trained_chat_backend(specials: tuple[str, ...], added_bos: str | None) -> str:
+    """A byte-level BPE with ``specials`` as single tokens (``added_bos`` prepended to every text)."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    if added_bos is None:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{added_bos} $A", pair=f"{added_bos} $A {added_bos} $B",
+            special_tokens=[(added_bos, backend.token_to_id(added_bos))])
+    return backend.to_str()
+
+
+def build_chat_tokenizer(chat_template: str, specials: list[str], *, eos: str, bos: str | None = None,
+                         pad: str | None = None, unk: str | None = None, adds_bos: bool = False,
+                         name: str = "") -> PreTrainedTokenizerFast:
+    """A fresh tokenizer rendering ``chat_template``, each of ``specials`` one token (bos, eos, pad
+    and unk among them); the tokenizer prepends BOS where ``adds_bos``, as Llama 3 and Gemma do."""
+    backend = Tokenizer.from_str(_trained_chat_backend(tuple(specials), bos if adds_bos else None))
+    named = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": unk}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=chat_template,
+                                        **{key: value for key, value in named.items() if value is not None})
+    tokenizer.name_or_path = name
+    return tokenizer
+
+
+def trl_chat_template(name: str) -> str | None:
+    """The text of ``trl/chat_templates/<name>.jinja`` from the installed trl, or None without trl."""
+    spec = importlib.util.find_spec("trl")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "chat_templates" / f"{name}.jinja"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
 def build_tiny_model_dir(path: str | Path, tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32,

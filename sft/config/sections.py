@@ -39,6 +39,10 @@ TRAIN_ON = ("all_assistant_turns", "last_assistant_turn")
 """The values of data.train_on: every answer of a conversation trained, or only the last."""
 
 
+ALL_LINEAR = "all-linear"
+"""lora.target_modules: every linear layer of the decoder blocks (PEFT's own name for it)."""
+
+
 @dataclass
 class ModelConfig:
     model: str = "smollm2-135m-instruct"
@@ -80,10 +84,10 @@ class LoraSettings:
     """LoRA scaling numerator; the update is scaled by alpha / r."""
     dropout: float = 0.05
     """Dropout on the LoRA input."""
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                 "gate_proj", "up_proj", "down_proj"])
-    """Linear layers that get adapters (all attention and MLP projections of a Llama block)."""
+    target_modules: list[str] = field(default_factory=lambda: [ALL_LINEAR])
+    """Linear layers that get adapters: all-linear (PEFT's: every linear layer of the decoder
+    blocks, whatever the family calls them: q/k/v/o and gate/up/down in Llama, Qwen, Gemma,
+    Mistral; qkv_proj and gate_up_proj in Phi-3), or the layers' names (q_proj,v_proj)."""
     fused: bool = True
     """Run the adapted layers that read one input (q, k, v; gate, up) as one function (one base
     matmul, one dropout mask, one adapter matmul), the SwiGLU activation inside the down
@@ -95,6 +99,8 @@ class LoraSettings:
         _require(self.alpha > 0, f"alpha: must be > 0, got {self.alpha}")
         _require(0.0 <= self.dropout < 1.0, f"dropout: must be in [0, 1), got {self.dropout}")
         _require(len(self.target_modules) > 0, "target_modules: must name at least one module")
+        _require(ALL_LINEAR not in self.target_modules or len(self.target_modules) == 1,
+                 f"target_modules: {ALL_LINEAR} already names every linear layer; give it alone or list names")
         _require("lm_head" not in self.target_modules,
                  "target_modules: lm_head cannot take an adapter here (the loss runs the head's "
                  "base weight on answer tokens only)")

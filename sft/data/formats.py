@@ -12,16 +12,27 @@ converter that turns one raw record into a :class:`Prepared` record, or raises
   ``chosen`` and ``rejected``, that differ.
 
 Text is normalized by :func:`normalize_text` (NFC, ``\\n`` line endings, outer whitespace trimmed)
-so that copies differing only in encoding de-duplicate. Roles are matched exactly. The tool roles
-of ShareGPT (``function_call``, ``observation``) and of OpenAI messages (``tool``, ``function``)
-are rejected (reason ``tool_role``) rather than mapped: prepared conversations have no tool role,
-and the tool schema that would tell the model what it may call is not carried, so training on the
-calls would teach calls to tools the prompt never describes.
+so that copies differing only in encoding de-duplicate. Roles are matched exactly.
 
-A record's de-duplication key is its non-assistant turns (for a preference pair, its whole
-prompt), and its id a hash of that key, so that the train/validation split of a record depends on
-its prompt alone. Alpaca records keep the id rule they always had, :func:`record_id` of the
-normalized ``(instruction, input)``, so that prepared Alpaca splits stay as they were.
+Conversations may use tools, in OpenAI's layout (a top-level ``tools`` list, assistant turns
+with ``tool_calls``, ``tool`` turns with the results) or LLaMA-Factory's ShareGPT one (``tools``
+as a JSON string, a ``function_call`` turn holding the call as JSON, an ``observation`` turn with
+the result). Both are prepared as OpenAI's: ``tools`` is a list of ``{"type": "function",
+"function": {"name", ...}}``, a call is ``{"type": "function", "function": {"name", "arguments":
+{...}}}`` (arguments given as a JSON string are parsed), and a call's turn may have empty text.
+Whether a model can be trained on them depends on its chat template, which prepare does not know:
+tokenization rejects the record where the template does not render them. Preference pairs have
+no tools (reason ``tool_role``). An assistant's reasoning, given as ``reasoning``,
+``reasoning_content``, ``thinking`` or ``think``, is kept as ``reasoning``.
+
+LLaMA-Factory's Alpaca ``system`` and ``history`` (``[[user, assistant], ...]``, the turns before
+the instruction) and ShareGPT's top-level ``system`` become the system turn and the earlier turns.
+
+A record's de-duplication key is its non-assistant turns and its tool list (for a preference pair,
+its whole prompt), and its id a hash of that key, so that the train/validation split of a record
+depends on its prompt alone. Alpaca records without system or history keep the id rule they
+always had, :func:`record_id` of the normalized ``(instruction, input)``, so that prepared Alpaca
+splits stay as they were.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import hashlib
 import json
 import reprlib
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +53,11 @@ PREFERENCE = "preference"
 AUTO = "auto"
 
 ROLES = ("system", "user", "assistant")
+TOOL_ROLE = "tool"
+REASONING_FIELDS = ("reasoning", "reasoning_content", "thinking", "think")
+"""The names an assistant turn's reasoning comes under, prepared as ``reasoning``."""
 
-Message = dict[str, str]
+Message = dict[str, Any]
 Key = tuple[tuple[str, str], ...]
 
 # Separates instruction from input in the Alpaca id hash; it cannot be confused with ordinary
@@ -153,10 +167,18 @@ def alpaca_user_text(instruction: str, input_text: str) -> str:
     return f"{instruction}\n\n{input_text}" if input_text else instruction
 
 
-def _conversation(messages: list[Message], record_id_: str | None = None) -> Prepared:
-    """A validated conversation as a prepared record, keyed on its non-assistant turns."""
+def conversation_key(messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Key:
+    """The de-duplication key of a conversation: its non-assistant turns, then its tool list."""
     key = tuple((m["role"], m["content"]) for m in messages if m["role"] != "assistant")
-    return Prepared({"messages": messages}, key, record_id_ or conversation_id(key))
+    return key + ((("tools", json.dumps(tools, ensure_ascii=False, sort_keys=True)),) if tools else ())
+
+
+def _conversation(messages: list[Message], record_id_: str | None = None,
+                  tools: list[dict[str, Any]] | None = None) -> Prepared:
+    """A validated conversation as a prepared record, keyed on its non-assistant turns and tools."""
+    key = conversation_key(messages, tools)
+    fields = {"messages": messages} | ({"tools": tools} if tools else {})
+    return Prepared(fields, key, record_id_ or conversation_id(key))
 
 
 # --- turn order ------------------------------------------------------------------------------
@@ -167,15 +189,21 @@ TURN_ORDER_PROBLEMS = {
     "repeated_role": "two turns of one role in a row",
     "last_turn_not_assistant": "a last turn that is not the assistant's",
     "last_turn_not_user": "a last turn that is not the user's",
+    "tool_without_call": "a tool turn that follows no assistant turn with tool calls",
+    "call_without_result": "an assistant turn with tool calls not followed by a tool turn",
+    "user_after_tool": "a user turn right after a tool turn (the assistant answers the result first)",
 }
 """Each way a sequence of roles can break the conversation rules, and how to say it."""
 
 
-def turn_order_problem(roles: Sequence[str], last: str = "assistant") -> tuple[str, int] | None:
+def turn_order_problem(roles: Sequence[str], last: str = "assistant",
+                       calls: Collection[int] = ()) -> tuple[str, int] | None:
     """The first break of the turn order in ``roles``, as ``(reason, index)``, or None.
 
     The order is an optional system turn, then user and assistant turns alternating from a user
-    turn, ending with a ``last`` turn. Roles are assumed to be among :data:`ROLES`.
+    turn, ending with a ``last`` turn. An assistant turn whose index is in ``calls`` (it calls
+    tools) is followed by one or more tool turns, and those by an assistant turn. Roles are
+    assumed to be among :data:`ROLES` and ``tool``.
     """
     previous = None
     for index, role in enumerate(roles):
@@ -183,10 +211,18 @@ def turn_order_problem(roles: Sequence[str], last: str = "assistant") -> tuple[s
             if index:
                 return "misplaced_system", index
             continue
-        if role == previous:
-            return "repeated_role", index
+        called = previous == "assistant" and index - 1 in calls
         if previous is None and role != "user":
             return "first_turn_not_user", index
+        if role == TOOL_ROLE:
+            if not called and previous != TOOL_ROLE:
+                return "tool_without_call", index
+        elif called:
+            return "call_without_result", index
+        elif previous == TOOL_ROLE and role == "user":
+            return "user_after_tool", index
+        elif role == previous:
+            return "repeated_role", index
         previous = role
     if previous != last:
         return f"last_turn_not_{last}", len(roles) - 1
@@ -198,28 +234,33 @@ def turn_order_problem(roles: Sequence[str], last: str = "assistant") -> tuple[s
 
 @dataclass(frozen=True)
 class TurnLayout:
-    """How one family of shapes spells a turn: the key of its role and text, and its role names."""
+    """How one family of shapes spells a turn: the key of its role and text, its role names, and
+    the names of its tool roles: ``tool`` for a tool's result, ``call`` for an assistant turn
+    whose text is its tool call as JSON (LLaMA-Factory's ``function_call``)."""
 
     role_field: str
     content_field: str
     roles: Mapping[str, str]
-    tool_roles: frozenset[str]
+    tool_roles: Mapping[str, str]
 
 
 SHAREGPT_TURNS = TurnLayout(
     "from", "value",
     {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"},
-    frozenset({"function_call", "observation", "tool", "function"}),
+    {"function_call": "call", "observation": TOOL_ROLE, "tool": TOOL_ROLE, "function": TOOL_ROLE},
 )
 OPENAI_TURNS = TurnLayout(
-    "role", "content", {role: role for role in ROLES}, frozenset({"tool", "function", "ipython"}))
+    "role", "content", {role: role for role in ROLES}, dict.fromkeys(("tool", "function", "ipython"), TOOL_ROLE))
 
 Labeled = tuple[str, Message]
 """A turn and where it came from in the raw record (``"conversations[2]"``), for messages."""
 
 
-def _turn(value: Any, layout: TurnLayout, where: str) -> Labeled:
-    """Read one raw turn; its text is normalized but may be empty (checked with the order)."""
+def _turn(value: Any, layout: TurnLayout, where: str, tools: bool = False) -> Labeled:
+    """Read one raw turn; its text is normalized but may be empty (checked with the order).
+
+    With ``tools`` (conversations, not preference pairs), tool turns, an assistant's tool calls
+    and its reasoning are read too; without, a tool role is rejected (``tool_role``)."""
     if not isinstance(value, dict):
         raise RecordRejected("turn_not_object", f"{where} is {describe_json_type(value)}")
     for name in (layout.role_field, layout.content_field):
@@ -230,16 +271,102 @@ def _turn(value: Any, layout: TurnLayout, where: str) -> Labeled:
     role = value[layout.role_field]
     shown = f"{where}: {layout.role_field} {reprlib.repr(role)}"
     if isinstance(role, str) and role in layout.tool_roles:
-        raise RecordRejected("tool_role", shown)
-    if not isinstance(role, str) or role not in layout.roles:
+        if not tools:
+            raise RecordRejected("tool_role", shown)
+        kind = layout.tool_roles[role]
+    elif not isinstance(role, str) or role not in layout.roles:
         raise RecordRejected("unknown_role", shown)
-    if layout.content_field not in value:
+    else:
+        kind = layout.roles[role]
+    calls = value.get("tool_calls") if tools and kind == "assistant" else None
+    if layout.content_field not in value and not calls:
         raise RecordRejected("missing_content", f"{where}: no {layout.content_field!r}")
-    content = _normalized_string(value[layout.content_field], "content", where)
-    return where, {"role": layout.roles[role], "content": content}
+    content = value.get(layout.content_field)
+    content = "" if content is None and calls else _normalized_string(content, "content", where)
+    if kind == "call":
+        return where, {"role": "assistant", "content": "", "tool_calls": _tool_calls(_parsed_json(
+            content, "tool_call_invalid", where), where)}
+    message: Message = {"role": kind, "content": content}
+    if tools and kind == "assistant":
+        if calls:
+            message["tool_calls"] = _tool_calls(calls, where)
+        reasoning = _reasoning(value, where)
+        if reasoning:
+            message["reasoning"] = reasoning
+    return where, message
 
 
-def _turn_list(item: Mapping[str, Any], name: str, layout: TurnLayout, *, optional: bool = False) -> list[Labeled]:
+def _parsed_json(value: Any, reason: str, where: str) -> Any:
+    """``value``, read as JSON where it is a string (LLaMA-Factory writes tools and calls so)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError):
+        raise RecordRejected(reason, f"{where}: not valid JSON") from None
+
+
+def _writable(value: Any, reason: str, where: str) -> Any:
+    """``value`` if it can be written as UTF-8 JSON (no lone surrogate from a ``\\ud800`` escape)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, ValueError, RecursionError):
+        raise RecordRejected(reason, f"{where}: not writable as UTF-8 JSON") from None
+    return value
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls as ``{"type": "function", "function": {"name", "arguments": {...}}}`` (plus an
+    ``id`` where given), from OpenAI's layout or a bare ``{"name", "arguments"}``, one or a list."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise RecordRejected("tool_call_invalid", f"{where}: no call")
+    calls = []
+    for item in items:
+        function = item.get("function") if isinstance(item, dict) and isinstance(item.get("function"), dict) else item
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise RecordRejected("tool_call_invalid", f"{where}: a call without a function name")
+        arguments = _parsed_json(function.get("arguments", function.get("parameters", {})),
+                                 "tool_call_arguments_invalid", where)
+        if not isinstance(arguments, dict):
+            raise RecordRejected("tool_call_arguments_invalid", f"{where}: arguments are not a JSON object")
+        call = {"type": "function", "function": {"name": function["name"].strip(), "arguments": arguments}}
+        if isinstance(item.get("id"), str):
+            call["id"] = item["id"]
+        calls.append(_writable(call, "tool_call_invalid", where))
+    return calls
+
+
+def _reasoning(value: Mapping[str, Any], where: str) -> str:
+    """The reasoning of an assistant turn, under whichever of REASONING_FIELDS it comes ("" if none)."""
+    given = {_normalized_string(value[name], "reasoning", where) for name in REASONING_FIELDS
+             if value.get(name) is not None}
+    given.discard("")
+    if len(given) > 1:
+        raise RecordRejected("reasoning_given_twice", f"{where}: two different reasoning fields")
+    return given.pop() if given else ""
+
+
+def _tools(item: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """A record's tool list as ``[{"type": "function", "function": {"name", ...}}]`` (None if none):
+    OpenAI's list, or a JSON string of bare function schemas as LLaMA-Factory writes it."""
+    _check_unique(item, "tools")
+    value = _parsed_json(_structured(item, "tools"), "tools_invalid", "tools")
+    if value is None or value == "":
+        return None
+    if not isinstance(value, list):
+        raise RecordRejected("tools_invalid", f"tools is {describe_json_type(value)}")
+    tools = []
+    for index, tool in enumerate(value):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else tool
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"].strip():
+            raise RecordRejected("tools_invalid", f"tools[{index}]: not a function with a name")
+        tools.append(_writable({"type": "function", "function": function}, "tools_invalid", f"tools[{index}]"))
+    return tools or None
+
+
+def _turn_list(item: Mapping[str, Any], name: str, layout: TurnLayout, *, optional: bool = False,
+               tools: bool = False) -> list[Labeled]:
     """Read the list of turns in field ``name`` (absent or null is no turns where ``optional``)."""
     _check_unique(item, name)
     value = _structured(item, name)
@@ -249,7 +376,7 @@ def _turn_list(item: Mapping[str, Any], name: str, layout: TurnLayout, *, option
         raise RecordRejected(f"missing_{name}")
     if not isinstance(value, list):
         raise RecordRejected(f"{name}_not_list", f"{name} is {describe_json_type(value)}")
-    return [_turn(turn, layout, f"{name}[{index}]") for index, turn in enumerate(value)]
+    return [_turn(turn, layout, f"{name}[{index}]", tools) for index, turn in enumerate(value)]
 
 
 def _single_turn(item: Mapping[str, Any], name: str, layout: TurnLayout) -> Labeled:
@@ -264,15 +391,44 @@ def _single_turn(item: Mapping[str, Any], name: str, layout: TurnLayout) -> Labe
 
 
 def _checked(turns: list[Labeled], last: str = "assistant") -> list[Message]:
-    """The messages of ``turns`` if none is empty and their order is a conversation's."""
+    """The messages of ``turns`` if none is empty (but a tool call's) and their order is a conversation's."""
     for where, message in turns:
-        if not message["content"]:
+        if not message["content"] and not message.get("tool_calls"):
             raise RecordRejected("empty_turn", where)
-    problem = turn_order_problem([message["role"] for _, message in turns], last)
+    calls = {index for index, (_, message) in enumerate(turns) if message.get("tool_calls")}
+    problem = turn_order_problem([message["role"] for _, message in turns], last, calls)
     if problem is not None:
         reason, index = problem
         raise RecordRejected(reason, turns[index][0] if turns else None)
     return [message for _, message in turns]
+
+
+def _with_system(item: Mapping[str, Any], turns: list[Labeled]) -> list[Labeled]:
+    """``turns`` after the record's top-level ``system`` (LLaMA-Factory's), where it has one."""
+    system = _optional_text(item, "system")
+    if not system:
+        return turns
+    if turns and turns[0][1]["role"] == "system":
+        raise RecordRejected("system_given_twice", f"system and {turns[0][0]}")
+    return [("system", {"role": "system", "content": system}), *turns]
+
+
+def _history(item: Mapping[str, Any]) -> list[Labeled]:
+    """LLaMA-Factory's Alpaca ``history``: ``[[user, assistant], ...]``, the turns before the instruction."""
+    _check_unique(item, "history")
+    value = _structured(item, "history")
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RecordRejected("history_invalid", f"history is {describe_json_type(value)}")
+    turns = []
+    for index, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise RecordRejected("history_invalid", f"history[{index}] is not a [user, assistant] pair")
+        for role, text, at in (("user", pair[0], 0), ("assistant", pair[1], 1)):
+            where = f"history[{index}][{at}]"
+            turns.append((where, {"role": role, "content": _normalized_string(text, "content", where)}))
+    return turns
 
 
 # --- conversation shapes ---------------------------------------------------------------------
@@ -305,19 +461,21 @@ def alpaca_fields(item: Any) -> tuple[str, str, str]:
 
 def _from_alpaca(item: dict[str, Any]) -> Prepared:
     instruction, input_text, output = alpaca_fields(item)
-    messages = [{"role": "user", "content": alpaca_user_text(instruction, input_text)},
-                {"role": "assistant", "content": output}]
-    return _conversation(messages, record_id(instruction, input_text))
+    earlier = _with_system(item, _history(item))
+    messages = _checked([*earlier, ("instruction", {"role": "user", "content": alpaca_user_text(instruction, input_text)}),
+                         ("output", {"role": "assistant", "content": output})])
+    return _conversation(messages, None if earlier else record_id(instruction, input_text))
 
 
 def _from_turn_list(name: str, layout: TurnLayout) -> Callable[[dict[str, Any]], Prepared]:
-    """The converter of a shape that holds the whole conversation as a list of turns in ``name``."""
+    """The converter of a shape that holds the whole conversation as a list of turns in ``name``
+    (with the record's top-level ``system`` and ``tools``, where it has them)."""
 
     def convert(item: dict[str, Any]) -> Prepared:
-        turns = _turn_list(item, name, layout)
+        turns = _turn_list(item, name, layout, tools=True)
         if not turns:
             raise RecordRejected("empty_conversation")
-        return _conversation(_checked(turns))
+        return _conversation(_checked(_with_system(item, turns)), tools=_tools(item))
 
     return convert
 
@@ -419,15 +577,17 @@ _TURN_RULES = "an optional system turn, then user and assistant turns alternatin
 
 SHAPES: tuple[Shape, ...] = (
     Shape("alpaca", CONVERSATION, ("instruction", "input", "output"),
-          'non-empty string "instruction" and "output" fields (and an optional string "input")',
+          'non-empty string "instruction" and "output" fields (and an optional string "input", and LLaMA-Factory\'s '
+          '"system" and "history": [[user, assistant], ...])',
           _has_any("instruction", "output"), _from_alpaca),
     Shape("sharegpt", CONVERSATION, ("conversations",),
           f'"conversations": a list of {{"from", "value"}} turns with from system/human/gpt (or user/assistant): '
-          f"{_TURN_RULES}, ending with an assistant turn",
+          f"{_TURN_RULES}, ending with an assistant turn (function_call and observation turns with a \"tools\" "
+          f'list for tool use, and an optional top-level "system")',
           _has_any("conversations"), _from_turn_list("conversations", SHAREGPT_TURNS)),
     Shape("messages", CONVERSATION, ("messages",),
           f'"messages": a list of {{"role", "content"}} turns with role system/user/assistant: {_TURN_RULES}, '
-          "ending with an assistant turn",
+          'ending with an assistant turn (assistant "tool_calls" and "tool" turns with a "tools" list for tool use)',
           _has_any("messages"), _from_turn_list("messages", OPENAI_TURNS)),
     Shape("prompt_completion", CONVERSATION, ("prompt", "completion"),
           'non-empty string "prompt" and "completion" fields',

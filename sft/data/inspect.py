@@ -4,8 +4,11 @@ When a fine-tune misbehaves (it never stops, echoes the prompt, answers in the w
 first question is what it was trained on. This command tokenizes one prepared conversation with
 the same code and configuration as training (the model's tokenizer and chat template, the system
 prompt, ``train_on``, ``max_seq_length``) and prints it back decoded, the trained tokens in colour
-on a terminal or between ``[[`` and ``]]`` otherwise, with the counts. ``--json`` prints the token
-ids, the labels and the text of each maximal run of trained or masked tokens, for scripts.
+on a terminal or between ``[[`` and ``]]`` otherwise, with the counts. A conversation with tools
+shows the tool list where the template puts it (masked, in the prompt), each call trained and each
+tool result masked; one whose tools the template cannot render is the error training would drop it
+for. ``--json`` prints the token ids, the labels and the text of each maximal run of trained or
+masked tokens, for scripts.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from sft.config import SFTConfig, StrictArgumentParser, add_config_arguments, config_from_args
 from sft.data.prepared import read_conversations
 from sft.data.templates import ensure_chat_template
-from sft.data.tokenize import IGNORE_INDEX, encode_record
+from sft.data.tokenize import IGNORE_INDEX, UnsupportedRecord, encode_prepared
 from sft.errors import DataError, run_command
 from sft.modeling.models import load_tokenizer, resolve_model_path
 
@@ -77,7 +80,12 @@ def inspect_example(config: SFTConfig, path: str | None, index: int, as_json: bo
     tokenizer = load_tokenizer(resolve_model_path(config.model.model), config.model.trust_remote_code)
     fallback = ensure_chat_template(tokenizer)
     data = config.data
-    example, truncated = encode_record(tokenizer, record, data.max_seq_length, data.system_prompt, data.train_on)
+    try:
+        encoded = encode_prepared(tokenizer, record, data.max_seq_length, data.system_prompt, data.train_on)
+    except UnsupportedRecord as exc:
+        raise DataError(f"{path}: conversation {index} (id {record['id']}): training drops it ({exc.reason}): "
+                        f"{exc}") from None
+    example, truncated = encoded.example, encoded.truncated
     runs = segments(tokenizer, example)
     if as_json:
         return json.dumps({"input_ids": example["input_ids"], "labels": example["labels"], "segments": runs},
@@ -90,7 +98,8 @@ def inspect_example(config: SFTConfig, path: str | None, index: int, as_json: bo
         f"{path}, conversation {index} (id {record['id']}), {len(record['messages'])} messages; model "
         f"{config.model.model}{' (no chat template: the fallback one)' if fallback else ''}, "
         f"train_on {data.train_on}, system_prompt "
-        f"{'none (the template default)' if data.system_prompt is None else repr(data.system_prompt)}",
+        f"{'none (the template default)' if data.system_prompt is None else repr(data.system_prompt)}"
+        + (f"; a tool list of {len(record['tools'])} in the prompt" if record.get("tools") else ""),
         "",
         body,
         "",
@@ -98,6 +107,9 @@ def inspect_example(config: SFTConfig, path: str | None, index: int, as_json: bo
         f"{total - trained} masked; max_seq_length {data.max_seq_length}"
         f"{', truncated' if truncated else ''}.",
     ]
+    if encoded.reasoning_dropped:
+        lines.append(f"The template does not render the reasoning of {encoded.reasoning_dropped} answer(s): "
+                     "they are trained without it.")
     if trained == 0:
         lines.append("No token is trained: training drops this example (no answer token within max_seq_length).")
     return "\n".join(lines)

@@ -4,12 +4,16 @@ Prepared files are what ``prepare_sft_data.py`` and ``prepare_dpo_data.py`` writ
 a line; training and evaluation read them only through here, so a broken file is stopped with
 one message naming the file, the line and the field, before a model is loaded.
 
-A conversation line is ``{"id", "source", "messages": [{"role", "content"}, ...]}``; a line of the
+A conversation line is ``{"id", "source", "messages": [{"role", "content"}, ...]}``, with
+``"tools": [{"type": "function", "function": {"name", ...}}, ...]`` where the conversation uses
+tools; its assistant turns may carry ``"reasoning"`` (text) and ``"tool_calls": [{"type":
+"function", "function": {"name", "arguments": {...}}}, ...]`` (their text may then be empty), and
+``tool`` turns hold a tool's result, after an assistant turn with tool calls. A line of the
 older Alpaca layout, ``{"id", "instruction", "input", "output", "source"}``, still reads, as the
 conversation of one user turn (the instruction, then the input after a blank line when there is
 one) and one assistant turn. A preference line is ``{"id", "source", "prompt": [messages ending
-with a user turn], "chosen": "text", "rejected": "text"}``. Roles are system, user and assistant:
-an optional system turn first, then user and assistant turns alternating.
+with a user turn], "chosen": "text", "rejected": "text"}``, without tools. Roles are system, user
+and assistant (and tool): an optional system turn first, then user and assistant turns alternating.
 
 Text is returned as written: prepare has normalized it already, and a reader that changed text
 would make training differ from the file a person inspects. An ``id`` that is absent is the one
@@ -25,9 +29,11 @@ from typing import Any
 
 from sft.data.formats import (
     ROLES,
+    TOOL_ROLE,
     TURN_ORDER_PROBLEMS,
     alpaca_user_text,
     conversation_id,
+    conversation_key,
     record_id,
     turn_order_problem,
 )
@@ -97,9 +103,11 @@ def _conversation(where: str, record: dict[str, Any]) -> dict[str, Any]:
     """One line of a prepared SFT file as a conversation, whichever layout it has."""
     if "messages" not in record and any(name in record for name in _ALPACA_FIELDS):
         return _alpaca_conversation(where, record)
-    messages = _messages(where, record, "messages", last="assistant")
-    key = tuple((m["role"], m["content"]) for m in messages if m["role"] != "assistant")
-    return _header(where, record, lambda: conversation_id(key)) | {"messages": messages}
+    messages = _messages(where, record, "messages", last="assistant", tools=True)
+    tools = _tools(where, record)
+    key = conversation_key(messages, tools)
+    return _header(where, record, lambda: conversation_id(key)) | {"messages": messages} | (
+        {"tools": tools} if tools else {})
 
 
 def _alpaca_conversation(where: str, record: dict[str, Any]) -> dict[str, Any]:
@@ -145,10 +153,12 @@ def _text(where: str, record: dict[str, Any], key: str, field: str | None = None
     return value
 
 
-def _messages(where: str, record: dict[str, Any], key: str, last: str) -> list[dict[str, str]]:
-    """``record[key]`` as a list of messages in conversation order, ending with a ``last`` turn."""
+def _messages(where: str, record: dict[str, Any], key: str, last: str, tools: bool = False) -> list[dict[str, Any]]:
+    """``record[key]`` as a list of messages in conversation order, ending with a ``last`` turn
+    (with ``tools``, tool turns and an assistant's tool calls and reasoning are read too)."""
     value = record.get(key)
-    expected = f'a list of {{"role", "content"}} objects with role {", ".join(ROLES)}'
+    roles = (*ROLES, TOOL_ROLE) if tools else ROLES
+    expected = f'a list of {{"role", "content"}} objects with role {", ".join(roles)}'
     if not isinstance(value, list):
         found = "it is missing" if key not in record else f"got {describe_json_type(value)}"
         raise DataError(f"{where}: field {key!r} must be {expected}, but {found}")
@@ -161,14 +171,49 @@ def _messages(where: str, record: dict[str, Any], key: str, last: str) -> list[d
             raise DataError(f"{where}: field {field} must be an object with 'role' and 'content', "
                             f"got {describe_json_type(turn)}")
         role = turn.get("role")
-        if role not in ROLES:
-            raise DataError(f"{where}: field {field}.role must be one of {', '.join(ROLES)}, got "
+        if role not in roles:
+            raise DataError(f"{where}: field {field}.role must be one of {', '.join(roles)}, got "
                             f"{json.dumps(role) if isinstance(role, str) else describe_json_type(role)}")
-        messages.append({"role": role, "content": _text(where, turn, "content", f"{field}.content")})
-    problem = turn_order_problem([m["role"] for m in messages], last)
+        message = {"role": role, "content": _text(where, turn, "content", f"{field}.content")}
+        if tools and role == "assistant":
+            if turn.get("reasoning") is not None:
+                message["reasoning"] = _text(where, turn, "reasoning", f"{field}.reasoning")
+            if turn.get("tool_calls") is not None:
+                message["tool_calls"] = _functions(where, turn["tool_calls"], f"{field}.tool_calls", calls=True)
+        messages.append(message)
+    calls = {index for index, message in enumerate(messages) if message.get("tool_calls")}
+    problem = turn_order_problem([m["role"] for m in messages], last, calls)
     if problem is not None:
         reason, index = problem
         raise DataError(f"{where}: field {key!r} has {TURN_ORDER_PROBLEMS[reason]} (at [{index}]); expected "
                         f"an optional system turn, then user and assistant turns alternating, ending with "
                         f"a {last} turn")
     return messages
+
+
+def _tools(where: str, record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The conversation's tool list, or None where it has none."""
+    if record.get("tools") is None:
+        return None
+    return _functions(where, record["tools"], "'tools'", calls=False) or None
+
+
+def _functions(where: str, value: Any, field: str, calls: bool) -> list[dict[str, Any]]:
+    """``value`` if it is a list of ``{"type": "function", "function": {"name", ...}}`` objects, each
+    function's name a string (and, for ``calls``, its ``arguments`` an object)."""
+    shape = ('{"type": "function", "function": {"name", "arguments": {...}}}' if calls
+             else '{"type": "function", "function": {"name", ...}}')
+    if not isinstance(value, list):
+        raise DataError(f"{where}: field {field} must be a list of {shape} objects, got {describe_json_type(value)}")
+    for index, item in enumerate(value):
+        function = item.get("function") if isinstance(item, dict) and item.get("type") == "function" else None
+        if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
+                or (calls and not isinstance(function.get("arguments"), dict))):
+            raise DataError(f"{where}: field {field}[{index}] must be {shape}")
+        try:
+            json.dumps(item, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{where}: field {field}[{index}] holds a lone surrogate") from None
+    if calls and not value:
+        raise DataError(f"{where}: field {field} must hold at least one call")
+    return value

@@ -13,11 +13,32 @@ follows after a blank line):
 
     ### Response:
     {assistant turn}</s>
+
+Messages may carry more than role and content (see ``sft.data.prepared``): an assistant's
+``reasoning`` and ``tool_calls``, ``tool`` turns with a tool's result, and a conversation may come
+with a list of ``tools``. Rendering hands the reasoning to the template under each name templates
+read it by (Qwen3 reads ``reasoning_content``, others ``reasoning`` or ``thinking``) and the tool
+list as ``apply_chat_template(..., tools=...)``; what the template does with them is its own
+affair (``sft.data.tokenize`` checks what it kept).
+
+A template without a system role (Gemma 2 and Mistral-Instruct v0.1 raise on one; a template that
+renders nothing for it would drop it), or one that moves it as turns are added (Mistral-Instruct
+v0.3 writes it into the last user turn, so every earlier answer's context changes), gets the
+system prompt folded into the first user turn, followed by a blank line: what Gemma 3's own
+template does. A one-turn conversation renders as the template itself would render it. Training,
+evaluation and chat all render through here, so the model sees the system prompt the same way in
+each.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
+from jinja2.exceptions import TemplateError as JinjaTemplateError
 from transformers import PreTrainedTokenizerBase
+
+from sft.errors import TemplateError
 
 FALLBACK_CHAT_TEMPLATE = (
     # Turns are separated by a blank line placed before each turn, so an answer ends at its EOS
@@ -30,7 +51,13 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '\\n\\n### Response:\\n' }}{% endif %}"
 )
 
-Message = dict[str, str]
+Message = dict[str, Any]
+
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+"""The names chat templates read an assistant's reasoning by: Qwen3 ``reasoning_content``,
+LFM2.5 ``thinking`` then ``reasoning``, gpt-oss ``thinking``."""
+
+_SYSTEM_PROBE = "sft-system-probe-7f3a"
 
 
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -54,14 +81,58 @@ def with_system_prompt(messages: list[Message], system_prompt: str | None) -> li
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
+def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
+                  tools: list[dict[str, Any]] | None = None) -> str:
     """The text generation starts from: the conversation so far plus the assistant header."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _render(tokenizer, messages, tools, add_generation_prompt=True)
 
 
-def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message]) -> str:
+def render_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[Message],
+                        tools: list[dict[str, Any]] | None = None) -> str:
     """The text of the whole conversation, each assistant turn with its end-of-turn marker."""
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+    return _render(tokenizer, messages, tools, add_generation_prompt=False)
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], tools: list[dict[str, Any]] | None,
+            add_generation_prompt: bool) -> str:
+    """apply_chat_template of the messages as templates read them; a template's own error
+    (``raise_exception``) becomes a TemplateError naming the template."""
+    if (len(messages) > 1 and messages[0]["role"] == "system" and messages[1]["role"] == "user"
+            and not has_system_role(tokenizer, tokenizer.chat_template)):
+        messages = fold_system_turn(messages)
+    try:
+        return tokenizer.apply_chat_template(template_messages(messages), tools=tools or None, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except JinjaTemplateError as exc:
+        raise TemplateError(f"{template_name(tokenizer)} refused the conversation: {exc}") from None
+
+
+def template_messages(messages: list[Message]) -> list[Message]:
+    """The messages with an assistant's ``reasoning`` also under every name in REASONING_KEYS."""
+    return [message | dict.fromkeys(REASONING_KEYS, message["reasoning"]) if message.get("reasoning") else message
+            for message in messages]
+
+
+def fold_system_turn(messages: list[Message]) -> list[Message]:
+    """A conversation opening with a system turn, that turn put in front of the first user turn
+    after a blank line (as Gemma 3's template does, for templates with no system role)."""
+    system, first, *rest = messages
+    return [first | {"content": f"{system['content']}\n\n{first['content']}"}, *rest]
+
+
+@functools.lru_cache(maxsize=16)
+def has_system_role(tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> bool:
+    """Whether the template renders a system turn's text where it stays as turns are added
+    (``chat_template`` keys the cache, so a template set later is probed again)."""
+    one_turn = [{"role": "system", "content": _SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+    two_turns = [*one_turn, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}]
+    try:
+        first, later = (tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                        for messages in (one_turn, two_turns))
+    except JinjaTemplateError:
+        return False
+    through_system = first[:first.find(_SYSTEM_PROBE) + len(_SYSTEM_PROBE)]
+    return _SYSTEM_PROBE in first and later.startswith(through_system)
 
 
 def template_name(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -131,7 +131,7 @@ def generate_side_by_side(run: LoadedRun, records: list[dict[str, Any]]) -> tupl
         if len(rows) == run.config.eval.num_generations:
             break
         messages = with_system_prompt(record["messages"], run.config.data.system_prompt)
-        prompt_ids = encode_prompt(run.tokenizer, render_prompt(run.tokenizer, messages[:-1]))
+        prompt_ids = encode_prompt(run.tokenizer, render_prompt(run.tokenizer, messages[:-1], record.get("tools")))
         if limit is not None and len(prompt_ids) + budget > limit:
             too_long += 1
             continue

@@ -10,13 +10,17 @@ flags on top, and the device policy. Two rules hold for every command:
 - An adapter must fit its base exactly: every adapter weight has a LoRA layer of the same shape
   in the base and every LoRA layer of the base gets a weight, else the load is refused naming
   the base the adapter was trained on. PEFT alone would load a 30-layer adapter into a 2-layer
-  model (or the reverse) without a word and generate garbage.
+  model (or the reverse) without a word and generate garbage. Shapes are not enough: the base's
+  fingerprint recorded beside the adapter (sft.modeling.fingerprint) must match this base's too,
+  so another base of the same shapes (other weights, another vocabulary) is refused naming both.
+  An adapter saved before fingerprints were recorded loads, with a note.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +31,12 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from sft.config import SFTConfig, build_config, saved_run_config
+from sft.config import DPOConfig, SFTConfig, build_config, config_class_of, saved_run_config
 from sft.data.templates import ensure_chat_template
-from sft.errors import ConfigError, ModelNotFoundError
+from sft.errors import ConfigError, ModelNotFoundError, UserError
 from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import DevicePolicy, device_policy
+from sft.modeling.fingerprint import base_fingerprint, fingerprint_difference, read_adapter_origin
 from sft.modeling.lora import peft_wrapping
 from sft.modeling.models import check_4bit_supported, load_model, load_tokenizer, resolve_model_path
 from sft.training.checkpoints import SFT_ADAPTER_DIR, safetensors_damage
@@ -98,8 +103,38 @@ def check_adapter_dir(adapter_dir: Path) -> dict[str, Any]:
     return adapter_config
 
 
-def attach_adapter(base: PreTrainedModel, adapter_dir: Path, model_name: str) -> PeftModel:
-    """``base`` with the adapter of ``adapter_dir``, refused unless the two fit weight for weight."""
+_NOTED_UNCHECKED: set[Path] = set()
+
+
+def base_fingerprint_of(model: PreTrainedModel, model_name: str) -> dict[str, Any]:
+    """The fingerprint of a loaded base and of its own tokenizer's vocabulary (left out when its
+    tokenizer cannot be read here: the weights are compared still)."""
+    try:
+        tokenizer = load_tokenizer(resolve_model_path(model_name))
+    except (UserError, OSError, ValueError):
+        tokenizer = None
+    return base_fingerprint(model, tokenizer)
+
+
+def base_difference(adapter_dir: Path, fingerprint: dict[str, Any], model_name: str, trained_on: Any) -> str | None:
+    """How the base an adapter records differs from this one (None: it does not, or the adapter was
+    saved before bases were recorded, which loads with a note, once)."""
+    origin = read_adapter_origin(adapter_dir)
+    if origin is None:
+        if adapter_dir not in _NOTED_UNCHECKED:
+            _NOTED_UNCHECKED.add(adapter_dir)
+            print(f"note: {adapter_dir} does not record which base it was trained on (saved by an earlier version or "
+                  f"another tool), so it is loaded on {model_name!r} unchecked; it was trained on {trained_on!r}",
+                  file=sys.stderr)
+        return None
+    return fingerprint_difference(origin["base_fingerprint"], fingerprint)
+
+
+def attach_adapter(base: PreTrainedModel, adapter_dir: Path, model_name: str,
+                   fingerprint: dict[str, Any] | None = None) -> PeftModel:
+    """``base`` with the adapter of ``adapter_dir``, refused unless the two fit weight for weight
+    and the adapter was trained on this base (by its recorded fingerprint; ``fingerprint`` is the
+    base's, computed here when not given)."""
     trained_on = check_adapter_dir(adapter_dir).get("base_model_name_or_path")
 
     def refuse(why: str) -> ModelNotFoundError:
@@ -125,6 +160,10 @@ def attach_adapter(base: PreTrainedModel, adapter_dir: Path, model_name: str) ->
     mismatched = [key for key in saved if saved[key] != expected[key]]
     if mismatched:
         raise refuse(f"{mismatched[0]} is {saved[mismatched[0]]} in the adapter but {expected[mismatched[0]]} here")
+    difference = base_difference(adapter_dir, fingerprint or base_fingerprint_of(base, model_name), model_name,
+                                 trained_on)
+    if difference is not None:
+        raise refuse(f"{difference}: another base, though of the same shapes")
     return model
 
 
@@ -137,6 +176,18 @@ def folded_adapter(adapter_dir: Path) -> Path | None:
         if (run_dir / SFT_ADAPTER_DIR / ADAPTER_CONFIG).is_file():
             return run_dir / SFT_ADAPTER_DIR
     return None
+
+
+def trained_by(adapter_dir: Path) -> str:
+    """``sft`` or ``dpo``: the method that trained the adapter of a run directory or checkpoint-N,
+    by its recorded origin, else (an earlier version) by the run it is in."""
+    origin = read_adapter_origin(adapter_dir)
+    if origin is not None:
+        return origin["method"]
+    saved = saved_run_config(adapter_dir)
+    if folded_adapter(adapter_dir) is not None or (saved is not None and config_class_of(saved) is DPOConfig):
+        return "dpo"
+    return "sft"
 
 
 def load_run(adapter_dir: str | Path | None, config: SFTConfig, model_name: str | None = None,
@@ -166,10 +217,11 @@ def load_run(adapter_dir: str | Path | None, config: SFTConfig, model_name: str 
                                                                          policy.device), trust,
                        load_in_4bit_compute=policy.compute_dtype if quantized else None, device=policy.device)
     if adapter_dir is not None:
+        fingerprint = base_fingerprint_of(model, name)  # of the raw base: folding the SFT adapter leaves it as is
         sft_adapter = folded_adapter(adapter_dir)
         if sft_adapter is not None:  # a DPO run's adapter continues base + its SFT adapter
-            model = attach_adapter(model, sft_adapter, name).merge_and_unload()
-        model = attach_adapter(model, adapter_dir, name)
+            model = attach_adapter(model, sft_adapter, name, fingerprint).merge_and_unload()
+        model = attach_adapter(model, adapter_dir, name, fingerprint)
     if not quantized:  # a 4-bit model is placed on its GPU when loaded
         model = model.to(policy.device)
     return LoadedRun(model.eval(), tokenizer, config, policy, adapter_dir, name)

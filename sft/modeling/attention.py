@@ -39,6 +39,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from sft.errors import ConfigError
 
 VARLEN_SDPA = "varlen_sdpa"
+VARLEN_KEYS = (VARLEN_SDPA, "sft_varlen")
+"""Names our attention function is registered under. transformers refuses any name containing
+"sdpa" for a family it marks as not supporting SDPA (Gemma 2, whose attention soft-caps its
+scores), though ours computes soft caps exactly; such a family is loaded under the second name."""
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -46,17 +50,65 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
                           attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                           **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention within each packed example; shapes as transformers' attention functions
-    (query [1, heads, tokens, dim] in, [1, tokens, heads, dim] out)."""
+    (query [1, heads, tokens, dim] in, [1, tokens, heads, dim] out). A layer's sliding window
+    (``sliding_window``: a token sees itself and the window - 1 tokens before it) and soft-capped
+    scores (``softcap``: Gemma 2) are honoured on every path; soft caps, which no fused kernel
+    here computes, run an exact eager path."""
     boundaries = kwargs.get("packed_boundaries")
+    window, softcap = kwargs.get("sliding_window"), kwargs.get("softcap")
     if boundaries is None or query.shape[0] != 1:
+        if softcap is not None:
+            mask = attention_mask if attention_mask is not None else causal_mask(
+                query.shape[2], key.shape[2], window, query.device)
+            return eager_attention(query, key, value, mask, dropout, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    if window is not None and window >= max(example_lengths(boundaries)):
+        window = None  # no example is longer than the window: plain causal attention
     kind = query.device.type
-    if kind == "cuda" and query.dtype in HALF_DTYPES and dropout == 0.0 and torch_varlen_attention() is not None:
-        return _flash_varlen(query, key, value, kwargs, boundaries, scaling), None
+    # The kernels below are called past autocast, which SDPA would have applied: under autocast q,
+    # k and v arrive in mixed dtypes (v from the autocast projection, q and k rotated in float32)
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype
+    query, key, value = (tensor.to(dtype) for tensor in (query, key, value))
+    if softcap is not None:
+        mask = block_diagonal_causal_mask(boundaries, query.device, window)
+        return eager_attention(query, key, value, mask, dropout, scaling, softcap), None
+    if kind == "cuda" and query.dtype in HALF_DTYPES and dropout == 0.0 and torch_varlen_attention(window) is not None:
+        return _flash_varlen(query, key, value, kwargs, boundaries, scaling, window), None
     if kind == "cpu":
-        return _per_example(query, key, value, boundaries, dropout, scaling), None
-    return _block_diagonal(query, key, value, boundaries, dropout, scaling), None
+        return _per_example(query, key, value, boundaries, dropout, scaling, window), None
+    return _block_diagonal(query, key, value, boundaries, dropout, scaling, window), None
+
+
+def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                    dropout: float, scaling: float | None, softcap: float | None = None) -> torch.Tensor:
+    """Attention written out as the families' own eager functions compute it (scores, soft cap,
+    mask, float32 softmax), for what no kernel here supports. ``mask``: boolean (True attends) or
+    additive, broadcasting to [batch, heads, queries, keys]. Returns [batch, tokens, heads, dim]."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask[..., :key.shape[2]]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0.0)
+    return (weights @ value).transpose(1, 2).contiguous()
+
+
+def causal_mask(queries: int, keys: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[queries, keys] boolean causal mask, the queries being the last of the keys (a KV cache),
+    with a sliding window where given."""
+    query_positions = torch.arange(keys - queries, keys, device=device)[:, None]
+    key_positions = torch.arange(keys, device=device)[None, :]
+    mask = key_positions <= query_positions
+    if window is not None:
+        mask &= key_positions > query_positions - window
+    return mask
 
 
 def example_lengths(boundaries: list[int]) -> list[int]:
@@ -65,18 +117,26 @@ def example_lengths(boundaries: list[int]) -> list[int]:
 
 
 def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
-                 dropout: float, scaling: float | None) -> torch.Tensor:
+                 dropout: float, scaling: float | None, window: int | None = None) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
     lengths = example_lengths(boundaries)
-    if dropout == 0.0:
+    if dropout == 0.0 and window is None:
         return _PerExampleAttention.apply(query, key, value, lengths, scaling)
     # split, not slicing: the backward of a split is one concatenation, while each slice's
     # backward writes a zero-filled gradient of the whole row (examples x tokens of work).
     outputs = [
-        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=gqa,
+                                       **_causal_within(q.shape[2], window, q.device))
         for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2))
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous()
+
+
+def _causal_within(length: int, window: int | None, device: torch.device) -> dict:
+    """SDPA's arguments for causal attention over one example, windowed where the window is shorter."""
+    if window is None or window >= length:
+        return {"is_causal": True}
+    return {"attn_mask": causal_mask(length, length, window, device)}
 
 
 class _PerExampleAttention(torch.autograd.Function):
@@ -190,46 +250,56 @@ def _attend_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
             g.transpose(1, 2), q, k, v, out.transpose(1, 2), log_sum_exp, 0.0, True, scale=scale)
 
 
-def block_diagonal_causal_mask(boundaries: list[int], device: torch.device) -> torch.Tensor:
-    """[tokens, tokens] boolean mask: True where a token may attend (same example, not later)."""
+def block_diagonal_causal_mask(boundaries: list[int], device: torch.device, window: int | None = None) -> torch.Tensor:
+    """[tokens, tokens] boolean mask: True where a token may attend (same example, not later, and
+    within ``window`` tokens where given: itself and window - 1 before it)."""
     lengths = torch.tensor(example_lengths(boundaries), device=device)
     example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
     same_example = example[:, None] == example[None, :]
-    return same_example.tril_()
+    mask = same_example.tril_()
+    if window is not None:
+        mask.triu_(-(window - 1))
+    return mask
 
 
 def _block_diagonal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
-                    dropout: float, scaling: float | None) -> torch.Tensor:
-    mask = block_diagonal_causal_mask(boundaries, query.device)
+                    dropout: float, scaling: float | None, window: int | None = None) -> torch.Tensor:
+    mask = block_diagonal_causal_mask(boundaries, query.device, window)
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                             enable_gqa=query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous()
 
 
 def _flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict, boundaries: list[int],
-                  scaling: float | None) -> torch.Tensor:
+                  scaling: float | None, window: int | None = None) -> torch.Tensor:
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
     if cu_seq_lens is None or cu_seq_lens.device != query.device:
         cu_seq_lens = torch.tensor(boundaries, dtype=torch.int32, device=query.device)
     max_length = kwargs.get("max_length_q") or max(example_lengths(boundaries))
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # [tokens, heads, dim]
-    output = torch_varlen_attention()(q, k, v, cu_seq_lens.to(torch.int32), cu_seq_lens.to(torch.int32),
-                                      int(max_length), int(max_length), scaling)
+    output = torch_varlen_attention(window)(q, k, v, cu_seq_lens.to(torch.int32), cu_seq_lens.to(torch.int32),
+                                            int(max_length), int(max_length), scaling)
     return output.unsqueeze(0)
 
 
 @functools.cache
-def torch_varlen_attention() -> Callable | None:
-    """PyTorch's variable-length FlashAttention as f(q, k, v, cu_q, cu_k, max_q, max_k, scale), causal,
-    [tokens, heads, dim] in and out, or None where this torch has none. Its keyword arguments
-    changed between releases (``is_causal`` in 2.10, ``window_size`` after; ``enable_gqa`` and
-    ``scale`` came later), so they are read off the signature."""
+def torch_varlen_attention(window: int | None = None) -> Callable | None:
+    """PyTorch's variable-length FlashAttention as f(q, k, v, cu_q, cu_k, max_q, max_k, scale), causal
+    (within ``window`` where given), [tokens, heads, dim] in and out, or None where this torch has
+    none (or none with a window). Its keyword arguments changed between releases (``is_causal`` in
+    2.10, ``window_size`` after; ``enable_gqa`` and ``scale`` came later), so they are read off the
+    signature."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     parameters = inspect.signature(varlen_attn).parameters
-    causal = {"window_size": (-1, 0)} if "window_size" in parameters else {"is_causal": True}
+    if "window_size" in parameters:
+        causal = {"window_size": (-1 if window is None else window - 1, 0)}
+    elif window is None:
+        causal = {"is_causal": True}
+    else:
+        return None
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                max_q: int, max_k: int, scale: float | None) -> torch.Tensor:
@@ -249,9 +319,10 @@ def torch_varlen_attention() -> Callable | None:
     return attend
 
 
-AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
-# Padded inputs need SDPA's usual mask; packed rows ignore it.
-ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, sdpa_mask)
+for _key in VARLEN_KEYS:
+    AttentionInterface.register(_key, varlen_sdpa_attention)
+    # Padded inputs need SDPA's usual mask; packed rows ignore it.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(_key, sdpa_mask)
 
 
 def resolve_attention(requested: str, device: str) -> str:

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from sft.modeling.attention import VARLEN_SDPA, PackedRotaryAttention, example_lengths
+from sft.modeling.attention import VARLEN_KEYS, PackedRotaryAttention, example_lengths
 from sft.modeling.devices import release_mapped_pages
 from sft.modeling.lora import FastDropout, apply_keep_mask, random_keep_mask
 
@@ -370,6 +370,37 @@ def fused_group_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(group.fused_calls > 0 for group in groups.values()), len(groups)
 
 
+def fusion_report(model: torch.nn.Module) -> str:
+    """One line on what fusing did to ``model`` and what it left to PEFT's layers or the model's own
+    code, with why: the fused path recognises Llama's code, and other families' blocks (GELU MLPs,
+    Gemma's norms, attention with q/k norms or soft caps) run their own forward, exactly but slower."""
+    groups = {id(g): g for m in model.modules() if isinstance(m, FusedLinear) and (g := m.__dict__["_fused_group"])}
+    layers = sum(len(g.members) for g in groups.values())
+    left: dict[str, int] = {}
+    for name, module in model.named_modules():
+        cls = type(module)
+        if cls is LoraLinear:
+            reason = ("weights laid out transposed" if getattr(module, "fan_in_fan_out", False)
+                      else f"a {type(module.base_layer).__name__} base")
+            key = f"{name.rsplit('.', 1)[-1]} ({reason}: PEFT's layer)"
+        elif cls.__module__ == __name__:
+            continue
+        elif hasattr(module, "o_proj") and (hasattr(module, "q_proj") or hasattr(module, "qkv_proj")):
+            key = f"{cls.__name__} (not Llama's attention code)"
+        elif hasattr(module, "down_proj"):
+            key = f"{cls.__name__} (not Llama's SwiGLU MLP with fused projections)"
+        elif "Norm" in cls.__name__ and isinstance(getattr(module, "weight", None), torch.Tensor):
+            key = f"{cls.__name__} (not Llama's RMSNorm code)"
+        else:
+            continue
+        left[key] = left.get(key, 0) + 1
+    line = f"LoRA fusion: {layers} adapted layers run as {len(groups)} fused functions (q/k/v and gate/up joined)"
+    if left:
+        line += "; left to their own code: " + ", ".join(f"{key.replace(' (', f' x{n} (', 1)}"
+                                                        for key, n in left.items())
+    return line
+
+
 def fuse_lora_projections(model: torch.nn.Module) -> int:
     """Make the LoRA layers of ``model`` run fused (GROUPS together, the others alone); returns
     the number of groups of more than one layer. The base weights of a group are moved into one
@@ -547,7 +578,7 @@ def _fused_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
     boundaries = kwargs.get("packed_boundaries")
     cos, sin = position_embeddings if position_embeddings is not None else (None, None)
     if (boundaries is None or past_key_values is not None or cos is None or hidden_states.shape[0] != 1
-            or hidden_states.device.type != "cpu" or self.config._attn_implementation != VARLEN_SDPA
+            or hidden_states.device.type != "cpu" or self.config._attn_implementation not in VARLEN_KEYS
             or (self.training and self.attention_dropout > 0) or torch.is_autocast_enabled("cpu")
             or cos.requires_grad or sin.requires_grad or not hidden_states.dtype == cos.dtype == sin.dtype):
         return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask,

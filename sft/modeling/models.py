@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from sft.config import ConfigError
+from sft.modeling.attention import VARLEN_KEYS, VARLEN_SDPA
 from sft.errors import ModelNotFoundError
 from sft.files import atomic_directory, safetensors_damage
 
@@ -170,9 +171,17 @@ def load_model(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa",
             device = f"cuda:{PartialState().local_process_index}"
         quantized = {"quantization_config": quantization_config(load_in_4bit_compute), "device_map": {"": device}}
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
-            use_safetensors=True, **quantized)
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                use_safetensors=True, **quantized)
+        except ValueError as exc:
+            if attn_implementation != VARLEN_SDPA or "scaled_dot_product_attention" not in str(exc):
+                raise
+            # a family transformers keeps off SDPA (Gemma 2's soft-capped scores): ours under its other name
+            return AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, attn_implementation=VARLEN_KEYS[1], trust_remote_code=trust_remote_code,
+                use_safetensors=True, **quantized)
     except OSError as exc:
         raise ModelNotFoundError(_not_found_message(path, exc)) from None
     except SafetensorError as exc:

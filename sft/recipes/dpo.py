@@ -30,10 +30,18 @@ from sft.data.pairs import encode_pairs
 from sft.data.prepared import read_preferences
 from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_directory
-from sft.inference.loading import ADAPTER_CONFIG, ADAPTER_WEIGHTS, attach_adapter, check_adapter_dir
+from sft.inference.loading import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    attach_adapter,
+    check_adapter_dir,
+    folded_adapter,
+    trained_by,
+)
+from sft.modeling.fingerprint import ADAPTER_ORIGIN
 from sft.modeling.models import resolve_model_path
 from sft.training.arguments import training_arguments
-from sft.training.checkpoints import SFT_ADAPTER_DIR
+from sft.training.checkpoints import SFT_ADAPTER_DIR, checkpoints
 from sft.training.dpo_trainer import PreferenceTrainer
 from sft.training.preference import PairCollator
 from sft.training.reference import attach_reference_logps, cached_reference_logps, reference_identity
@@ -84,21 +92,38 @@ def check_dpo_config(config: DPOConfig) -> None:
         raise ConfigError("training.group_by_length: not used by DPO, whose pairs are packed per micro-batch; "
                           "set it to false")
     if config.dpo.sft_adapter is not None:
-        check_adapter_dir(Path(config.dpo.sft_adapter))
+        sft_adapter = Path(config.dpo.sft_adapter)
+        check_adapter_dir(sft_adapter)
+        if trained_by(sft_adapter) != "sft":
+            folded = folded_adapter(sft_adapter)
+            raise ConfigError(
+                f"dpo.sft_adapter: {sft_adapter} holds a DPO adapter, not an SFT run's; DPO starts from an SFT run "
+                f"(sft train's output directory or its checkpoint-N)"
+                + (f", such as the one this DPO run was trained on, kept in {folded}" if folded else ""))
 
 
-def stage_sft_adapter(config: DPOConfig, runtime: Runtime, resumed: bool) -> Path | None:
-    """The run's own copy of the SFT adapter it starts from (made now for a new run; a resumed
-    run keeps the one it started with), or None when the base model is the reference."""
+def sft_adapter_source(config: DPOConfig, resumed: bool) -> Path | None:
+    """The SFT adapter to fold into the base: the run's own copy when resuming (the one it started
+    with), the given one for a new run; None when the base model is the reference."""
     if config.dpo.sft_adapter is None:
         return None
     copy = Path(config.training.output_dir) / SFT_ADAPTER_DIR
+    return copy if resumed and (copy / ADAPTER_CONFIG).is_file() else Path(config.dpo.sft_adapter)
+
+
+def stage_sft_adapter(config: DPOConfig, runtime: Runtime, source: Path | None) -> Path | None:
+    """The run's own copy of the SFT adapter it started from (made now, once the model with that
+    adapter loaded, so a refused adapter leaves no copy behind), or None."""
+    if source is None:
+        return None
+    copy = Path(config.training.output_dir) / SFT_ADAPTER_DIR
     with runtime.state.main_process_first():
-        if runtime.main_process and not (resumed and (copy / ADAPTER_CONFIG).is_file()):
+        if runtime.main_process and source != copy:
             shutil.rmtree(copy, ignore_errors=True)
             with atomic_directory(copy) as staging:
-                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                    shutil.copy2(Path(config.dpo.sft_adapter) / name, staging / name)
+                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_ORIGIN):
+                    if name != ADAPTER_ORIGIN or (source / name).is_file():
+                        shutil.copy2(source / name, staging / name)
     return copy
 
 
@@ -141,7 +166,7 @@ def with_reference_logps(config: DPOConfig, runtime: Runtime, model: torch.nn.Mo
         else contextlib.nullcontext()
     with runtime.state.main_process_first(), autocast:
         logps, computed = cached_reference_logps(model, splits, config.training.output_dir, identity,
-                                                 config.training.eval_batch_size, collator, device)
+                                                 config.training.eval_batch_size, collator, device, runtime.say)
     runtime.say(f"reference log-probabilities: {'computed' if computed else 'read from the cache'} "
                 f"({', '.join(f'{split}: {len(pairs)} pairs' for split, pairs in splits.items())})")
     return {split: attach_reference_logps(pairs, logps[split]) for split, pairs in splits.items()}
@@ -167,20 +192,27 @@ def train(config: DPOConfig, resume: str | None = None, overwrite_output_dir: bo
     check_dpo_config(config)
     with setup_runtime(config) as runtime:  # holds the output directory's lock until the run ends
         checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-        sft_adapter = stage_sft_adapter(config, runtime, resumed=checkpoint is not None)
+        source = sft_adapter_source(config, resumed=checkpoint is not None)
         tokenizer = load_run_tokenizer(config, runtime)
         train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
         runtime.say(describe_layout(config, runtime))
-        model = load_lora_model(config, runtime, fold_in(sft_adapter, config.model.model) if sft_adapter else None)
-        scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
-                                      train=train_set, val=val_set)
-        trainer = build_trainer(config, runtime, model, tokenizer, scored["train"], scored["val"],
-                                resumed=checkpoint is not None, callbacks=callbacks)
-        save_run_files(config, runtime, data_report)
-        metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
+        model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
+        sft_adapter = stage_sft_adapter(config, runtime, source)
+        try:
+            scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
+                                          train=train_set, val=val_set)
+            trainer = build_trainer(config, runtime, model, tokenizer, scored["train"], scored["val"],
+                                    resumed=checkpoint is not None, callbacks=callbacks)
+            save_run_files(config, runtime, data_report)
+            metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
+        except BaseException:
+            if sft_adapter is not None and sft_adapter != source and runtime.main_process \
+                    and not checkpoints(Path(config.training.output_dir)):
+                shutil.rmtree(sft_adapter, ignore_errors=True)  # a new run that failed before its first checkpoint
+            raise
         finish(trainer, metrics, runtime)
-        runtime.say(f"Adapter saved to {config.training.output_dir}. Compare base, SFT and DPO on held-out pairs with: "
-                    f"sft eval-dpo --output-dir {config.training.output_dir}")
+        runtime.say(f"Adapter saved to {config.training.output_dir}. Compare base, SFT and DPO on held-out pairs "
+                    f"with: sft eval-dpo --output-dir {config.training.output_dir}")
         return TrainingRun(trainer, metrics)
 
 

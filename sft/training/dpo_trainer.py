@@ -31,6 +31,7 @@ from sft.training.trainer import SupervisedTrainer
 
 
 class PreferenceTrainer(SupervisedTrainer):
+    METHOD = "dpo"
     loss_is_scaled_for_ga = False
     """compute_loss returns a mean over the micro-batch's pairs: the Trainer divides it by the accumulation steps."""
 

@@ -16,6 +16,7 @@ import torch
 
 from sft.data.collate import SUPERVISED_POSITIONS
 from sft.data.tokenize import IGNORE_INDEX
+from sft.modeling.head import LogitRule, logit_rule
 
 NOT_MODEL_INPUTS = ("labels", "shift_labels", SUPERVISED_POSITIONS)
 """Batch keys the loss reads and the model must not see."""
@@ -44,7 +45,7 @@ def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk_tokens: int) -> torch.Tensor:
+                chunk_tokens: int, rule: LogitRule) -> torch.Tensor:
         needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dtype = _matmul_dtype(hidden, weight)
         head = weight.to(dtype)
@@ -56,6 +57,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         # max + log(sum(exp(logits - max))) as logsumexp computes it, but without logsumexp's
         # [chunk, vocab] temporary, and softmax is the exponentials divided by their sum
         buffer = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
+        # a soft cap's derivative, 1 - tanh^2, differs per logit: it needs a buffer of its own
+        slopes = torch.empty_like(buffer) if rule.softcap is not None and (needs_hidden_grad or needs_weight_grad) \
+            else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start:start + chunk_tokens].to(dtype)
@@ -65,6 +69,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     torch.mm(h, head.T, out=logits)
                 else:
                     logits.copy_(h @ head.T)
+                slope = _apply_rule_(logits, rule, None if slopes is None else slopes[:h.shape[0]])
                 target_logits = logits.gather(1, t[:, None])
                 peak = logits.amax(dim=-1, keepdim=True)
                 exponentials = logits.sub_(peak).exp_()
@@ -74,6 +79,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                     # softmax - one_hot, in the same buffer
                     grad_logits = exponentials.div_(sums)
                     grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                    if isinstance(slope, torch.Tensor) or slope != 1.0:  # through the family's transform
+                        grad_logits.mul_(slope)
                     if needs_hidden_grad:
                         if grad_hidden.dtype == dtype:  # straight into its rows, no copy
                             torch.mm(grad_logits.to(dtype), head, out=grad_hidden[start:start + chunk_tokens])
@@ -91,17 +98,32 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         scale = grad_total.float()
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
-                None, None)
+                None, None, None)
+
+
+def _apply_rule_(logits: torch.Tensor, rule: LogitRule, slopes: torch.Tensor | None) -> torch.Tensor | float:
+    """The family's transform on raw head outputs, in place; returns d(transformed) / d(raw): a
+    number, or with a soft cap the tensor ``slopes`` (left unset when None: no gradient needed)."""
+    if rule.scale != 1.0:
+        logits.mul_(rule.scale)
+    if rule.softcap is None:
+        return rule.scale
+    tanh = logits.div_(rule.softcap).tanh_()
+    if slopes is not None:  # scale * (1 - tanh^2)
+        torch.mul(tanh, tanh, out=slopes).sub_(1.0).mul_(-rule.scale)
+    tanh.mul_(rule.softcap)
+    return slopes if slopes is not None else rule.scale
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                             chunk_tokens: int | None = None) -> torch.Tensor:
-    """sum_i CE(hidden_i @ weight.T, targets_i) for hidden [n, d], weight [vocab, d], targets [n],
-    without keeping more than chunk_tokens x vocab logits alive."""
+                             chunk_tokens: int | None = None, rule: LogitRule | None = None) -> torch.Tensor:
+    """sum_i CE(rule(hidden_i @ weight.T), targets_i) for hidden [n, d], weight [vocab, d], targets
+    [n], without keeping more than chunk_tokens x vocab logits alive; ``rule`` is the model's own
+    final-logit transform (sft.modeling.head), none by default."""
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0  # keeps the graph connected when a batch has no supervised token
     chunk_tokens = chunk_tokens or CHUNK_TOKENS.get(hidden.device.type, DEFAULT_CHUNK_TOKENS)
-    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens)
+    return _LinearCrossEntropySum.apply(hidden, weight, targets, chunk_tokens, rule or LogitRule())
 
 
 def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torch.nn.Module | None = None,
@@ -114,11 +136,14 @@ def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torc
 
     ``logits_in_forward`` has the model's own forward compute the logits of the supervised
     positions instead (all positions of a padded batch), for wrappers whose weights exist only
-    inside a forward call: FSDP shards the head's weight outside it. Same loss, more memory."""
+    inside a forward call: FSDP shards the head's weight outside it. Same loss, more memory. The
+    same path runs for a model whose logits are not its head's output under a transform sft knows
+    (sft.modeling.head); known transforms (soft caps, logit scaling) run inside the head's chunks."""
     inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
     shift_labels = batch["shift_labels"]
     supervised = shift_labels != IGNORE_INDEX
-    if logits_in_forward:
+    rule = None if logits_in_forward else logit_rule(model, head)
+    if rule is None:
         if shift_labels.shape[0] == 1:  # packed: one row, keep the supervised positions only
             keep = supervised[0].nonzero().squeeze(1)
             outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
@@ -135,7 +160,7 @@ def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torc
     if positions is None:  # a batch from another collator: the boolean mask (a sync on a GPU)
         positions = supervised.flatten().nonzero().squeeze(1)
     hidden = outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions)
-    nll = linear_cross_entropy_sum(hidden, head.weight, shift_labels.flatten().index_select(0, positions))
+    nll = linear_cross_entropy_sum(hidden, head.weight, shift_labels.flatten().index_select(0, positions), rule=rule)
     return nll, positions.new_tensor(positions.numel()), outputs
 
 

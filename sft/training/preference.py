@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from sft.config.dpo import DPOSettings
 from sft.data.collate import IGNORE_INDEX, SUPERVISED_POSITIONS, PackingCollator, PaddingCollator, shifted_labels
 from sft.data.pairs import ANSWERS
+from sft.modeling.head import logit_rule
 from sft.training.loss import NOT_MODEL_INPUTS, linear_cross_entropy_sum
 
 REFERENCE_KEY = "reference_logps"
@@ -69,16 +70,22 @@ def answer_logps(model: torch.nn.Module, batch: dict[str, Any], head: torch.nn.M
     ``head`` defaults to the model's output embeddings (pass it when ``model`` is wrapped)."""
     inputs = {key: value for key, value in batch.items() if key not in _NOT_MODEL_INPUTS}
     shift_labels = batch["shift_labels"]
-    outputs = model(**inputs, output_hidden_states=True, use_cache=False,
-                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
-    head = head if head is not None else model.get_output_embeddings()
     # Scored positions come in batch order (row-major), so one split gives each sequence's own;
     # the collator computed them on the CPU, so gathering them costs no device sync.
     positions = batch[SUPERVISED_POSITIONS]
-    hidden = outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions)
     targets = shift_labels.flatten().index_select(0, positions)
     lengths = batch[ANSWER_LENGTHS_KEY]
-    nll = [linear_cross_entropy_sum(h, head.weight, t)
+    rule = logit_rule(model, head)
+    if rule is None:  # a final-logit transform sft does not know: the model's own logits
+        outputs = model(**inputs, use_cache=False)
+        logits = outputs.logits.flatten(0, 1).index_select(0, positions).float()
+        nll = [F.cross_entropy(x, t, reduction="sum") for x, t in zip(logits.split(lengths), targets.split(lengths))]
+        return -torch.stack(nll).view(-1, len(ANSWERS))
+    outputs = model(**inputs, output_hidden_states=True, use_cache=False,
+                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
+    head = head if head is not None else model.get_output_embeddings()
+    hidden = outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions)
+    nll = [linear_cross_entropy_sum(h, head.weight, t, rule=rule)
            for h, t in zip(hidden.split(lengths), targets.split(lengths), strict=True)]
     return -torch.stack(nll).view(-1, len(ANSWERS))
 

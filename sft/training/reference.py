@@ -14,7 +14,10 @@ split: train, val), each under a key made of:
 - the reference model: the base model's path and its weight files' names, sizes and modification
   times, the SFT adapter's content hash, and the dtype the log-probabilities were computed in.
 A resumed run, or a rerun of the same configuration into the same directory, reads them back; any
-change to those inputs recomputes them.
+change to those inputs recomputes them. The file also stores a sha256 of each tensor: a cache that
+is unreadable, edited (its values no longer match their hash), not float32, holds values that are
+no log-probabilities (NaN, infinite, above 0) or has metadata that is not ours is recomputed with a
+note, never used.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,12 +77,16 @@ def compute_reference_logps(model: torch.nn.Module, pairs: list[dict[str, Any]],
 
 def cached_reference_logps(model: torch.nn.Module, splits: dict[str, list[dict[str, Any]]],
                            output_dir: str | Path, identity: dict[str, Any], batch_size: int, collator: PairCollator,
-                           device: torch.device | str) -> tuple[dict[str, torch.Tensor], list[str]]:
+                           device: torch.device | str,
+                           say: Callable[[str], None] = print) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The [pairs, 2] reference log-probabilities of each split's pairs, read from
     ``output_dir``'s cache where the split's key matches and computed (and stored) where not;
-    and the names of the splits that were computed."""
+    and the names of the splits that were computed. A cache that fails its checks is recomputed,
+    and ``say`` tells why."""
     path = Path(output_dir, REFERENCE_FILE)
-    stored, stored_keys = _read_cache(path)
+    stored, stored_keys, problem = _read_cache(path)
+    if problem is not None:
+        say(f"note: {path} {problem}; recomputing the reference log-probabilities")
     results, computed = {}, []
     for split, pairs in splits.items():
         key = cache_key(pairs, identity)
@@ -86,28 +94,50 @@ def cached_reference_logps(model: torch.nn.Module, splits: dict[str, list[dict[s
             results[split] = stored[split]
         else:
             results[split] = compute_reference_logps(model, pairs, batch_size, collator, device,
-                                                     desc=f"reference log-probs ({split})")
+                                                     desc=f"reference log-probs ({split})").float()
             computed.append(split)
         stored_keys[split] = key
     if computed:
         path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {split: logps.contiguous() for split, logps in results.items()}
         # a run killed while writing leaves no half file under the real name, nor a user's X.tmp touched
         with atomic_paths([path]) as (staging,):
-            save_file({split: logps.contiguous() for split, logps in results.items()}, staging,
+            save_file(tensors, staging,
                       metadata={"keys": json.dumps({split: stored_keys[split] for split in results}),
+                                "sha256": json.dumps({split: _sha256(t) for split, t in tensors.items()}),
                                 "identity": json.dumps(identity)})
     return results, computed
 
 
-def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and keys stored in ``path``; none if it does not exist or cannot be read (an
-    unreadable cache is recomputed, never trusted)."""
+def _sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_cache(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], str | None]:
+    """The tensors and keys stored in ``path`` and None; or nothing and what is wrong with it. It
+    is used only if it is ours and intact: readable, each tensor float32 log-probabilities (finite,
+    at most 0) whose sha256 is the one stored with it, so an edited or damaged cache is recomputed,
+    never trusted."""
+    if not path.exists():
+        return {}, {}, None
     try:
         with safe_open(path, framework="pt") as file:
-            keys = json.loads((file.metadata() or {}).get("keys", "{}"))
-            return {name: file.get_tensor(name) for name in file.keys()}, keys  # noqa: SIM118
-    except (OSError, SafetensorError, json.JSONDecodeError):
-        return {}, {}
+            metadata = file.metadata() or {}
+            keys, hashes = (json.loads(metadata.get(name, "null")) for name in ("keys", "sha256"))
+            tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError, ValueError) as exc:  # JSON and UTF-8 errors are ValueErrors
+        return {}, {}, f"is unreadable ({str(exc).splitlines()[0][:200]})"
+    for name, entries in (("keys", keys), ("sha256", hashes)):
+        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+            return {}, {}, f"has no valid {name!r} metadata (not written by this version, or edited)"
+    for split, tensor in tensors.items():
+        if tensor.dtype != torch.float32:
+            return {}, {}, f"holds {split} log-probabilities of dtype {tensor.dtype}, not float32"
+        if not bool(torch.isfinite(tensor).all()) or bool((tensor > 0).any()):
+            return {}, {}, f"holds {split} values that are not log-probabilities (NaN, infinite or above 0)"
+        if hashes.get(split) != _sha256(tensor):
+            return {}, {}, f"holds {split} log-probabilities that do not match their stored sha256 (edited or damaged)"
+    return tensors, keys, None
 
 
 def attach_reference_logps(pairs: list[dict[str, Any]], logps: torch.Tensor) -> list[dict[str, Any]]:

@@ -31,12 +31,13 @@ from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft.config import RUN_CONFIG_FILE, LoraSettings, SFTConfig, build_config, did_you_mean
+from sft.config import RUN_CONFIG_FILE, LoraSettings, SFTConfig, did_you_mean
+from sft.config.sections import ALL_LINEAR
 from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
 from sft.files import atomic_write_text, unwritable_reason
 from sft.modeling.attention import resolve_attention
-from sft.modeling.devices import DevicePolicy, device_policy, keep_freed_cpu_memory
+from sft.modeling.devices import DevicePolicy, describe_precision, device_policy, keep_freed_cpu_memory
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
 from sft.outputs import MANIFEST_FILE, Manifest, remove_stale_staging, writer_lock
@@ -45,27 +46,19 @@ from sft.training.checkpoints import (
     RUN_FILES,
     SFT_ADAPTER_DIR,
     STAGING_DIR,
-    checkpoints,
     damage,
+    descends_from,
     holds_run,
     is_peft_model_card,
     latest_complete_checkpoint,
     legacy_run_entries,
+    written_order,
 )
+from sft.training.identity import check_resumable, new_session, run_identity
 from sft.training.interrupt import GracefulInterrupt
 from sft.training.plots import plot_losses
 
 DATA_REPORT_FILE = "data_report.json"
-
-RESUMABLE_CHANGES = {
-    "max_steps", "num_train_epochs", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to",
-    "eval_batch_size", "device", "dtype", "attn_implementation", "output_dir", "num_generations", "max_new_tokens",
-    "max_eval_examples", "trust_remote_code",
-}
-"""Fields a resumed run may change: how long it runs, how often it logs, evaluates and saves, and
-on what hardware. Any other change (model, LoRA shape, data, batch, schedule) cannot continue the
-saved optimizer state and data order, and is refused naming the field."""
-
 
 @dataclass
 class Runtime:
@@ -146,8 +139,8 @@ def prepare_output_dir(config: SFTConfig, runtime: Runtime, resume: str | None, 
             if runtime.main_process:
                 start_new_run(output_dir, overwrite)
             return None
-        check_resumable(config, output_dir)
-        checkpoint = _resume_checkpoint(output_dir, resume, runtime)
+        checkpoint = resume_checkpoint(output_dir, resume, runtime)
+        check_resumable(config, checkpoint)
         manifest = Manifest.load(output_dir)
         if runtime.main_process and not manifest.found:  # a run of an older sft, resumed: its files are ours
             manifest.record(*legacy_run_entries(output_dir))
@@ -206,24 +199,10 @@ def record_run_files(output_dir: Path, final: bool = False, also: tuple[str, ...
     Manifest.load(output_dir).record(*dict.fromkeys([*names, *claimed, *also]))
 
 
-def check_resumable(config: SFTConfig, output_dir: Path) -> None:
-    """Refuse, naming the field, a resume whose configuration differs from the saved one in a way
-    the saved state cannot continue; before anything is loaded or written."""
-    saved_file = output_dir / RUN_CONFIG_FILE
-    if not saved_file.is_file():
-        return
-    saved = build_config(saved_file).to_dict()
-    for group, fields in config.to_dict().items():
-        for name, value in fields.items():
-            before = saved.get(group, {}).get(name)
-            if name not in RESUMABLE_CHANGES and before != value:
-                raise ConfigError(
-                    f"--resume: {group}.{name} is {value!r} but the run in {output_dir} was trained with {before!r}; "
-                    f"a resumed run can change only {', '.join(sorted(RESUMABLE_CHANGES))}. Drop the flag, or "
-                    f"start a new run in another --output-dir")
-
-
-def _resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
+def resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
+    """The checkpoint ``--resume`` names (refused if damaged), or for ``latest`` the one written
+    last in ``output_dir`` that is intact: a damaged one is named and skipped for the newest intact
+    checkpoint it continues, never for one of a branch a rewind abandoned."""
     if resume != "latest":
         checkpoint = Path(resume)
         if not (checkpoint / "trainer_state.json").is_file():
@@ -233,14 +212,18 @@ def _resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
             raise ConfigError(f"--resume: {checkpoint} is damaged: {problem}. Pass another checkpoint, or --resume "
                               f"alone for the newest intact one")
         return checkpoint
-    found = checkpoints(output_dir)
+    found = written_order(output_dir)
     if latest_complete_checkpoint(output_dir) is None:
         raise ConfigError(f"--resume: no checkpoint-N directory in {output_dir} to resume from")
+    skipped = None
     for checkpoint in reversed(found):
+        if skipped is not None and not descends_from(skipped, checkpoint):
+            continue  # of a branch abandoned by a rewind: not what the damaged one continued
         problem = damage(checkpoint)
         if problem is None:
             return checkpoint
         runtime.say(f"warning: skipping the damaged {checkpoint.name}: {problem}")
+        skipped = checkpoint
     raise ConfigError(f"--resume: every checkpoint in {output_dir} is damaged (newest: {damage(found[-1])}); "
                       f"start a new run with --overwrite-output-dir")
 
@@ -267,7 +250,8 @@ def describe_layout(config: SFTConfig, runtime: Runtime) -> str:
     return (f"{n} process{'es' if n > 1 else ''} on {policy.device} in "
             f"{str(policy.compute_dtype).removeprefix('torch.')}{base}; "
             f"global batch = {t.batch_size} per process x {t.gradient_accumulation_steps} accumulation steps x {n} = "
-            f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step")
+            f"{t.batch_size * t.gradient_accumulation_steps * n} examples per optimizer step\n"
+            f"{describe_precision(policy)}")
 
 
 def load_lora_model(config: SFTConfig, runtime: Runtime,
@@ -294,11 +278,15 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
     lora = config.lora
     check_lora_targets(model, lora, config.model.model)
     model = add_lora(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                       target_modules=lora.target_modules, task_type="CAUSAL_LM"),
+                                       target_modules=peft_targets(lora), task_type="CAUSAL_LM"),
                      policy.device, fused=lora.fused)
     _keep_users_readme(model)
     if runtime.main_process:
         model.print_trainable_parameters()
+        if lora.fused:
+            from sft.modeling.fused_lora import fusion_report
+
+            runtime.say(fusion_report(model))
     return model
 
 
@@ -315,22 +303,31 @@ def _keep_users_readme(model: PeftModel) -> None:
     model.create_or_update_model_card = create_or_update_model_card
 
 
+def peft_targets(lora: LoraSettings) -> str | list[str]:
+    """lora.target_modules as PEFT takes it: its "all-linear" is a string, names a list."""
+    return ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else lora.target_modules
+
+
 def check_lora_targets(model: torch.nn.Module, lora: LoraSettings, model_name: str) -> None:
     """Each of lora_target_modules must name linear layers of the model (as PEFT matches them: the
     module's name or its dotted suffix), and lora_r must fit them. PEFT stops only when no name
     matches at all, so ``q_proj,foo_proj`` would train q_proj alone without a word; and a rank
     beyond a layer's size allocates a huge adapter that adds no capacity (the update's rank is at
     most the layer's smaller dimension). Checked on the loaded model, before adapters are added."""
-    linear = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    head = model.get_output_embeddings()
+    linear = {name: module for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not head}
     layer_names = sorted({name.rsplit(".", 1)[-1] for name in linear})
     for target in lora.target_modules:
-        matched = [module for name, module in linear.items() if name == target or name.endswith(f".{target}")]
+        matched = [module for name, module in linear.items()
+                   if target == ALL_LINEAR or name == target or name.endswith(f".{target}")]
         if not matched:
             raise ConfigError(f"lora_target_modules: {model_name} has no linear layer {target!r}"
                               f"{did_you_mean(target, layer_names)}; its linear layers are {', '.join(layer_names)}")
         smallest = min(min(module.in_features, module.out_features) for module in matched)
         if lora.r > smallest:
-            raise ConfigError(f"lora_r: {lora.r} exceeds {smallest}, the smaller dimension of the {target} layers "
+            layers = "linear" if target == ALL_LINEAR else target
+            raise ConfigError(f"lora_r: {lora.r} exceeds {smallest}, the smaller dimension of the {layers} layers "
                               f"of {model_name}; choose at most {smallest} (--lora-r; 8 to 64 is usual)")
 
 
@@ -378,6 +375,7 @@ def explained_write_failures(args: TrainingArguments) -> Iterator[None]:
 def run_guarded(trainer: Trainer, checkpoint: str | None, config: SFTConfig, runtime: Runtime) -> Any:
     """trainer.train() with Ctrl-C/SIGTERM saving a checkpoint and stopping, and out-of-memory
     errors and failed writes turned into advice."""
+    trainer.run_identity = {**run_identity(config), **new_session(checkpoint)}
     interrupt = GracefulInterrupt()
     trainer.add_callback(interrupt)
     interrupt.install()

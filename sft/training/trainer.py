@@ -31,14 +31,25 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft.errors import ConfigError, NonFiniteLossError
 from sft.files import fsync_directory, fsync_tree
+from sft.modeling.fingerprint import base_fingerprint, write_adapter_origin
 from sft.outputs import Manifest
-from sft.training.checkpoints import STAGING_DIR, rotate_checkpoints
+from sft.training.checkpoints import (
+    STAGING_DIR,
+    latest_complete_checkpoint,
+    rotate_checkpoints,
+    write_checkpoint_record,
+)
 from sft.training.loss import supervised_forward, supervised_totals
 
 
 class SupervisedTrainer(Trainer):
+    METHOD = "sft"
+    """What trained the adapter, recorded beside it (sft.modeling.fingerprint)."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Read now, before a launcher shards the weights; the embeddings never change in training.
+        self._base_fingerprint = base_fingerprint(self.accelerator.unwrap_model(self.model), self.processing_class)
         # Our compute_loss normalizes by num_items_in_batch itself: make the Trainer count the
         # tokens across accumulation steps and processes, and not divide the loss again.
         self.model_accepts_loss_kwargs = True
@@ -48,6 +59,9 @@ class SupervisedTrainer(Trainer):
         # and read only when the Trainer logs or saves: reading it every micro-step would be a
         # host-device sync each time.
         self._first_nonfinite_step: torch.Tensor | None = None
+        self.run_identity: dict[str, Any] | None = None
+        """What each checkpoint records of the run and its history (sft.training.identity; set by
+        stages.run_guarded): --resume compares it and picks the checkpoint written last by it."""
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
@@ -78,11 +92,32 @@ class SupervisedTrainer(Trainer):
         """Raise if a training loss so far was NaN or infinite, naming the first such step."""
         if self._first_nonfinite_step is None or not (step := int(self._first_nonfinite_step)):
             return
+        good = latest_complete_checkpoint(Path(self.args.output_dir))  # a diverged step is never saved
+        lower = f"--learning-rate {self.args.learning_rate / 10:g}"
+        advice = (f"continue from the last checkpoint saved before it with a lower learning rate (a resumed run may "
+                  f"change it): the same command plus --resume {good} {lower}" if good is not None else
+                  f"no checkpoint was saved before it: start again with a lower learning rate ({lower})")
         raise NonFiniteLossError(
             f"the training loss is not finite at step {step}. Likely causes: a learning rate too high for this "
             f"model (try a tenth), float16 on a device that cannot train in it (use float32 on MPS and CPU), or "
-            f"corrupt weights. Checkpoints saved before step {step} are intact; resume from one with a lower "
-            f"--learning-rate.")
+            f"corrupt weights. To {advice}.")
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """The saved optimizer and schedule, at the peak learning rate of this run: a resumed run
+        may change --learning-rate (the way out of a diverged loss), and the saved states hold the
+        old peak, which the Trainer would keep without a word. The schedule continues at the same
+        point, scaled to the new peak."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper
+        saved = list(getattr(scheduler, "base_lrs", []))
+        peak = self.args.learning_rate
+        if checkpoint is None or not saved or all(math.isclose(lr, peak) for lr in saved):
+            return
+        for group, before in zip(self.optimizer.param_groups, saved, strict=True):
+            group["lr"] *= peak / before
+            group["initial_lr"] = peak
+        scheduler.base_lrs = [peak] * len(saved)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         self.check_loss_finite()
@@ -134,6 +169,12 @@ class SupervisedTrainer(Trainer):
         nll, tokens = totals
         return {f"{metric_key_prefix}_loss": nll / max(tokens, 1.0), f"{metric_key_prefix}_tokens": int(tokens)}
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The adapter (the run's or a checkpoint's) with the record of its base and method beside it."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            write_adapter_origin(output_dir or self.args.output_dir, self.METHOD, self._base_fingerprint)
+
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
 
@@ -168,6 +209,8 @@ class SupervisedTrainer(Trainer):
             self._staging_dir = None
         self.accelerator.wait_for_everyone()  # every process has written its files (RNG states)
         if self.args.should_save:
+            if self.run_identity is not None:
+                write_checkpoint_record(staging / name, run_dir, self.run_identity)
             fsync_tree(staging / name)
             manifest = Manifest.load(run_dir)
             # An older checkpoint of this step (a resume went back) is replaced only if the run wrote it.

@@ -63,8 +63,7 @@ def test_defaults_build() -> None:
     assert config == SFTConfig()
     assert config.model.model == "smollm2-135m-instruct"
     assert config.lora.r == 16
-    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj",
-                                               "gate_proj", "up_proj", "down_proj"]
+    assert config.lora.target_modules == ["all-linear"]
     assert config.data.system_prompt is None
     assert config.training.max_steps == -1
 

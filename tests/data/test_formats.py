@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sft.data.formats import CONVERSATION, RecordRejected, choose_shape, shapes
+from sft.data.formats import CONVERSATION, RecordRejected, choose_shape, conversation_id, record_id, shapes
 from sft.data.prepare import REJECTS_FILE, TRAIN_FILE, VAL_FILE, main, prepare
+from sft.data.prepared import read_conversations
 from sft.data.sources import Source, read_source
 from sft.errors import DataError
 
@@ -50,7 +51,7 @@ CASES: dict[str, tuple[list[dict[str, Any]], list[list[dict[str, str]]], list[st
          sharegpt("human", "Weather?", "function_call", "{}", "observation", "{}", "gpt", "Sunny")],
         [chat("system", "Be brief.", "user", "Hi", "assistant", "Hey", "user", "Bye", "assistant", "See you"),
          chat("user", "Add 2 and 2.", "assistant", "4")],
-        ["duplicate_replaced", "last_turn_not_assistant", "tool_role"],
+        ["duplicate_replaced", "last_turn_not_assistant", "tool_call_invalid"],
     ),
     "messages": (
         [{"messages": chat("user", "Hi", "assistant", "Hello")},
@@ -210,7 +211,7 @@ def test_reasons_carry_the_turn_they_are_about() -> None:
     convert = shapes(CONVERSATION)["sharegpt"].convert
     with pytest.raises(RecordRejected) as info:
         convert(sharegpt("human", "q", "gpt", "a", "human", "q2", "observation", "{}"))
-    assert (info.value.reason, info.value.detail) == ("tool_role", "conversations[3]: from 'observation'")
+    assert (info.value.reason, info.value.detail) == ("tool_without_call", "conversations[3]")
 
 
 # --- a real multi-turn ShareGPT set -----------------------------------------------------------------
@@ -221,13 +222,112 @@ def test_glaive_toolcall_demo_prepares_with_exact_counts(tmp_path: Path) -> None
     if not src.is_file():
         pytest.skip(f"{src} is not on this machine")
     report = prepare([src], tmp_path / "out")
-    # 153 conversations call a tool (rejected); of the other 147, 45 repeat the user turns of a
-    # later one (20 of them word for word), which leaves 102.
-    assert report["sources"] == [{"path": str(src), "format": "sharegpt", "read": 300, "kept": 102,
-                                  "rejected": {"tool_role": 153}, "replaced": 45}]
-    assert (report["train"], report["val"]) == (94, 8)
+    # Every record is kept, its function_call turns as assistant tool calls and its observations as
+    # tool turns, with its tool list; 36 repeat the user turns, tool results and tools of a later one.
+    assert report["sources"] == [{"path": str(src), "format": "sharegpt", "read": 300, "kept": 264,
+                                  "rejected": {}, "replaced": 36}]
     source = read_source(src)
     assert sum(any(t["from"] in ("function_call", "observation") for t in item["conversations"])
                for _, item in source.items) == 153
-    kept = kept_messages(tmp_path / "out")
-    assert sum(len(messages) for messages in kept) == 2 * sum(m["role"] == "user" for ms in kept for m in ms)
+    rows = [row for name in (TRAIN_FILE, VAL_FILE) for row in read_conversations(tmp_path / "out" / name)]
+    assert len(rows) == report["train"] + report["val"] == 264
+    calls = [m for row in rows for m in row["messages"] if m.get("tool_calls")]
+    results = [m for row in rows for m in row["messages"] if m["role"] == "tool"]
+    assert len(calls) == len(results) > 150
+    assert all(m["content"] == "" and len(m["tool_calls"]) == 1 for m in calls)
+    first = next(row for row in rows if row["messages"][1].get("tool_calls"))
+    assert {tool["function"]["name"] for tool in first["tools"]} >= {first["messages"][1]["tool_calls"][0]["function"]["name"]}
+    assert sum("tools" in row for row in rows) == 171  # distinct keys among the 191 records with a tool list
+
+
+# --- LLaMA-Factory's system and history, tools, reasoning ----------------------------------------
+
+
+def convert(shape: str, item: dict[str, Any]):
+    return shapes(CONVERSATION)[shape].convert(item)
+
+
+def test_alpaca_system_and_history_become_turns() -> None:
+    """Issue 23 item 14: the record prepared to one turn without context before."""
+    item = {"instruction": "And the third?", "output": "Yellow.", "system": "You are a color bot.",
+            "history": [["Name a primary color.", "Red."], ["Another one?", "Blue."]]}
+    prepared = convert("alpaca", item)
+    assert prepared.fields == {"messages": chat("system", "You are a color bot.", "user", "Name a primary color.",
+                                                "assistant", "Red.", "user", "Another one?", "assistant", "Blue.",
+                                                "user", "And the third?", "assistant", "Yellow.")}
+    assert prepared.id == conversation_id(prepared.key) != record_id("And the third?", "")
+    plain = convert("alpaca", {"instruction": "And the third?", "output": "Yellow.", "system": "", "history": []})
+    assert plain.fields == {"messages": chat("user", "And the third?", "assistant", "Yellow.")}
+    assert plain.id == record_id("And the third?", "")  # records without them keep their ids
+
+
+@pytest.mark.parametrize(("history", "reason", "detail"), [
+    ("Red.", "history_invalid", "history is a string"),
+    ([["Name one."]], "history_invalid", "history[0] is not a [user, assistant] pair"),
+    ([["Name one.", " "]], "empty_turn", "history[0][1]"),
+    ([["Name one.", 3]], "content_not_string", "history[0][1]"),
+])
+def test_a_broken_alpaca_history_is_a_reject(history: Any, reason: str, detail: str) -> None:
+    with pytest.raises(RecordRejected) as info:
+        convert("alpaca", {"instruction": "q", "output": "a", "history": history})
+    assert (info.value.reason, info.value.detail) == (reason, detail)
+
+
+def test_sharegpt_top_level_system_becomes_the_system_turn(tmp_path: Path) -> None:
+    item = sharegpt("human", "Hi", "gpt", "Hello") | {"system": "Be brief."}
+    assert convert("sharegpt", item).fields == {"messages": chat("system", "Be brief.", "user", "Hi", "assistant", "Hello")}
+    with pytest.raises(RecordRejected) as info:
+        convert("sharegpt", sharegpt("system", "Be long.", "human", "Hi", "gpt", "Hello") | {"system": "Be brief."})
+    assert (info.value.reason, info.value.detail) == ("system_given_twice", "system and conversations[0]")
+    src = tmp_path / "raw.jsonl"
+    src.write_text(json.dumps(item) + "\n" + json.dumps(sharegpt("human", "Hi", "gpt", "Hello")) + "\n", encoding="utf-8")
+    report = prepare([src], tmp_path / "out")
+    assert report["sources"][0] | {"path": None} == {"path": None, "format": "sharegpt", "read": 2, "kept": 2,
+                                                      "rejected": {}, "replaced": 0}
+
+
+WEATHER = {"name": "get_weather", "description": "The weather now.", "parameters": {"type": "object"}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def test_llamafactory_function_call_and_observation_turns() -> None:
+    item = sharegpt("human", "Weather?", "function_call", '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+                    "observation", '{"temperature": 21}', "gpt", "21 degrees.") | {"tools": json.dumps([WEATHER])}
+    prepared = convert("sharegpt", item)
+    assert prepared.fields == {
+        "messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                     {"role": "tool", "content": '{"temperature": 21}'}, {"role": "assistant", "content": "21 degrees."}],
+        "tools": [{"type": "function", "function": WEATHER}]}
+    other_tools = convert("sharegpt", item | {"tools": "[]"})
+    assert "tools" not in other_tools.fields and other_tools.key != prepared.key
+
+
+def test_openai_tool_calls_with_arguments_as_json_text() -> None:
+    item = {"messages": [{"role": "user", "content": "Weather?"},
+                         {"role": "assistant", "content": None, "tool_calls": [
+                             {"id": "c1", "type": "function",
+                              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                         {"role": "tool", "tool_call_id": "c1", "content": "21"},
+                         {"role": "assistant", "content": "21 degrees."}],
+            "tools": [{"type": "function", "function": WEATHER}]}
+    messages = convert("messages", item).fields["messages"]
+    assert messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL | {"id": "c1"}]}
+    assert messages[2] == {"role": "tool", "content": "21"}
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content", "thinking", "think"])
+def test_an_assistants_reasoning_is_kept_under_any_of_its_names(field: str) -> None:
+    item = {"messages": [{"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "4", field: " Two and two make four.\r\n"}]}
+    assert convert("messages", item).fields["messages"][1] == {"role": "assistant", "content": "4",
+                                                               "reasoning": "Two and two make four."}
+    item["messages"][1]["reasoning_content" if field != "reasoning_content" else "reasoning"] = "Other."
+    with pytest.raises(RecordRejected, match="reasoning_given_twice"):
+        convert("messages", item)
+
+
+def test_preference_pairs_still_refuse_tool_turns() -> None:
+    with pytest.raises(RecordRejected, match="tool_role"):
+        shapes("preference")["sharegpt"].convert(
+            sharegpt("human", "q", "function_call", "{}") | {"chosen": {"from": "gpt", "value": "a"},
+                                                           "rejected": {"from": "gpt", "value": "b"}})

@@ -17,7 +17,8 @@ Infinity are numbers, so ``<field>_not_string``; nesting too deep to parse
 is a file-level error naming the line; a 10 MB instruction is kept; escaped
 control characters are kept, raw ones are a syntax error; a file mixing
 shapes, or of no known shape, is an error naming the records; a conversation
-that breaks the turn order or uses a tool role is a reject; a CSV row with a
+that breaks the turn order (a tool turn without a call before it) or holds a broken tool call is a
+reject; a CSV row with a
 value too many is an error naming its line.
 """
 
@@ -257,7 +258,18 @@ _BROKEN_TURNS: list[tuple[Any, str, str | None]] = [
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]}, {"role": "assistant", "content": "a"}]},
      "content_not_string", "messages[0]"),
     ({"messages": [{"role": "user", "content": None}]}, "content_not_string", "messages[0]"),
-    (turns("user", "q", "tool", "{}", "assistant", "a"), "tool_role", "messages[1]: role 'tool'"),
+    (turns("user", "q", "tool", "{}", "assistant", "a"), "tool_without_call", "messages[1]"),
+    (turns("user", "q", "assistant", "", "tool", "{}", "assistant", "a"), "empty_turn", "messages[1]"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]},
+                   {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}]},
+     "call_without_result", "messages[2]"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]},
+                   {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]},
+     "tool_call_invalid", "messages[1]: a call without a function name"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]},
+                   {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}]},
+     "tool_call_arguments_invalid", "messages[1]: not valid JSON"),
     (turns("user", "q", "bot", "a"), "unknown_role", "messages[1]: role 'bot'"),
     (turns("User", "q", "Assistant", "a"), "unknown_role", "messages[0]: role 'User'"),
     ({"messages": [{"role": None, "content": "q"}]}, "unknown_role", "messages[0]: role None"),
@@ -742,11 +754,11 @@ CASES: list[Case] = [
         check=check_broken_turns,
     ),
     Case(
-        "sharegpt_tool_roles_rejected",
+        "sharegpt_function_call_without_a_name_rejected",
         {"a.json": array(SHARE, turns("human", "q", "function_call", "{}", "observation", "{}", "gpt", "a",
                                       key="conversations", role="from", content="value"))},
         kept=1,
-        rejected={"tool_role": 1},
+        rejected={"tool_call_invalid": 1},
     ),
     Case(
         "sharegpt_roles_mapped",
@@ -1043,7 +1055,7 @@ _ASSISTANT = '{"role": "assistant", "content": "a"}'
         ('{"messages": []}', None, (":2: field 'messages' must be a list", "but it is empty")),
         ('{"messages": ["q"]}', None, (":2: field 'messages'[0] must be an object with 'role' and 'content', got a string",)),
         ('{"messages": [{"role": "tool", "content": "q"}]}', None,
-         (":2: field 'messages'[0].role must be one of system, user, assistant, got \"tool\"",)),
+         (":2: field 'messages' has a first turn (after an optional system turn) that is not the user's",)),
         ('{"messages": [{"content": "q"}]}', None, (":2: field 'messages'[0].role must be one of", "got null")),
         ('{"messages": [{"role": "user", "content": 3}]}', None,
          (":2: field 'messages'[0].content must be a string, got a number",)),

@@ -133,3 +133,41 @@ def test_a_bad_train_on_is_a_config_error(tiny_model_dir, prepared, capsys) -> N
 def test_the_sft_command_runs_it(tiny_model_dir, prepared, capsys) -> None:
     assert sft_main(["inspect", "--model", str(tiny_model_dir), "--file", str(prepared), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["segments"]) == 6
+
+
+# --- tools and reasoning ----------------------------------------------------------------------------
+
+TOOL_RECORD = {
+    "id": "weather", "source": "test",
+    "messages": [{"role": "user", "content": "Weather in Paris?"},
+                 {"role": "assistant", "content": "", "tool_calls": [
+                     {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                 {"role": "tool", "content": "21 degrees"},
+                 {"role": "assistant", "content": "It is 21 degrees.", "reasoning": "Read the result."}],
+    "tools": [{"type": "function", "function": {"name": "get_weather", "description": "The weather now."}}],
+}
+
+
+def test_a_tool_conversation_shows_the_tool_list_calls_and_results(tmp_path: Path, capsys) -> None:
+    from tests.data.test_chat_templates import tokenizer_of
+
+    model_dir = build_tiny_model_dir(tmp_path / "qwen", tokenizer_of("qwen2_5"))
+    path = write_jsonl(tmp_path / "tools.jsonl", [TOOL_RECORD])
+    status, out, _ = run(capsys, "--model", str(model_dir), "--file", str(path))
+    assert status == 0
+    assert "a tool list of 1 in the prompt" in out.splitlines()[0]
+    assert ('<tools>\n{"type": "function", "function": {"name": "get_weather", "description": "The weather now."}}\n'
+            '</tools>') in out  # masked: outside the marks
+    assert ('<|im_start|>assistant\n[[<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            '</tool_call><|im_end|>\n]]<|im_start|>user\n<tool_response>\n21 degrees\n</tool_response><|im_end|>\n'
+            '<|im_start|>assistant\n[[It is 21 degrees.<|im_end|>\n]]') in out
+    assert "The template does not render the reasoning of 1 answer(s): they are trained without it." in out
+
+
+def test_a_tool_conversation_the_template_cannot_render_is_the_reason_training_drops_it(
+        tiny_model_dir, tmp_path: Path, capsys) -> None:
+    path = write_jsonl(tmp_path / "tools.jsonl", [TOOL_RECORD])
+    status, out, err = run(capsys, "--model", str(tiny_model_dir), "--file", str(path))
+    assert status == 2 and out == ""
+    assert err.startswith(f"error: {path}: conversation 0 (id weather): training drops it (template_drops_tools): ")
+    assert err.count("\n") == 1

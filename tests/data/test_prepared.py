@@ -10,7 +10,7 @@ import pytest
 
 from sft.data.formats import conversation_id, record_id
 from sft.data.prepare import TRAIN_FILE, VAL_FILE, prepare
-from sft.data.prepared import read_conversations
+from sft.data.prepared import read_conversations, read_preferences
 from sft.errors import DataError
 
 
@@ -127,7 +127,9 @@ def test_missing_file_says_how_to_make_it(tmp_path: Path) -> None:
          "field 'messages' has a last turn that is not the assistant's (at [2])"),
         (chat("user", "q", "user", "q2", "assistant", "a"), "field 'messages' has two turns of one role in a row (at [1])"),
         (chat("user", "q", "function_call", "{}", "assistant", "a"),
-         "field 'messages'[1].role must be one of system, user, assistant, got \"function_call\""),
+         "field 'messages'[1].role must be one of system, user, assistant, tool, got \"function_call\""),
+        (chat("user", "q", "tool", "{}", "assistant", "a"),
+         "field 'messages' has a tool turn that follows no assistant turn with tool calls (at [1])"),
     ],
 )
 def test_conversation_rules_are_checked(tmp_path: Path, messages: list[dict[str, str]], message: str) -> None:
@@ -135,3 +137,53 @@ def test_conversation_rules_are_checked(tmp_path: Path, messages: list[dict[str,
     with pytest.raises(DataError) as info:
         read_conversations(path)
     assert str(info.value).startswith(f"{path}:1: {message}")
+
+
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def tool_messages() -> list[dict]:
+    return [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [CALL], "reasoning": "Call the tool."},
+            {"role": "tool", "content": "21 degrees"},
+            {"role": "assistant", "content": "It is 21 degrees.", "reasoning": "Read the result."}]
+
+
+def test_tools_tool_calls_and_reasoning_are_carried(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "train.jsonl", [{"id": "t", "messages": tool_messages(), "tools": [TOOL]},
+                                                  {"id": "p", "messages": chat("user", "q", "assistant", "a")}])
+    with_tools, plain = read_conversations(path)
+    assert with_tools == {"id": "t", "source": None, "messages": tool_messages(), "tools": [TOOL]}
+    assert "tools" not in plain
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.update(tools={"name": "x"}), "field 'tools' must be a list of {\"type\": \"function\""),
+        (lambda r: r.update(tools=[{"name": "x"}]), "field 'tools'[0] must be {\"type\": \"function\""),
+        (lambda r: r["messages"][1].update(tool_calls=[{"type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+         "field 'messages'[1].tool_calls[0] must be {\"type\": \"function\", \"function\": {\"name\", \"arguments\": {...}}}"),
+        (lambda r: r["messages"][1].update(tool_calls=[]), "field 'messages'[1].tool_calls must hold at least one call"),
+        (lambda r: r["messages"][3].update(reasoning=5), "field 'messages'[3].reasoning must be a string, got a number"),
+        (lambda r: r["messages"][1].pop("tool_calls"),
+         "field 'messages' has a tool turn that follows no assistant turn with tool calls (at [2])"),
+        (lambda r: r["messages"].__delitem__(2),
+         "field 'messages' has an assistant turn with tool calls not followed by a tool turn (at [2])"),
+    ],
+)
+def test_broken_tool_fields_are_refused_naming_the_field(tmp_path: Path, change, message: str) -> None:
+    record = {"id": "t", "messages": tool_messages(), "tools": [TOOL]}
+    change(record)
+    path = write_jsonl(tmp_path / "train.jsonl", [record])
+    with pytest.raises(DataError) as info:
+        read_conversations(path)
+    assert str(info.value).startswith(f"{path}:1: {message}")
+
+
+def test_preference_prompts_have_no_tool_turns(tmp_path: Path) -> None:
+    record = {"prompt": tool_messages()[:3] + [{"role": "user", "content": "And?"}], "chosen": "a", "rejected": "b"}
+    path = write_jsonl(tmp_path / "pairs.jsonl", [record])
+    with pytest.raises(DataError, match="field 'prompt'\\[2\\].role must be one of system, user, assistant, got"):
+        read_preferences(path)

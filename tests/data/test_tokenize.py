@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from sft.data.templates import encode_prompt, ensure_chat_template, render_conversation
+from sft.data.templates import encode_prompt, ensure_chat_template, render_conversation, render_prompt
 from sft.data.tokenize import (
     ALL_ASSISTANT_TURNS,
     IGNORE_INDEX,
@@ -200,15 +200,44 @@ def test_a_prompt_that_is_not_a_prefix_of_its_answer_is_an_error_naming_the_temp
         encode_conversation(tokenizer, conversation(1), 256)
 
 
-def test_a_template_that_rewrites_earlier_turns_is_an_error() -> None:
-    """Rendered alone the first turn works; continued, the conversation no longer starts with it."""
+def test_a_template_that_closes_only_the_last_turn_trains_the_final_rendering() -> None:
+    """Like Phi-3's EOS: what is written after the end of the last turn only is trained once, at the end."""
     tokenizer = role_lines_tokenizer(
         "acme/closing-chat", "{% if add_generation_prompt %}{{ 'assistant: ' }}{% else %}{{ 'END' }}{% endif %}")
+    example, truncated = encode_conversation(tokenizer, conversation(2), 256)
+    final = render_conversation(tokenizer, conversation(2))
+    assert truncated is False
+    assert example["input_ids"] == ids_of(tokenizer, final)
+    trained = [token for token in example["labels"] if token != IGNORE_INDEX]
+    assert trained == ids_of(tokenizer, "Blue.\n") + ids_of(tokenizer, "Red, of course.\nEND")
+
+
+def test_a_template_that_moves_the_system_prompt_gets_it_in_the_first_user_turn() -> None:
+    """Like Mistral-Instruct v0.3, which writes the system prompt into the last user turn: every
+    earlier answer's context would change as turns are added."""
+    tokenizer = build_tokenizer("chatml")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ 'user: ' }}{% if loop.last or loop.revindex == 2 %}"
+        "{{ messages[0]['content'] + ' ' if messages[0]['role'] == 'system' }}{% endif %}{{ m['content'] + '\\n' }}"
+        "{% elif m['role'] == 'assistant' %}{{ 'assistant: ' + m['content'] + '\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    messages = [{"role": "system", "content": "Be brief."}, *conversation(2)]
+    example, _ = encode_conversation(tokenizer, messages, 256)
+    assert example["input_ids"] == ids_of(tokenizer, "user: Be brief.\n\nName a color.\nassistant: Blue.\n"
+                                                     "user: Another one?\nassistant: Red, of course.\n")
+    # One turn renders as the template itself renders it.
+    assert render_prompt(tokenizer, messages[:2]) == tokenizer.apply_chat_template(
+        messages[:2], tokenize=False, add_generation_prompt=True).replace("Be brief. ", "Be brief.\n\n")
+
+
+def test_a_template_that_rewrites_the_conversation_before_an_answer_is_an_error() -> None:
+    tokenizer = role_lines_tokenizer("acme/counting-chat", "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tokenizer.chat_template = ("{{ messages | selectattr('role', 'equalto', 'user') | list | length }} questions\n"
+                               + tokenizer.chat_template)
     encode_conversation(tokenizer, conversation(1), 256)
-    with pytest.raises(TemplateError, match="acme/closing-chat .* the conversation through assistant turn 1 is not "
-                                            "a token prefix of the prompt of assistant turn 2") as info:
+    with pytest.raises(TemplateError, match="acme/counting-chat cannot be trained on by position: the prompt of "
+                                            "assistant turn 1 is not a token prefix of the prompt of assistant turn 2"):
         encode_conversation(tokenizer, conversation(2), 256)
-    assert "'END'" in str(info.value)
 
 
 def test_the_last_message_must_be_the_assistants(chatml_tokenizer) -> None:

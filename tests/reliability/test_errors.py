@@ -148,7 +148,7 @@ def test_pickled_model_weights_are_refused_as_the_readme_says(tiny_model_dir: Pa
     pytest.param({"lora_target_modules": "q_pro"}, ["no linear layer 'q_pro'", "did you mean 'q_proj'?"], id="typo"),
     pytest.param({"lora_target_modules": "q_proj,foo_proj"},
                  ["no linear layer 'foo_proj'", "its linear layers are down_proj, gate_proj"], id="one of two unknown"),
-    pytest.param({"lora_r": 100000000000}, ["lora_r: 100000000000 exceeds 32", "--lora-r"], id="huge rank"),
+    pytest.param({"lora_r": 100000000000}, ["lora_r: 100000000000 exceeds 16", "the linear layers", "--lora-r"], id="huge rank"),
 ])
 def test_lora_settings_the_model_cannot_take_name_the_field_before_adapters_are_added(
         tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture,

@@ -5,6 +5,7 @@ uninterrupted run gives; checkpoints are synced to disk before they are renamed 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -118,3 +119,15 @@ def test_checkpoint_files_and_folders_are_synced_before_the_rename(
         assert str(staged / name) in synced
     assert str(staged) in synced
     assert ("fsync", str(run)) in events[renamed:]
+
+
+@pytest.mark.parametrize("step", ["abc", 2.5, -1, True, None])
+def test_a_trainer_state_with_a_step_that_is_not_a_step_number_is_a_damaged_checkpoint(
+        interrupted_run: Path, tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path,
+        capsys: pytest.CaptureFixture, step: object) -> None:
+    run = copy_run(interrupted_run, tmp_path / "run")
+    state_file = run / "checkpoint-4" / "trainer_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    state_file.write_text(json.dumps({**state, "global_step": step}), encoding="utf-8")
+    status = main([*resume_flags(tiny_model_dir, data, run)[:-1], "--resume", str(run / "checkpoint-4")])
+    assert_user_error(status, capsys.readouterr().err, f"{state_file}: global_step is {step!r}")

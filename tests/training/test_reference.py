@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
@@ -119,3 +121,45 @@ def test_an_unreadable_cache_is_recomputed(model, chatml_tokenizer, tiny_model_d
     again, computed = cached_reference_logps(model, splits, tmp_path, identity, 8, PairCollator(), "cpu")
     assert computed == ["train"] and counting.calls == 2
     assert torch.allclose(again["train"], first["train"], atol=1e-5, rtol=0)
+
+
+def _tamper(path: Path, change: str) -> None:
+    """Rewrite the cache as someone editing it would, keeping its keys metadata."""
+    with safe_open(path, framework="pt") as file:
+        metadata = dict(file.metadata())
+        tensors = {name: file.get_tensor(name) for name in file.keys()}  # noqa: SIM118
+    if change == "+1000 on chosen":
+        tensors["train"][:, 0] += 1000
+    elif change == "int64 values":
+        tensors["train"] = tensors["train"].round().to(torch.int64)
+    elif change == "NaN":
+        tensors["train"][0, 1] = float("nan")
+    elif change == "a slightly changed value":
+        tensors["train"][0, 0] -= 0.5
+    elif change == "keys metadata []":
+        metadata["keys"] = "[]"
+    elif change == "no sha256 metadata (an earlier version)":
+        del metadata["sha256"]
+    save_file(tensors, path, metadata=metadata)
+
+
+@pytest.mark.parametrize("change", ["+1000 on chosen", "int64 values", "NaN", "a slightly changed value",
+                                    "keys metadata []", "no sha256 metadata (an earlier version)"])
+def test_an_edited_or_poisoned_cache_is_recomputed_with_a_note_never_used(
+        model, chatml_tokenizer, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        change: str) -> None:
+    counting = _Counting(monkeypatch)
+    identity = reference_identity(str(tiny_model_dir), None, torch.float32)
+    splits = {"train": _pairs(chatml_tokenizer)}
+    notes: list[str] = []
+    first, _ = cached_reference_logps(model, splits, tmp_path, identity, 8, PairCollator(), "cpu", notes.append)
+    assert notes == []
+    _tamper(tmp_path / REFERENCE_FILE, change)
+    again, computed = cached_reference_logps(model, splits, tmp_path, identity, 8, PairCollator(), "cpu",
+                                             notes.append)
+    assert computed == ["train"] and counting.calls == 2
+    assert torch.allclose(again["train"], first["train"], atol=1e-5, rtol=0)
+    assert len(notes) == 1 and str(tmp_path / REFERENCE_FILE) in notes[0] and "recomputing" in notes[0]
+    # the rewritten cache is intact again: read back without a note
+    _, computed = cached_reference_logps(model, splits, tmp_path, identity, 8, PairCollator(), "cpu", notes.append)
+    assert computed == [] and len(notes) == 1
