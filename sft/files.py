@@ -4,6 +4,8 @@ telling a damaged file (written by other tools, or cut short by a full disk) bef
 Every output is written under a temporary name in the same directory, flushed to disk (fsync),
 then renamed into place, and the directory is synced so the rename itself survives a power cut.
 A failure removes the temporary file or folder (and only it) and leaves what was there before.
+A writer killed outright (kill -9) cannot; its temporary, ``.NAME.HOST-PID-RANDOM.tmp``, is
+removed by the next writer of the same name once that process is gone.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import struct
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TypeVar
@@ -50,14 +55,55 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
         fsync_directory(directory)
 
 
+HOST_TAG = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+"""Which machine wrote a temporary: a process id means something only on the machine that
+issued it (a folder may be shared over a network)."""
+TEMPORARY_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the temporaries beside ``path`` that a killed writer of ``path`` left: those named
+    ``.NAME.HOST-PID-RANDOM.tmp`` for this name, written on this machine by a process that is no
+    longer alive. A live writer's temporary, another machine's, or any other file is left alone."""
+    removed = []
+    try:
+        siblings = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for sibling in siblings:
+        match = TEMPORARY_NAME.match(sibling.name)
+        if (match is None or match["name"] != path.name or match["host"] != HOST_TAG
+                or _process_alive(int(match["pid"]))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                sibling.unlink()
+        removed.append(sibling)
+    return removed
+
+
 def _temporary_beside(path: Path, create: Callable[[Path], T]) -> tuple[T, Path]:
-    """``create(name)`` for a fresh name ``.NAME.RANDOM.tmp`` beside ``path`` (``create`` fails
-    with FileExistsError on a taken name).
+    """``create(name)`` for a fresh name ``.NAME.HOST-PID-RANDOM.tmp`` beside ``path`` (``create``
+    fails with FileExistsError on a taken name), after removing the temporaries a killed writer of
+    the same name left there (:func:`remove_stale_temporaries`).
 
     The entries are made with the permissions a plain ``open`` or ``mkdir`` gives (0666 or 0777
     less the umask), not mkstemp's 0600: the outputs are the user's, to share as any other file."""
+    remove_stale_temporaries(path)
     while True:
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        temporary = path.with_name(f".{path.name}.{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
         try:
             return create(temporary), temporary
         except FileExistsError:

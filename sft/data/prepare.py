@@ -42,6 +42,7 @@ from sft.data.formats import (
 from sft.data.sources import read_source
 from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_files
+from sft.outputs import check_outputs, writing_into
 
 DEFAULT_VAL_FRACTION = 0.05
 DEFAULT_SEED = 42
@@ -199,8 +200,13 @@ def prepare(
     seed: int = DEFAULT_SEED,
     format_name: str = AUTO,
     method: Method = SFT,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Merge ``sources`` into train/val files under ``out_dir``; return the report.
+
+    An output is never an input, never anything but a regular file, and never a file this tool
+    did not write there unless ``force`` (:func:`sft.outputs.check_output`): checked before the
+    sources are read, and again under ``out_dir``'s writer lock when the set is written.
 
     ``format_name`` is a shape of ``method``'s kind, or ``auto`` to detect each source's shape.
     Raises :class:`DataError` for unusable input (missing or malformed
@@ -219,6 +225,8 @@ def prepare(
                           f"{method.default_out_dir})")
     paths = [os.fspath(source) for source in sources]
     _check_distinct(paths)
+    outputs = _output_names(method)
+    check_outputs([Path(out_dir) / name for name in outputs], paths, force, "--out-dir")
     merge = _Merge()
     for path in paths:
         source = read_source(path)
@@ -231,8 +239,13 @@ def prepare(
         raise DataError(_no_usable_records(merge.counts, method.kind))
     train, val = _split(examples, seed, val_fraction)
     report = _build_report(merge.counts, len(train), len(val), val_fraction, seed)
-    _write_outputs(Path(out_dir), method, train, val, merge.sorted_rejects(), report)
+    with writing_into(out_dir, outputs, paths, force, "--out-dir"):
+        _write_outputs(Path(out_dir), method, train, val, merge.sorted_rejects(), report)
     return report
+
+
+def _output_names(method: Method) -> tuple[str, ...]:
+    return method.train_file, method.val_file, REJECTS_FILE, REPORT_FILE
 
 
 def _no_usable_records(counts: list[SourceCounts], kind: str) -> str:
@@ -364,8 +377,7 @@ def _write_outputs(
     next training run would read without a word.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = (method.train_file, method.val_file, REJECTS_FILE, REPORT_FILE)
-    with atomic_files([out_dir / name for name in names]) as (train_file, val_file, rejects_file, report_file):
+    with atomic_files([out_dir / name for name in _output_names(method)]) as (train_file, val_file, rejects_file, report_file):
         train_file.writelines(_json_line(_example_json(e)) for e in train)
         val_file.writelines(_json_line(_example_json(e)) for e in val)
         rejects_file.writelines(_json_line(r) for r in rejects)
@@ -441,6 +453,11 @@ def build_parser(method: Method = SFT) -> argparse.ArgumentParser:
         metavar="N",
         help=f"seed for the hash-based split (default: {DEFAULT_SEED})",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace output files of the same names that this tool did not write there (default: refuse)",
+    )
     return parser
 
 
@@ -462,7 +479,7 @@ def format_summary(report: dict[str, Any], out_dir: str | os.PathLike[str], meth
                 f"warning: the {name} split is empty; with {kept} records, try "
                 "another --val-fraction or --seed"
             )
-    for name in (method.train_file, method.val_file, REJECTS_FILE, REPORT_FILE):
+    for name in _output_names(method):
         lines.append(f"wrote {Path(out_dir) / name}")
     return lines
 
@@ -484,7 +501,8 @@ def main(argv: Sequence[str] | None = None, method: Method = SFT) -> int:
     sources = args.source or list(method.default_sources)
 
     def run() -> None:
-        report = prepare(sources, args.out_dir, args.val_fraction, args.seed, args.format_name, method)
+        report = prepare(sources, args.out_dir, args.val_fraction, args.seed, args.format_name, method,
+                         args.force)
         _print_safely("\n".join(format_summary(report, args.out_dir, method)))
 
     return run_command(run)

@@ -4,7 +4,8 @@ The result loads with plain ``AutoModelForCausalLM.from_pretrained(DIR)``: safet
 config, the tokenizer saved with the adapter (including its chat template) and a generation
 config that stops at the end of the assistant's turn. It is written into a fresh temporary
 folder beside ``--out`` and renamed into place only when complete, so a failed merge leaves
-nothing behind and never touches anything but that folder.
+nothing behind and never touches anything but that folder. The adapter is read holding its
+folder's writer lock: a run still writing there is refused, not merged half-written.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sft.data.templates import end_of_turn_ids
 from sft.errors import ConfigError, ResourceError, run_command
 from sft.files import atomic_directory
 from sft.inference.loading import load_run, run_config
+from sft.outputs import writer_lock
 
 
 def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None,
@@ -35,7 +37,8 @@ def merge(adapter_dir: str | Path, out_dir: str | Path, model: str | None = None
     # Merged weights in float32 on the CPU: exact, and a 1B model fits in any machine's memory.
     config = run_config(adapter_dir, overrides={"trust_remote_code": trust_remote_code, "dtype": "float32",
                                                 "load_in_4bit": False})
-    run = load_run(adapter_dir, config, model_name=model, device="cpu")
+    with writer_lock(adapter_dir):  # a run still writing its adapter there is not merged half-written
+        run = load_run(adapter_dir, config, model_name=model, device="cpu")
     merged = run.model.merge_and_unload()
     merged.generation_config.eos_token_id = end_of_turn_ids(run.tokenizer)
     merged.generation_config.pad_token_id = run.tokenizer.pad_token_id

@@ -7,8 +7,9 @@ held-out set:
 - greedy answers of both to the first N held-out conversations, side by side: the prompt is the
   conversation up to its last assistant turn (built by the same code as training), that turn is
   the reference, and generation stops at the end of the turn.
-Writes ``eval/report.md``, ``eval/metrics.json`` and ``eval/generations.jsonl`` under the run's
-output directory.
+Writes ``eval/report.md``, ``eval/metrics.json`` and ``eval/generations.jsonl`` under the adapter
+directory evaluated (the one given, not the folder its run was trained in), holding the folder's
+writer lock; a file there of those names that sft did not write is replaced only with --force.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sft.errors import DataError, run_command
 from sft.files import atomic_write_text
 from sft.inference.generate import generate_greedy, generation_prompt
 from sft.inference.loading import LoadedRun, check_adapter_dir, load_run, run_config
+from sft.outputs import writing_into
 from sft.training.loss import supervised_totals
 from sft.training.plots import PLOT_FILE
 
@@ -44,20 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
                "read from a run directory: pass --trust-remote-code true to allow a model's own code.")
     parser.add_argument("--adapter", metavar="DIR",
                         help="adapter directory (default: the run's --output-dir; a checkpoint-N directory works too)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace eval/ files of those names that sft did not write (default: refuse)")
     add_config_arguments(parser)
     return parser
+
+
+EVAL_FILES = ("eval/generations.jsonl", "eval/metrics.json", "eval/report.md")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        overrides = {name: value for name, value in vars(args).items() if name not in {"config", "adapter"}}
+        overrides = {name: value for name, value in vars(args).items() if name not in {"config", "adapter", "force"}}
         output_dir = overrides.get("output_dir") or run_config(None, args.config).training.output_dir
         adapter_dir = Path(args.adapter or output_dir)
         check_adapter_dir(adapter_dir)
         config = run_config(adapter_dir, args.config, overrides)
-        report = evaluate(config, adapter_dir)
+        with writing_into(adapter_dir, EVAL_FILES, inputs=[config.data.val_file], force=args.force):
+            report = evaluate(config, adapter_dir)
         print(format_metrics(report["metrics"]))
         print(f"Report: {report['report_path']}")
 
@@ -102,7 +110,7 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
         metrics[f"{name}_answers_finished"] = sum(row[f"{name}_finished"] for row in generations)
     metrics["answers"] = len(generations)
 
-    eval_dir = Path(config.training.output_dir) / "eval"
+    eval_dir = adapter_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(eval_dir / "generations.jsonl",
                       "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations))
@@ -169,7 +177,7 @@ def render_report(config: SFTConfig, adapter_dir: Path, metrics: dict[str, Any],
         format_metrics(metrics),
         "",
         *([f"![training and validation loss](../{PLOT_FILE})", ""]
-          if (Path(config.training.output_dir) / PLOT_FILE).is_file() else []),
+          if (adapter_dir / PLOT_FILE).is_file() else []),
         f"## Greedy answers to {len(generations)} held-out prompts (max {config.eval.max_new_tokens} new tokens)",
     ]
     for number, row in enumerate(generations, 1):

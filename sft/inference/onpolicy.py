@@ -27,6 +27,7 @@ from sft.errors import ConfigError, run_command
 from sft.files import atomic_write_text
 from sft.inference.generate import generate_greedy, generation_prompt
 from sft.inference.loading import LoadedRun, check_adapter_dir, load_run, run_config
+from sft.outputs import check_output, writing_into
 
 SOURCE = "on-policy"
 
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=0, help="use the first N conversations only (default: all)")
     parser.add_argument("--finished-only", action="store_true",
                         help="keep only pairs whose generated answer ended its turn within --max-new-tokens")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing --out file that sft did not write (default: refuse)")
     args = parser.parse_args(argv)
 
     def run() -> None:
@@ -73,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--max-new-tokens must be >= 1 and --limit >= 0")
         adapter_dir = Path(args.adapter)
         check_adapter_dir(adapter_dir)
+        out = Path(args.out)
+        inputs = [args.source, *(path for path in adapter_dir.iterdir() if path.is_file())]
+        check_output(out, inputs, args.force)
         conversations = read_conversations(args.source)
         conversations = conversations[:args.limit] if args.limit else conversations
         run = load_run(adapter_dir, run_config(adapter_dir))
         pairs, too_long = onpolicy_pairs(run, conversations, args.max_new_tokens, args.finished_only)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
+        with writing_into(out.parent, [out.name], inputs, args.force):
+            atomic_write_text(out, "".join(json.dumps(pair, ensure_ascii=False) + "\n" for pair in pairs))
         print(f"wrote {len(pairs)} pairs to {args.out} ({len(conversations) - len(pairs)} of {len(conversations)} "
               f"conversations gave none: the model's answer was the reference, or unfinished with --finished-only"
               + (f"; {too_long} passed over: their prompt leaves fewer than --max-new-tokens {args.max_new_tokens} "

@@ -12,7 +12,8 @@ For each model, over the pairs of the run's validation file (tokenized as in tra
 One model is in memory at a time: the DPO run loads as its reference (base + SFT adapter merged)
 with its own adapter on top, scored with that adapter on and off; the base model is loaded after.
 Writes ``eval/preference_report.md``, ``eval/preference_metrics.json`` and
-``eval/preference_generations.jsonl`` under the run's output directory.
+``eval/preference_generations.jsonl`` under the adapter directory given (not the folder its run was
+trained in), holding that folder's writer lock.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_write_text
 from sft.inference.generate import generate_greedy
 from sft.inference.loading import LoadedRun, check_adapter_dir, folded_adapter, load_run, run_config
+from sft.outputs import writing_into
 from sft.training.preference import METRICS, PairCollator, metric_sums, pairs_answer_logps
 
 MODELS = ("base", "sft", "dpo")
@@ -46,15 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
                "training; flags override it.")
     parser.add_argument("--adapter", metavar="DIR",
                         help="the DPO run's adapter (default: its --output-dir; a checkpoint-N directory works too)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace eval/ files of those names that sft did not write (default: refuse)")
     add_config_arguments(parser, DPOConfig)
     return parser
+
+
+EVAL_FILES = ("eval/preference_generations.jsonl", "eval/preference_metrics.json", "eval/preference_report.md")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def run() -> None:
-        overrides = {name: value for name, value in vars(args).items() if name not in {"config", "adapter"}}
+        overrides = {name: value for name, value in vars(args).items() if name not in {"config", "adapter", "force"}}
         output_dir = overrides.get("output_dir") or run_config(None, args.config).training.output_dir
         adapter_dir = Path(args.adapter or output_dir)
         check_adapter_dir(adapter_dir)
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{adapter_dir}: not a DPO run (its configuration has no dpo section); sft eval-dpo "
                               f"compares base, SFT and DPO models: pass a run of `sft dpo`, or use `sft eval` for an "
                               f"SFT run")
-        report = evaluate_preferences(config, adapter_dir)
+        with writing_into(adapter_dir, EVAL_FILES, inputs=[config.data.val_file], force=args.force):
+            report = evaluate_preferences(config, adapter_dir)
         print(format_metrics(report["metrics"]))
         print(f"Report: {report['report_path']}")
 
@@ -133,7 +141,7 @@ def evaluate_preferences(config: DPOConfig, adapter_dir: Path) -> dict[str, Any]
                    | {f"{name}_finished": answers[name][row].finished for name in models}
                    for row, (_, record) in enumerate(shown)]
 
-    eval_dir = Path(config.training.output_dir) / "eval"
+    eval_dir = adapter_dir / "eval"
     eval_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(eval_dir / "preference_generations.jsonl",
                       "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,8 @@ BUNDLED_MODELS = {
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("SFT_CACHE", Path.home() / ".cache" / "sft"))
+    """``$SFT_CACHE``, or ~/.cache/sft when it is unset or empty (never the current directory)."""
+    return Path(os.environ.get("SFT_CACHE") or Path.home() / ".cache" / "sft")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -93,6 +93,11 @@ def _converted_bundled_model(name: str) -> Path:
     target = cache_root() / "models" / name
     if (target / "model.safetensors").is_file():
         return target
+    # A conversion appears whole by one rename, and a killed one's staging folder is removed by the
+    # next (sft.files): anything else at the target is not ours, and stays.
+    if os.path.lexists(target) and not (target.is_dir() and not target.is_symlink() and not any(target.iterdir())):
+        raise ModelNotFoundError(f"{target}: holds no converted model (no model.safetensors) and was not written by "
+                                 f"sft; move it away, or set SFT_CACHE to another folder")
     bundled = BUNDLED_MODELS[name]
     spec = importlib.util.find_spec(bundled.package)
     if spec is None or not spec.submodule_search_locations:
@@ -110,7 +115,6 @@ def _converted_bundled_model(name: str) -> Path:
     plain.load_state_dict(loaded.state_dict())
     plain.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier conversion in our own cache
     with atomic_directory(target) as staging:  # a conversion killed half-way never looks complete
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

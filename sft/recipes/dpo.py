@@ -202,28 +202,29 @@ def train(config: DPOConfig, resume: str | None = None, overwrite_output_dir: bo
           callbacks: list[TrainerCallback] | None = None) -> TrainingRun:
     """Run one DPO job and save its output."""
     check_dpo_config(config)
-    runtime = setup_runtime(config)
-    checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-    source = sft_adapter_source(config.dpo.sft_adapter, config.training.output_dir, resumed=checkpoint is not None)
-    tokenizer = load_run_tokenizer(config, runtime)
-    train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
-    runtime.say(describe_layout(config, runtime))
-    model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
-    sft_adapter = stage_sft_adapter(config.training.output_dir, runtime, source)
-    try:
-        scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
-                                      train=train_set, val=val_set)
-        trainer = build_trainer(config, runtime, model, tokenizer, scored["train"], scored["val"],
-                                resumed=checkpoint is not None, callbacks=callbacks)
-        save_run_files(config, runtime, data_report)
-        metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
-    except BaseException:
-        drop_unused_sft_adapter(config.training.output_dir, runtime, sft_adapter, source)
-        raise
-    finish(trainer, metrics, runtime)
-    runtime.say(f"Adapter saved to {config.training.output_dir}. Compare base, SFT and DPO on held-out pairs with: "
-                f"sft eval-dpo --output-dir {config.training.output_dir}")
-    return TrainingRun(trainer, metrics)
+    with setup_runtime(config) as runtime:  # holds the output directory's lock until the run ends
+        checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
+        source = sft_adapter_source(config.dpo.sft_adapter, config.training.output_dir,
+                                    resumed=checkpoint is not None)
+        tokenizer = load_run_tokenizer(config, runtime)
+        train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
+        runtime.say(describe_layout(config, runtime))
+        model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
+        sft_adapter = stage_sft_adapter(config.training.output_dir, runtime, source)
+        try:
+            scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
+                                          train=train_set, val=val_set)
+            trainer = build_trainer(config, runtime, model, tokenizer, scored["train"], scored["val"],
+                                    resumed=checkpoint is not None, callbacks=callbacks)
+            save_run_files(config, runtime, data_report)
+            metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
+        except BaseException:
+            drop_unused_sft_adapter(config.training.output_dir, runtime, sft_adapter, source)
+            raise
+        finish(trainer, metrics, runtime)
+        runtime.say(f"Adapter saved to {config.training.output_dir}. Compare base, SFT and DPO on held-out pairs "
+                    f"with: sft eval-dpo --output-dir {config.training.output_dir}")
+        return TrainingRun(trainer, metrics)
 
 
 if __name__ == "__main__":

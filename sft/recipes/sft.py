@@ -102,20 +102,20 @@ def build_trainer(config: SFTConfig, runtime: Runtime, model: Any, tokenizer: Pr
 def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bool = False,
           callbacks: list[TrainerCallback] | None = None) -> TrainingRun:
     """Run one fine-tuning job and save its output."""
-    runtime = setup_runtime(config)
-    checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-    tokenizer = load_run_tokenizer(config, runtime)
-    train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
-    runtime.say(describe_layout(config, runtime))
-    model = load_lora_model(config, runtime)
-    trainer = build_trainer(config, runtime, model, tokenizer, train_set, val_set, resumed=checkpoint is not None,
-                            callbacks=callbacks)
-    save_run_files(config, runtime, data_report)
-    metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
-    finish(trainer, metrics, runtime)
-    runtime.say(f"Adapter saved to {config.training.output_dir}. Evaluate it with: "
-                f"python -m sft.sft_test --output-dir {config.training.output_dir}")
-    return TrainingRun(trainer, metrics)
+    with setup_runtime(config) as runtime:  # holds the output directory's lock until the run ends
+        checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
+        tokenizer = load_run_tokenizer(config, runtime)
+        train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
+        runtime.say(describe_layout(config, runtime))
+        model = load_lora_model(config, runtime)
+        trainer = build_trainer(config, runtime, model, tokenizer, train_set, val_set, resumed=checkpoint is not None,
+                                callbacks=callbacks)
+        save_run_files(config, runtime, data_report)
+        metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
+        finish(trainer, metrics, runtime)
+        runtime.say(f"Adapter saved to {config.training.output_dir}. Evaluate it with: "
+                    f"python -m sft.sft_test --output-dir {config.training.output_dir}")
+        return TrainingRun(trainer, metrics)
 
 
 if __name__ == "__main__":

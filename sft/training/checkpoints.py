@@ -1,8 +1,9 @@
 """A run directory's checkpoints and files: which exist, which are intact, which are ours.
 
-Only entries this tool writes for a run are ever deleted: ``checkpoint-<step>`` folders (exactly
-that name: a user's ``checkpoint-6-good`` copy is not one) and the files in RUN_FILES. Everything
-else in the folder is the user's and stays.
+What is ours is decided by the run directory's manifest (sft.outputs), never by names: only
+entries a run recorded there, and still as it wrote them, are ever deleted (by rotation and by
+--overwrite-output-dir). RUN_FILES names what a run writes beside its checkpoints: a new run
+refuses a folder where a file of such a name is not its own, rather than overwrite it.
 
 Each checkpoint-N records, in IDENTITY_FILE, the run that wrote it (sft.training.identity) and its
 place in the run's history: ``session`` (a random id per training process), ``sequence`` (one more
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,12 @@ from typing import Any
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from sft.files import safetensors_damage
+from sft.outputs import Manifest
 
 CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 STAGING_DIR = ".checkpoint-staging"
+"""The prefix of the folder a checkpoint is written in before its rename (one per run,
+``.checkpoint-staging-PID-RANDOM``)."""
 IDENTITY_FILE = "run_identity.json"
 
 RUN_FILES = (
@@ -41,12 +44,9 @@ RUN_FILES = (
     # ours
     "sft_config.yaml", "data_report.json", "loss.png", "reference_logps.safetensors", "reference_logps.json",
     "adapter_origin.json",
-    STAGING_DIR,
 )
 SFT_ADAPTER_DIR = "sft_adapter"
 """Where a DPO run keeps the SFT adapter it was trained on top of (folded into the base first)."""
-RUN_DIRS = ("eval", "runs", SFT_ADAPTER_DIR)
-"""Folders a run fills: evaluation reports, TensorBoard logs, a DPO run's SFT adapter."""
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -118,35 +118,31 @@ def holds_run(run_dir: Path) -> bool:
                                  or bool(checkpoints(run_dir)))
 
 
-def run_entries(run_dir: Path) -> list[Path]:
-    """What this tool wrote for the run in ``run_dir``: the only entries it may delete."""
-    entries = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
-    entries += [run_dir / name for name in RUN_DIRS if (run_dir / name).is_dir()]
-    if is_peft_model_card(run_dir / "README.md"):
-        entries.append(run_dir / "README.md")
-    return entries + checkpoints(run_dir)
-
-
 def is_peft_model_card(readme: Path) -> bool:
     """Whether ``readme`` is the model card PEFT writes beside an adapter, not a user's README."""
     return readme.is_file() and "library_name: peft" in readme.read_text(encoding="utf-8", errors="replace")[:2000]
 
 
-def delete_run(run_dir: Path) -> list[Path]:
-    """Delete the run's own entries (never the folder, never anything else); returns them."""
-    entries = run_entries(run_dir)
-    for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    return entries
+def legacy_run_entries(run_dir: Path) -> list[str]:
+    """The entries a run of an older sft (which kept no manifest) wrote, by their names: adopted
+    into the manifest only when the user resumes that run."""
+    names = [name for name in (*RUN_FILES, SFT_ADAPTER_DIR) if (run_dir / name).exists()]
+    if is_peft_model_card(run_dir / "README.md"):
+        names.append("README.md")
+    return names + [path.name for path in checkpoints(run_dir) if not path.is_symlink()]
 
 
 def rotate_checkpoints(run_dir: Path, keep: int) -> None:
-    """Delete the checkpoint-N folders written first beyond ``keep``."""
-    for path in written_order(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path)
+    """Delete the run's own checkpoint-N folders written first beyond ``keep`` (of each, the files
+    the run wrote; a file added since stays). A checkpoint the manifest does not list (a symlink, a
+    copy put there by the user) is neither counted nor touched."""
+    if keep <= 0:
+        return
+    manifest = Manifest.load(run_dir)
+    ours = [path for path in written_order(run_dir) if path.name in manifest.entries and not path.is_symlink()]
+    for path in ours[:-keep]:
+        manifest.delete(path.name, changed_too=True)  # damaged, not edited: a run's checkpoint is read only
+    manifest.save()
 
 
 def damage(checkpoint: Path) -> str | None:

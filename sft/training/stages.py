@@ -1,7 +1,7 @@
 """The stages every training recipe is made of, in the order a recipe runs them.
 
-    runtime = setup_runtime(config)                      device, precision, processes, seed
-    checkpoint = prepare_output_dir(config, runtime, resume, overwrite)
+    with setup_runtime(config) as runtime:               device, precision, processes, seed
+    checkpoint = prepare_output_dir(config, runtime, resume, overwrite)   locks the folder for the run
     tokenizer = load_run_tokenizer(config, runtime)
     model = load_lora_model(config, runtime)
     save_run_files(config, runtime, reports)
@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,18 @@ from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import DevicePolicy, describe_precision, device_policy, keep_freed_cpu_memory
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
+from sft.outputs import MANIFEST_FILE, Manifest, remove_stale_staging, writer_lock
 from sft.training.checkpoints import (
+    CHECKPOINT_NAME,
+    RUN_FILES,
+    SFT_ADAPTER_DIR,
+    STAGING_DIR,
     damage,
-    delete_run,
     descends_from,
     holds_run,
     is_peft_model_card,
     latest_complete_checkpoint,
+    legacy_run_entries,
     written_order,
 )
 from sft.training.identity import check_resumable, new_session, run_identity
@@ -57,12 +63,22 @@ DATA_REPORT_FILE = "data_report.json"
 
 @dataclass
 class Runtime:
-    """Where and how this process trains."""
+    """Where and how this process trains; used as a context manager, it holds what the run holds
+    (the output directory's writer lock) until the run ends, however it ends."""
 
     policy: DevicePolicy
     state: PartialState
     attention: str
     """The attention implementation the model loads with (``auto`` resolved for this device)."""
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    logs_before: set[str] = field(default_factory=set)
+    """The TensorBoard log folders (``runs/``) that were there before the run: not its own."""
+
+    def __enter__(self) -> Runtime:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.held.close()
 
     @property
     def main_process(self) -> bool:
@@ -100,29 +116,88 @@ def setup_runtime(config: SFTConfig) -> Runtime:
 
 
 def prepare_output_dir(config: SFTConfig, runtime: Runtime, resume: str | None, overwrite: bool) -> str | None:
-    """Check the output directory and return the checkpoint to resume from (None: a new run).
+    """Check the output directory, lock it for the run's life, and return the checkpoint to resume
+    from (None: a new run).
 
     A new run refuses a directory holding another run unless ``overwrite``, and then deletes only
-    that run's own files. A resume checks that the configuration can continue the saved one and
-    picks the newest intact checkpoint, saying which damaged ones it skipped."""
+    what that run's manifest lists and is still as written; it refuses a folder where a file it
+    would write is not its own (:func:`start_new_run`). A resume checks that the configuration
+    can continue the saved one and picks the newest intact checkpoint, saying which damaged ones
+    it skipped."""
     output_dir = Path(config.training.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir: {output_dir} is a file; choose a directory (--output-dir)")
+    check_not_an_input(config, output_dir)
     problem = unwritable_reason(output_dir, create=True)
     if problem:
         raise ConfigError(f"output_dir: cannot write to {output_dir} ({problem}); choose another --output-dir")
+    if runtime.main_process:
+        runtime.held.enter_context(writer_lock(output_dir))
+        remove_stale_staging(output_dir, STAGING_DIR)  # a killed run's; none can be a live one's now
+        runtime.logs_before = set(os.listdir(output_dir / "runs")) if (output_dir / "runs").is_dir() else set()
     with runtime.state.main_process_first():  # the main process deletes a run being replaced before others look
         if resume is None:
-            if holds_run(output_dir):
-                if not overwrite:
-                    raise ConfigError(f"output_dir: {output_dir} holds another run; pass --resume to continue it, "
-                                      f"--overwrite-output-dir to replace it, or choose another --output-dir")
-                if runtime.main_process:
-                    delete_run(output_dir)
+            if runtime.main_process:
+                start_new_run(output_dir, overwrite)
             return None
         checkpoint = resume_checkpoint(output_dir, resume, runtime)
         check_resumable(config, checkpoint)
+        manifest = Manifest.load(output_dir)
+        if runtime.main_process and not manifest.found:  # a run of an older sft, resumed: its files are ours
+            manifest.record(*legacy_run_entries(output_dir))
         return str(checkpoint)
+
+
+def check_not_an_input(config: SFTConfig, output_dir: Path) -> None:
+    """Refuse an output directory that is the base model's folder, the SFT adapter's (DPO) or the
+    folder of the data files: the run would write its files over theirs."""
+    inputs = {"the base model's folder (--model)": config.model.model,
+              "the SFT adapter's folder (--sft-adapter)": getattr(getattr(config, "dpo", None), "sft_adapter", None),
+              "the folder of --train-file": Path(config.data.train_file).parent,
+              "the folder of --val-file": Path(config.data.val_file).parent}
+    for role, path in inputs.items():
+        with contextlib.suppress(OSError, TypeError):
+            if path is not None and os.path.samefile(output_dir, path):
+                raise ConfigError(f"output_dir: {output_dir} is {role}; the run's files would replace its own. "
+                                  f"Choose another --output-dir")
+
+
+def run_writes(run_dir: Path, name: str) -> bool:
+    """Whether a run writes an entry called ``name`` at the top of its folder (and would replace
+    one there): its files, its checkpoints, a DPO run's SFT adapter copy, PEFT's model card."""
+    return (name in RUN_FILES or name == SFT_ADAPTER_DIR or CHECKPOINT_NAME.match(name) is not None
+            or (name == "README.md" and is_peft_model_card(run_dir / name)))
+
+
+def start_new_run(output_dir: Path, overwrite: bool) -> None:
+    """Make ``output_dir`` ready for a new run: with ``overwrite`` delete the previous run's
+    entries its manifest lists (as far as they are as written); refuse while an entry the run
+    would write is there and not the manifest's; then start a fresh manifest claiming the run's
+    file names, so even a run killed before it records them leaves them known as its own."""
+    manifest = Manifest.load(output_dir)
+    if (manifest.present() or holds_run(output_dir)) and not overwrite:
+        raise ConfigError(f"output_dir: {output_dir} holds another run; pass --resume to continue it, "
+                          f"--overwrite-output-dir to replace it, or choose another --output-dir")
+    kept = manifest.delete_all() if overwrite and manifest.found else []
+    in_the_way = sorted(name for name in os.listdir(output_dir) if run_writes(output_dir, name))
+    if in_the_way:
+        shown = ", ".join(in_the_way[:8]) + (f" and {len(in_the_way) - 8} more" if len(in_the_way) > 8 else "")
+        changed = f" ({len(kept)} of the previous run's entries changed since it wrote them)" if kept else ""
+        legacy = ("" if manifest.found else f"; a run of an older sft kept no manifest ({MANIFEST_FILE}) of its "
+                                            f"files: delete that run's files yourself")
+        raise ConfigError(f"output_dir: {output_dir} holds {shown}, which this run would overwrite and which sft "
+                          f"did not write{changed}; move them away or choose another --output-dir{legacy}")
+    fresh = Manifest(output_dir, {}, found=False)
+    fresh.claim(*RUN_FILES, SFT_ADAPTER_DIR)
+
+
+def record_run_files(output_dir: Path, final: bool = False, also: tuple[str, ...] = ()) -> None:
+    """Describe in the manifest the run's files now in ``output_dir`` (all ours: a new run refused
+    any it did not write) and the entries ``also``; ``final``: the run has written all it will,
+    and the names it claimed but did not write are no longer its own."""
+    names = [name for name in os.listdir(output_dir) if run_writes(output_dir, name) and not CHECKPOINT_NAME.match(name)]
+    claimed = [*RUN_FILES, SFT_ADAPTER_DIR] if final else []
+    Manifest.load(output_dir).record(*dict.fromkeys([*names, *claimed, *also]))
 
 
 def resume_checkpoint(output_dir: Path, resume: str, runtime: Runtime) -> Path:
@@ -265,6 +340,7 @@ def save_run_files(config: SFTConfig, runtime: Runtime, data_report: dict[str, A
     output_dir.mkdir(parents=True, exist_ok=True)
     config.save(output_dir / RUN_CONFIG_FILE)
     atomic_write_text(output_dir / DATA_REPORT_FILE, json.dumps(data_report, indent=2) + "\n")
+    record_run_files(output_dir)
 
 
 def _out_of_memory_advice(config: SFTConfig, device: str, exc: BaseException) -> str:
@@ -335,12 +411,18 @@ def final_metrics(trainer: Trainer, result: Any) -> dict[str, Any]:
 
 def finish(trainer: Trainer, metrics: dict[str, Any], runtime: Runtime) -> None:
     """Save the adapter, tokenizer and trainer state, draw the loss plot."""
+    output_dir = Path(trainer.args.output_dir)
+    before = set(os.listdir(output_dir))
     with explained_write_failures(trainer.args):
         trainer.save_model()
         trainer.save_state()
     trainer.log_metrics("final", metrics)
     if runtime.main_process:
         print(f"Loss plot: {plot_losses(trainer.args.output_dir)}")
+        # What saving added (a tokenizer's files of other names) and the TensorBoard logs this run wrote.
+        added = set(os.listdir(output_dir)) - before - {"runs"}
+        logs = set(os.listdir(output_dir / "runs")) - runtime.logs_before if (output_dir / "runs").is_dir() else set()
+        record_run_files(output_dir, final=True, also=(*sorted(added), *(f"runs/{name}" for name in sorted(logs))))
     report_unfused_groups(trainer.accelerator.unwrap_model(trainer.model), runtime)
 
 

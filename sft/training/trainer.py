@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterable
@@ -23,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft.errors import NonFiniteLossError
+from sft.errors import ConfigError, NonFiniteLossError
 from sft.files import fsync_directory, fsync_tree
 from sft.modeling.fingerprint import base_fingerprint, write_adapter_origin
+from sft.outputs import Manifest
 from sft.training.checkpoints import (
     STAGING_DIR,
     latest_complete_checkpoint,
@@ -51,6 +54,7 @@ class SupervisedTrainer(Trainer):
         # tokens across accumulation steps and processes, and not divide the loss again.
         self.model_accepts_loss_kwargs = True
         self._staging_dir: str | None = None
+        self._staging_name_chosen: str | None = None
         # The first optimizer step whose loss was not finite, 0 while all were. Kept on the device
         # and read only when the Trainer logs or saves: reading it every micro-step would be a
         # host-device sync each time.
@@ -174,13 +178,26 @@ class SupervisedTrainer(Trainer):
     def _get_output_dir(self, trial: Any) -> str:
         return self._staging_dir or super()._get_output_dir(trial)
 
+    def _staging_name(self) -> str:
+        """This run's staging folder name, ``.checkpoint-staging-PID-RANDOM`` of the main process,
+        the same in every process of the run (the folder is shared; the name is not any other
+        run's, so two runs never write into one staging folder)."""
+        if self._staging_name_chosen is None:
+            name = [f"{STAGING_DIR}-{os.getpid()}-{secrets.token_hex(4)}"]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(name)
+            self._staging_name_chosen = name[0]
+        return self._staging_name_chosen
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Write checkpoint-N under a staging directory, sync it to disk, then rename it into
         place, so a run killed while saving (or a power cut) never leaves a half-written
-        checkpoint-N for --resume to pick. A diverged loss is never saved."""
+        checkpoint-N for --resume to pick. A diverged loss is never saved. The run's manifest
+        lists the checkpoint (claimed before the rename, described after it): only what it lists
+        is ever replaced or rotated away."""
         self.check_loss_finite()
         run_dir = Path(self.args.output_dir)
-        staging = run_dir / STAGING_DIR
+        staging = run_dir / self._staging_name()
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
             shutil.rmtree(staging, ignore_errors=True)
@@ -201,8 +218,16 @@ class SupervisedTrainer(Trainer):
                 shutil.rmtree(staging, ignore_errors=True)
             raise
         if self.args.should_save:
-            shutil.rmtree(run_dir / name, ignore_errors=True)
+            manifest = Manifest.load(run_dir)
+            # An older checkpoint of this step (a resume went back) is replaced only if the run wrote it.
+            if os.path.lexists(run_dir / name) and (name not in manifest.entries
+                                                 or manifest.delete(name, changed_too=True)):
+                shutil.rmtree(staging, ignore_errors=True)
+                raise ConfigError(f"{run_dir / name} is in the way of this run's checkpoint and was not written "
+                                  f"by it (or holds files added since); move it away and run again with --resume")
+            manifest.claim(name)
             os.replace(staging / name, run_dir / name)
             fsync_directory(run_dir)
             shutil.rmtree(staging, ignore_errors=True)
+            manifest.record(name)
             rotate_checkpoints(run_dir, self.args.save_total_limit)

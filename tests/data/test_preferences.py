@@ -18,6 +18,7 @@ from sft.data.prepare_dpo import main
 from sft.data.prepared import read_conversations, read_preferences
 from sft.data.sources import read_source
 from sft.errors import DataError
+from sft.outputs import MANIFEST_FILE
 from tests.data.test_formats import SHARED_DATA, WRITERS, chat
 
 
@@ -98,7 +99,7 @@ def test_every_preference_shape_in_every_file_type(tmp_path: Path, shape: str, s
     assert [(r["position"], r["reason"]) for r in rejects] == [
         (positions[0], reasons[0]), (positions[3], reasons[1]), (positions[4], reasons[2])]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        ["dpo_train.jsonl", "dpo_val.jsonl", REJECTS_FILE, REPORT_FILE])
+        ["dpo_train.jsonl", "dpo_val.jsonl", REJECTS_FILE, REPORT_FILE, MANIFEST_FILE])
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import pytest
 from sft.data.formats import RecordRejected, alpaca_fields, normalize_text, record_id
 from sft.data.prepare import REJECTS_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE, is_val, main, prepare
 from sft.errors import DataError
+from sft.outputs import MANIFEST_FILE
 
 
 def rid(instruction: str, input_text: str = "") -> str:
@@ -371,7 +372,7 @@ def test_two_runs_give_identical_bytes(tmp_path: Path) -> None:
     second = {name: (tmp_path / "out" / name).read_bytes() for name in names}
     assert first == second
     assert all(first.values())
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(names)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([*names, MANIFEST_FILE])
     assert b"\r" not in b"".join(first.values())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,15 @@ def test_eval_dpo_puts_base_sft_and_dpo_side_by_side(dpo_run: Path, capsys: pyte
     report = (dpo_run / "eval" / "preference_report.md").read_text()
     assert "| SFT (reference) |" in report and "**DPO**" in report
     assert "preference accuracy" in capsys.readouterr().out
+
+
+def test_eval_dpo_writes_under_the_adapter_folder_given(dpo_run: Path, tmp_path: Path) -> None:
+    """A copy of a run is evaluated into the copy; the run it was copied from keeps its own reports."""
+    copy = Path(shutil.copytree(dpo_run, tmp_path / "copy"))
+    before = {path: path.read_bytes() for path in dpo_run.rglob("*") if path.is_file()}
+    assert eval_dpo_main(["--adapter", str(copy), "--num-generations", "1", "--max-new-tokens", "2"]) == 0
+    assert (copy / "eval" / "preference_report.md").is_file()
+    assert {path: path.read_bytes() for path in dpo_run.rglob("*") if path.is_file()} == before
 
 
 def test_onpolicy_pairs_reject_the_sft_models_own_answers(sft_run: Path, tiny_model_dir: Path, tmp_path: Path,

@@ -12,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -122,6 +123,31 @@ class SignalAtStep(TrainerCallback):
     def __init__(self, step: int, signum: int = signal.SIGINT):
         self.step, self.signum = step, signum
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+    def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+def inode(pattern: Path) -> int | None:
+    """The inode of the entry matching ``pattern`` (a glob: the staging folder's name is the run's own)."""
+    for path in pattern.parent.parent.glob(f"{pattern.parent.name}/{pattern.name}"):
+        try:
+            return path.stat().st_ino
+        except FileNotFoundError:
+            continue
+    return None
+
+
+def kill_after(process: subprocess.Popen, folder: Path, delay: float, timeout: float = 120) -> bool:
+    """SIGKILL ``process`` ``delay`` seconds after it writes ``folder`` (a glob) anew (a damaged one
+    of the same name may be there from before); False if the process had ended by then."""
+    before = inode(folder)
+    deadline = time.monotonic() + timeout
+    while inode(folder) in (None, before) and process.poll() is None:
+        assert time.monotonic() < deadline, f"{folder} did not appear"
+        time.sleep(0.005)
+    time.sleep(delay)
+    ended_first = process.poll() is not None
+    process.kill()
+    process.wait()
+    return not ended_first

@@ -11,6 +11,7 @@ import pytest
 from sft.data.prepare import REJECTS_FILE, REPORT_FILE, TRAIN_FILE, VAL_FILE
 from sft.data.prepare import main as prepare_main
 from sft.export.gguf import main as export_main
+from sft.outputs import MANIFEST_FILE
 from tests.reliability.helpers import assert_user_error, run_python
 from tests.tiny import write_jsonl
 
@@ -29,7 +30,7 @@ def test_a_full_disk_while_preparing_leaves_the_previous_output_set_whole(tmp_pa
     out = tmp_path / "processed"
     assert prepare_main(["--source", str(write_jsonl(tmp_path / "old.jsonl", alpaca(40))), "--out-dir", str(out)]) == 0
     before = contents(out)
-    assert sorted(before) == sorted(PREPARED)
+    assert sorted(before) == sorted([*PREPARED, MANIFEST_FILE])  # the manifest: what prepare wrote there
     # The new source's rejects are its largest output: with writes beyond 64 kB failing as on a
     # full disk, the train and validation files fit and the rejects do not.
     new = write_jsonl(tmp_path / "new.jsonl", alpaca(60, start=100) + [{"instruction": f"{i} " + "x" * 2000}

@@ -113,7 +113,8 @@ def test_checkpoint_files_and_folders_are_synced_before_the_rename(
     checkpoint = str(run / "checkpoint-2")
     renamed = events.index(("rename", checkpoint))
     synced = {path for kind, path in events[:renamed] if kind == "fsync"}
-    staged = run / ".checkpoint-staging" / "checkpoint-2"
+    staged = next(Path(path) for path in synced  # the run's own staging folder, .checkpoint-staging-PID-RANDOM
+                  if Path(path).name == "checkpoint-2" and Path(path).parent.name.startswith(".checkpoint-staging-"))
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth"):
         assert str(staged / name) in synced
     assert str(staged) in synced

@@ -19,6 +19,7 @@ interruption and it continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,14 @@ from sft.inference.loading import (
     load_run,
     run_config,
 )
+from sft.outputs import Manifest, check_outputs, writer_lock, writing_into
 
 REFERENCE_MAX_NEW_TOKENS = 1280
 """The answer length the reference evaluation allows."""
 
 ANSWERS_FILE = "responses.jsonl"
 GENERATION_FILE = "generation.json"
+SCORE_FILES = ("eval_results_strict.jsonl", "eval_results_loose.jsonl", "scores.json")
 REPORT_SECTION = ("<!-- ifeval -->", "<!-- /ifeval -->")
 """Markers of the IFEval section in a run's eval/report.md, so a rerun replaces it."""
 
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64,
                         help="prompts answered together; more is faster until memory runs short (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace files in --out of the names it writes that sft did not write (default: refuse)")
     return parser
 
 
@@ -82,6 +87,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Score, holding the writer lock of the folder written into (and of the run's with --adapter):
+    its outputs are checked first (never an input, a device, or a file sft did not write there)."""
+    out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
+    run_dir = Path(args.adapter) if args.adapter else None
+    root = run_dir if run_dir and out.resolve().is_relative_to(run_dir.resolve()) else out
+    variants = [out] if args.responses else [out / "base", *([out / "adapter"] if run_dir else [])]
+    written = [folder / name for folder in variants for name in SCORE_FILES] + ([] if args.responses
+                                                                                 else [out / "report.md"])
+    # What ifeval reads back (the answers so far, the run's report it adds to) it checks itself.
+    state = [folder / name for folder in variants for name in (ANSWERS_FILE, GENERATION_FILE)] + (
+        [run_dir / "eval" / "report.md"] if run_dir else [])
+    inputs = [args.responses, args.input_data]
+    check_outputs(state, inputs, force=True)
+
+    def relative(path: Path) -> str:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+
+    with contextlib.ExitStack() as held:
+        if run_dir and root != run_dir:
+            held.enter_context(writer_lock(run_dir))
+        held.enter_context(writing_into(root, [relative(path) for path in written], inputs, args.force))
+        _score(args, out)
+        Manifest.load(root).record(*(relative(path) for path in state
+                                     if path.exists() and path.resolve().is_relative_to(root.resolve())))
+
+
+def _score(args: argparse.Namespace, out: Path) -> None:
     every_prompt = read_prompts(args.input_data)
     prompts = every_prompt[:args.limit]
     if args.responses:
@@ -94,10 +126,9 @@ def run(args: argparse.Namespace) -> None:
         if unanswered:
             print(f"note: {len(unanswered)} of {len(prompts)} prompts have no response in {args.responses} "
                   f"and are not scored", file=sys.stderr)
-        scores = score_responses([p for p in prompts if p.prompt in responses], responses, Path(args.out))
+        scores = score_responses([p for p in prompts if p.prompt in responses], responses, out)
         print(format_scores({Path(args.responses).name: scores}))
         return
-    out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
     run = load_run(args.adapter, run_config(args.adapter), args.model, args.device)
     system_prompt = run.config.data.system_prompt
     positions = run.max_positions
