@@ -144,6 +144,21 @@ def llama_cpp_gaps(config) -> list[str]:
     return gaps
 
 
+def llama_cpp_config(config):
+    """``config`` as llama.cpp runs the exported file: Mistral as Llama, no sliding window where
+    llama.cpp's architecture has none (the transformers model of what the file computes)."""
+    from transformers import AutoConfig
+
+    settings = config.to_dict()
+    arch = family_of(config).arch
+    if config.model_type == "mistral":
+        settings = {key: value for key, value in settings.items() if key not in ("model_type", "sliding_window")}
+        return AutoConfig.for_model("llama", **settings)
+    if arch in (gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.QWEN3, gguf.MODEL_ARCH.SMOLLM3):
+        settings.update(use_sliding_window=False, layer_types=["full_attention"] * config.num_hidden_layers)
+    return AutoConfig.for_model(settings.pop("model_type"), **settings)
+
+
 def _add_hyper_parameters(writer: gguf.GGUFWriter, config, name: str, precision: str) -> None:
     """The family's hyper-parameters under llama.cpp's keys (as its convert_hf_to_gguf writes them)."""
     family = family_of(config)
