@@ -30,6 +30,7 @@ import torch
 from sft.config import ConfigError, StrictArgumentParser
 from sft.errors import ModelNotFoundError, run_command
 from sft.export.gguf_vocab import add_tokenizer, tokenizer_kind
+from sft.export.verify import VerificationError
 from sft.files import atomic_paths, unwritable_reason
 from sft.modeling.models import load_model, load_tokenizer, resolve_model_path
 
@@ -127,7 +128,7 @@ def llama_cpp_gaps(config) -> list[str]:
     gaps = []
     family = family_of(config)
     window = getattr(config, "sliding_window", None)
-    uses_window = window and (config.model_type in ("mistral", "smollm3") or getattr(config, "use_sliding_window", False))
+    uses_window = window and (config.model_type == "mistral" or getattr(config, "use_sliding_window", False))
     if uses_window and family.arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.QWEN2, gguf.MODEL_ARCH.QWEN3,
                                        gguf.MODEL_ARCH.SMOLLM3):
         gaps.append(f"llama.cpp's {arch_name(config)} has no sliding window: the file matches the model on "
@@ -300,23 +301,76 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16",
     return out
 
 
+VERIFY_BY_DEFAULT_BELOW = 1_000_000_000
+"""Models with fewer parameters (the bundled SmolLM2-135M demo among them) are verified unless
+--no-verify: there it takes seconds; larger ones ask for it with --verify."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = StrictArgumentParser(prog="sft export", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True, metavar="FILE", help="GGUF file to write")
     parser.add_argument("--model", required=True, help="merged model directory (from sft merge)")
     parser.add_argument("--precision", default="f16", help=f"weight type: {', '.join(TYPES)} (default: f16)")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                        help="read the file back and compare tokens, logits and greedy replies with the model "
+                             "(default: on below 1B parameters, as the bundled model)")
+    parser.add_argument("--ollama", metavar="NAME", nargs="?", const="", default=None,
+                        help="also write a Modelfile beside the GGUF (NAME: the Ollama model name to print; "
+                             "default: the file's stem)")
+    parser.add_argument("--system-prompt", help="the run's system prompt, written as the Modelfile's SYSTEM")
     args = parser.parse_args(argv)
 
     def command() -> None:
+        out = Path(args.gguf)
+        modelfile_path = out.parent / "Modelfile"
+        if args.ollama is not None and modelfile_path.exists():
+            raise ConfigError(f"--ollama: {modelfile_path} exists; export into another directory")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            path = export_gguf(args.model, args.gguf, args.precision, log=print)
+            path = export_gguf(args.model, out, args.precision, log=print)
         for warning in caught:
             print(f"warning: {warning.message}")
         print(f"wrote {path}")
+        try:
+            _after_export(args, path, modelfile_path)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)  # a file that failed its checks is not left for use
+            if isinstance(exc, ConfigError | VerificationError):
+                raise type(exc)(f"{exc} ({path} removed)") from None
+            raise
 
     return run_command(command)
+
+
+def _after_export(args: argparse.Namespace, path: Path, modelfile_path: Path) -> None:
+    from transformers import GenerationConfig
+
+    from sft.export.ollama import modelfile
+    from sft.export.verify import verify_gguf
+    from sft.files import atomic_write_text
+
+    verify = args.verify
+    if verify is None:
+        from safetensors import safe_open
+
+        parameters = 0
+        for shard in Path(args.model).glob("*.safetensors"):
+            with safe_open(shard, "pt") as handle:
+                parameters += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+        verify = parameters < VERIFY_BY_DEFAULT_BELOW
+    if verify:
+        verify_gguf(args.model, path, args.precision, log=print)
+        print("verify: passed")
+    if args.ollama is not None:
+        tokenizer = load_tokenizer(str(args.model))
+        try:
+            generation = GenerationConfig.from_pretrained(args.model)
+        except OSError:
+            generation = None
+        atomic_write_text(modelfile_path, modelfile(path, tokenizer, generation, args.system_prompt))
+        name = args.ollama or path.stem
+        print(f"wrote {modelfile_path}; next:\n  ollama create {name} -f {modelfile_path}\n  ollama run {name}")
 
 
 if __name__ == "__main__":

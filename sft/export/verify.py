@@ -27,9 +27,10 @@ others are twice the worst measured on the tiny random models of every family (f
 0.14, q8_0 0.36, q4_0 3.3: weights drawn at 0.3 and rows of two 32-wide blocks make them far more
 sensitive to rounding than a trained model)."""
 
-GREEDY_PRECISIONS = {"f32", "f16", "bf16", "q8_0"}
-"""The precisions held to the same greedy reply; q4_0 may flip a near tie, and is held to its
-logit tolerance only."""
+GREEDY_PRECISIONS = {"f32", "f16"}
+"""The precisions held to the same greedy reply. bf16, q8_0 and q4_0 flip near ties (bf16 on the
+tiny random models within 12 tokens; on the demo model llama.cpp's q8_0 reply takes another
+wording after 11 tokens): they are held to their logit tolerances only."""
 
 REPLY_PROMPTS = ["Describe the ocean in one sentence.", "List the planets of the solar system.",
                  "What is the capital of France?"]
