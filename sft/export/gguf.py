@@ -84,7 +84,7 @@ def family_of(config) -> Family:
     return FAMILIES[config.model_type]
 
 
-def _rotary_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+def rotary_permute(weight: np.ndarray, heads: int) -> np.ndarray:
     """Reorder q/k rows from Hugging Face's rotate-half rotary layout to GGML's interleaved one."""
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]) \
         .swapaxes(1, 2).reshape(weight.shape)
@@ -231,9 +231,9 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
             raise ConfigError(f"tensor {hf_name} has no place in llama.cpp's {arch_name(config)} architecture")
         data = tensor.detach().float().numpy()
         if family.rotary_permute and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            data = _rotary_permute(data, config.num_attention_heads)
+            data = rotary_permute(data, config.num_attention_heads)
         elif family.rotary_permute and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            data = _rotary_permute(data, kv_heads)
+            data = rotary_permute(data, kv_heads)
         if family.norm_shift and hf_name.endswith("norm.weight"):
             data = data + family.norm_shift
         yield found[1], data
@@ -310,7 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = StrictArgumentParser(prog="sft export", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", required=True, metavar="FILE", help="GGUF file to write")
-    parser.add_argument("--model", required=True, help="merged model directory (from sft merge)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="merged model directory (from sft merge)")
+    source.add_argument("--adapter", help="a run's adapter (output directory or checkpoint-N): written as a GGUF "
+                                          "LoRA adapter for llama.cpp's --lora / Ollama's ADAPTER, beside the "
+                                          "base model's GGUF")
+    parser.add_argument("--base-model", help="with --adapter: the base model (default: the one the adapter names)")
     parser.add_argument("--precision", default="f16", help=f"weight type: {', '.join(TYPES)} (default: f16)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                         help="read the file back and compare tokens, logits and greedy replies with the model "
@@ -320,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
                              "default: the file's stem)")
     parser.add_argument("--system-prompt", help="the run's system prompt, written as the Modelfile's SYSTEM")
     args = parser.parse_args(argv)
+
+    if args.adapter is not None:
+        if args.verify or args.ollama is not None:
+            parser.error("--verify and --ollama apply to --model; a LoRA adapter is checked by its tests")
+        from sft.export.gguf_lora import export_lora_gguf
+
+        return run_command(lambda: print(f"wrote {export_lora_gguf(args.adapter, args.gguf, args.base_model)}"))
 
     def command() -> None:
         out = Path(args.gguf)
