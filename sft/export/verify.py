@@ -145,6 +145,17 @@ def byte_level_tokenizer_from_gguf(gguf_file: Path):
     return PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=field("tokenizer.chat_template"), **named)
 
 
+def prefix_every_piece(tokenizer) -> None:
+    """A SentencePiece file's add_space_prefix as llama.cpp reads it: a space before every piece of
+    text between special tokens, also one that starts with a space (transformers' reader prepends
+    one only at the start, which is not what llama.cpp runs)."""
+    from tokenizers import normalizers
+
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    backend.pre_tokenizer = None
+
+
 def verify_gguf(model_dir: str | Path, gguf_file: str | Path, precision: str,
                 log: Callable[[str], None] = print) -> None:
     """Check ``gguf_file`` against the merged model in ``model_dir``; raise VerificationError."""
@@ -161,11 +172,15 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, precision: str,
     # transformers picks the text-splitting regex by architecture, not by the file's pre-tokenizer
     # name: a file whose pre-tokenizer is not its architecture's own ('default') is rebuilt from its
     # vocabulary and merges alone.
-    pre = gguf.GGUFReader(gguf_file).fields.get("tokenizer.ggml.pre")
+    file_fields = gguf.GGUFReader(gguf_file).fields
+    pre = file_fields.get("tokenizer.ggml.pre")
     if arch in TRANSFORMERS_ARCHITECTURES and (pre is None or pre.contents() != "default"):
         exported_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     else:
         exported_tokenizer = byte_level_tokenizer_from_gguf(gguf_file)
+    space_prefix = file_fields.get("tokenizer.ggml.add_space_prefix")
+    if space_prefix is not None and space_prefix.contents():
+        prefix_every_piece(exported_tokenizer)
     check_tokens(tokenizer, exported_tokenizer)
     log(f"verify: tokens match on {len(tokenizer_probes(tokenizer))} probes")
     for gap in llama_cpp_gaps(model.config):

@@ -205,3 +205,21 @@ def test_the_bundled_model_is_written_with_llama_cpps_smollm_pre_tokenizer_and_v
         gguf_file = export_gguf(model_dir, tmp_path / f"smollm2-{precision}.gguf", precision)
         assert fields(gguf_file)["tokenizer.ggml.pre"] == "smollm"
         verify_gguf(model_dir, gguf_file, precision, log=print)
+
+
+@pytest.mark.parametrize("kind", ["llama-spm-legacy", "llama-spm", "zephyr", "llama3", "plain"])
+def test_sentencepiece_and_llama_tokenizers_verify_as_llama_cpp_reads_them(tmp_path: Path, kind: str) -> None:
+    """llama.cpp prepends a space to every piece of a SentencePiece text, also to one that starts
+    with a space or follows a special token: so does the Llama-2-style tokenizer.json (legacy),
+    which verifies; the newer Metaspace layout prepends it at the start only, and --verify names
+    the first probe where llama.cpp will tokenize differently from training."""
+    from tests.tiny import build_tiny_model_dir
+
+    model_dir = build_tiny_model_dir(tmp_path / kind, build_tokenizer(kind))
+    gguf_file = export_quietly(model_dir, tmp_path / f"{kind}.gguf", "f16")
+    if kind == "llama-spm":
+        with pytest.raises(VerificationError, match=r"tokens differ on probe 'leading space' at token 2: the "
+                                                    r"model's tokenizer gives '▁s', the GGUF's '▁'"):
+            verify_gguf(model_dir, gguf_file, "f16", log=lambda line: None)
+    else:
+        verify_gguf(model_dir, gguf_file, "f16", log=lambda line: None)
