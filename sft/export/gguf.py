@@ -254,7 +254,7 @@ def check_export(model_dir: Path, out: Path, precision: str) -> None:
     """The one-line errors a bad request gets before any model is loaded."""
     if precision not in TYPES:
         raise ConfigError(f"--precision {precision}: not a GGUF weight type sft writes; choose one of "
-                          f"{', '.join(TYPES)}")
+                          f"{', '.join(TYPES)} (for k-quants, run llama.cpp's llama-quantize on the f16 file)")
     if (model_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{model_dir} holds an adapter, not a model: run `sft merge` first and export its output")
     if not model_dir.is_dir():
@@ -369,7 +369,7 @@ def _after_export(args: argparse.Namespace, path: Path, modelfile_path: Path) ->
         parameters = 0
         for shard in Path(args.model).glob("*.safetensors"):
             with safe_open(shard, "pt") as handle:
-                parameters += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+                parameters += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())  # noqa: SIM118 - safe_open has no __iter__
         verify = parameters < VERIFY_BY_DEFAULT_BELOW
     if verify:
         verify_gguf(args.model, path, args.precision, log=print)

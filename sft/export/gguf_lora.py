@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from sft.config import ConfigError
-from sft.export.gguf import rotary_permute, arch_name, family_of
+from sft.export.gguf import arch_name, family_of, rotary_permute
 from sft.files import atomic_paths, unwritable_reason
 
 PEFT_PREFIX = "base_model.model."

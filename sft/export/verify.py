@@ -78,9 +78,10 @@ def check_tokens(tokenizer, exported) -> None:
         actual = exported(text, add_special_tokens=add_special).input_ids
         if expected != actual:
             at = _first_difference(expected, actual)
-            show = (lambda ids: repr(tokenizer.convert_ids_to_tokens(ids[at]) if at < len(ids) else "(end)"))
+            want, got = (repr(tokenizer.convert_ids_to_tokens(ids[at]) if at < len(ids) else "(end)")
+                         for ids in (expected, actual))
             raise VerificationError(f"tokens differ on probe {name!r} at token {at}: the model's tokenizer gives "
-                                    f"{show(expected)}, the GGUF's {show(actual)}")
+                                    f"{want}, the GGUF's {got}")
     if (exported.chat_template or None) != (tokenizer.chat_template or None):
         raise VerificationError("the GGUF's chat template differs from the model's")
 

@@ -194,8 +194,9 @@ def test_an_unknown_pre_tokenizer_is_written_as_default_with_a_warning(tmp_path:
 
 @pytest.mark.slow
 def test_the_bundled_model_is_written_with_llama_cpps_smollm_pre_tokenizer_and_verifies(tmp_path: Path) -> None:
-    from sft.modeling.models import BUNDLED_MODELS, resolve_model_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.modeling.models import BUNDLED_MODELS, resolve_model_path
 
     source = resolve_model_path(next(iter(BUNDLED_MODELS)))
     model_dir = tmp_path / "smollm2"

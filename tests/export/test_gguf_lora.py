@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sft.export.gguf import export_gguf, main as export_main
+from sft.export.gguf import export_gguf
+from sft.export.gguf import main as export_main
 from tests.families import build_family_model_dir
 from tests.tiny import build_tokenizer
 

@@ -55,8 +55,7 @@ def render_with_go(template: str, conversations: list[list[dict]], tmp_path: Pat
     (tmp_path / "values.json").write_text(json.dumps([{"messages": messages} for messages in conversations]),
                                           encoding="utf-8")
     done = subprocess.run(["go", "run", str(GO_RENDERER), str(tmp_path / "template"), str(tmp_path / "values.json")],
-                          capture_output=True, text=True, timeout=300, env={"GOCACHE": str(tmp_path / "gocache"),
-                                                                            "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
