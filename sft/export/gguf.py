@@ -266,14 +266,24 @@ def check_export(model_dir: Path, out: Path, precision: str) -> None:
         raise ConfigError(f"--gguf {out}: cannot write into {out.parent} ({problem}); choose another path")
 
 
+def _refuse_unknown_family(model_dir: Path) -> None:
+    """An unknown family is refused before the weights load (a damaged config.json is left for the
+    model loader to name)."""
+    try:
+        model_type = json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return
+    family_of(argparse.Namespace(model_type=model_type))
+
+
 def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16",
                 log: Callable[[str], None] = lambda line: None) -> Path:
     """Write the merged model in ``model_dir`` as the GGUF file ``out``; nothing is left on failure."""
     model_dir, out = Path(model_dir), Path(out)
     check_export(model_dir, out, precision)
+    _refuse_unknown_family(model_dir)
     model = load_model(resolve_model_path(str(model_dir)), torch.float32, attn_implementation="eager")
     config = model.config
-    family_of(config)
     tokenizer = load_tokenizer(str(model_dir))
     if tokenizer_kind(json.loads(tokenizer.backend_tokenizer.to_str())) is None:
         raise ConfigError(f"{model_dir}: only byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) and "
