@@ -136,6 +136,9 @@ def llama_cpp_gaps(config) -> list[str]:
     if config.model_type in ("gemma2", "gemma3_text") and \
             getattr(config, "query_pre_attn_scalar", _head_dim(config)) != _head_dim(config):
         gaps.append("llama.cpp scales Gemma's attention by 1/sqrt(head_dim), not by query_pre_attn_scalar")
+    if config.model_type == "phi3" and config.sliding_window:
+        gaps.append(f"llama.cpp's phi3 sliding window gives other logits than transformers' (measured with a window of "
+                    f"4): the file matches the model on contexts up to {config.sliding_window} tokens only")
     if config.model_type == "smollm3" and getattr(config, "no_rope_layer_interval", 4) != 4:
         gaps.append("llama.cpp's smollm3 skips rope on every 4th layer, not on every "
                     f"{config.no_rope_layer_interval}th")
@@ -242,7 +245,8 @@ def gguf_tensors(model) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def _tensor_type(name: str, data: np.ndarray, precision: str) -> gguf.GGMLQuantizationType:
-    kind = TYPES[precision] if data.ndim == 2 else Q.F32  # norms, biases, rope factors stay exact
+    exact = data.ndim != 2 or "_norm." in name  # norms (Cohere's q/k norms are 2-D), biases, rope factors
+    kind = Q.F32 if exact else TYPES[precision]
     if kind == Q.Q4_0 and name in EMBEDDING_TENSORS:
         kind = Q.Q8_0
     if kind in BLOCK_QUANTIZED and data.shape[-1] % 32:
@@ -291,6 +295,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16",
     if len(tokenizer) > config.vocab_size:
         raise ConfigError(f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                           f"{config.vocab_size} rows; resize the embedding (model.resize_token_embeddings) first")
+    if config.model_type == "cohere" and bool(getattr(config, "use_qk_norm", False)) != (config.num_hidden_layers >= 64):
+        raise ConfigError(f"{model_dir}: llama.cpp's command-r reads q/k norms exactly when a model has 64 layers or "
+                          f"more (Command R+); this one has {config.num_hidden_layers} with use_qk_norm="
+                          f"{config.use_qk_norm}, and llama.cpp would refuse the file")
     for gap in llama_cpp_gaps(config):
         warnings.warn(gap, stacklevel=2)
     with atomic_paths([out]) as (temporary,):  # a full disk or a kill leaves no half-written file
