@@ -319,11 +319,6 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16",
     return out
 
 
-VERIFY_BY_DEFAULT_BELOW = 1_000_000_000
-"""Models with fewer parameters (the bundled SmolLM2-135M demo among them) are verified unless
---no-verify: there it takes seconds; larger ones ask for it with --verify."""
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = StrictArgumentParser(prog="sft export", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -335,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "base model's GGUF")
     parser.add_argument("--base-model", help="with --adapter: the base model (default: the one the adapter names)")
     parser.add_argument("--precision", default="f16", help=f"weight type: {', '.join(TYPES)} (default: f16)")
-    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                         help="read the file back and compare tokens, logits and greedy replies with the model "
-                             "(default: on below 1B parameters, as the bundled model)")
+                             "(the bundled model's demo command passes it)")
     parser.add_argument("--ollama", metavar="NAME", nargs="?", const="", default=None,
                         help="also write a Modelfile beside the GGUF (NAME: the Ollama model name to print; "
                              "default: the file's stem)")
@@ -380,16 +375,7 @@ def _after_export(args: argparse.Namespace, path: Path, modelfile_path: Path) ->
     from sft.export.verify import verify_gguf
     from sft.files import atomic_write_text
 
-    verify = args.verify
-    if verify is None:
-        from safetensors import safe_open
-
-        parameters = 0
-        for shard in Path(args.model).glob("*.safetensors"):
-            with safe_open(shard, "pt") as handle:
-                parameters += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())  # noqa: SIM118 - safe_open has no __iter__
-        verify = parameters < VERIFY_BY_DEFAULT_BELOW
-    if verify:
+    if args.verify:
         verify_gguf(args.model, path, args.precision, log=print)
         print("verify: passed")
     if args.ollama is not None:

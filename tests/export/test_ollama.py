@@ -105,7 +105,7 @@ def test_export_ollama_writes_the_modelfile_and_prints_the_next_commands(tmp_pat
     out = tmp_path / "out"
     out.mkdir()
     assert export_main(["--model", str(model_dir), "--gguf", str(out / "tiny.gguf"), "--precision", "q8_0",
-                        "--ollama", "tiny-qwen", "--system-prompt", "Be brief."]) == 0
+                        "--verify", "--ollama", "tiny-qwen", "--system-prompt", "Be brief."]) == 0
     printed = capsys.readouterr().out
     assert "verify: passed" in printed
     assert f"ollama create tiny-qwen -f {out / 'Modelfile'}\n  ollama run tiny-qwen" in printed
