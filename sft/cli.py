@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("sft.training.plots", "draw a run's training and validation loss (loss.png)"),
     "merge": ("sft.export.merge", "fold the adapter into the base model: a standalone model directory"),
     "chat": ("sft.inference.chat", "talk to base + adapter in the terminal (or --prompt for one answer)"),
-    "export": ("sft.export.gguf", "write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio)"),
+    "export": ("sft.export.gguf", "write a merged model or an adapter as GGUF (llama.cpp, Ollama, LM Studio)"),
     "ifeval": ("sft.inference.ifeval.command", "instruction-following scores (IFEval), base vs adapter"),
     "fetch-eval-data": ("sft.inference.ifeval.data", "download IFEval's prompts into data/ifeval/"),
     "constraints": ("sft.rewards.constraints", "prompts with checkable instructions (IFEval types), decontaminated"),
