@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import LlamaForCausalLM
 
-from sft.export.gguf import _rotary_permute, export_gguf
+from sft.export.gguf import rotary_permute, export_gguf
 from tests.tiny import build_tiny_model_dir, build_tokenizer
 
 
@@ -36,8 +36,8 @@ def test_a_llama_with_biases_exports_every_bias_by_its_own_name(tmp_path: Path) 
         assert expected_name in tensors, expected_name
         expected = state[name].numpy()
         if "q_proj" in name:
-            expected = _rotary_permute(expected, config.num_attention_heads)
+            expected = rotary_permute(expected, config.num_attention_heads)
         elif "k_proj" in name:
-            expected = _rotary_permute(expected, config.num_key_value_heads)
+            expected = rotary_permute(expected, config.num_key_value_heads)
         np.testing.assert_array_equal(tensors[expected_name], expected)
     assert len(tensors) == len(state)
