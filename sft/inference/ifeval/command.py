@@ -96,8 +96,9 @@ def run(args: argparse.Namespace) -> None:
     written = [folder / name for folder in variants for name in SCORE_FILES] + ([] if args.responses
                                                                                  else [out / "report.md"])
     # What ifeval reads back (the answers so far, the run's report it adds to) it checks itself.
-    state = [folder / name for folder in variants for name in (ANSWERS_FILE, GENERATION_FILE)] + (
-        [run_dir / "eval" / "report.md"] if run_dir else [])
+    # (scoring a --responses file generates nothing: no answers of its own to read back)
+    state = [] if args.responses else [folder / name for folder in variants for name in (ANSWERS_FILE, GENERATION_FILE)]
+    state += [run_dir / "eval" / "report.md"] if run_dir else []
     inputs = [args.responses, args.input_data]
     check_outputs(state, inputs, force=True)
 
