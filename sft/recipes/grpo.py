@@ -160,31 +160,31 @@ def train(config: GRPOConfig, rewards: list[str] | None = None, resume: str | No
     functions = {spec: load_reward_function(spec) for spec in rewards or []}
     records, checks = read_prompt_records(config.data.train_file, config.grpo.verifier)
     scorer = Rewards(records, checks, functions)
-    runtime = setup_runtime(config)
-    checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-    output_dir = config.training.output_dir
-    source = sft_adapter_source(config.grpo.sft_adapter, output_dir, resumed=checkpoint is not None)
-    tokenizer = load_run_tokenizer(config, runtime)
-    prompts, report = encode_prompts(config, tokenizer, records, runtime)
-    prompts_per_step(config, runtime, len(prompts))  # before the model loads
-    runtime.say(describe_layout(config, runtime).replace("examples per optimizer step",
-                                                         f"prompts per optimizer step, {config.grpo.group_size} "
-                                                         f"answers each"))
-    model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
-    sft_adapter = stage_sft_adapter(output_dir, runtime, source)
-    try:
-        trainer = build_trainer(config, runtime, model, tokenizer, prompts, scorer, resumed=checkpoint is not None,
-                                callbacks=callbacks)
-        save_run_files(config, runtime, {"train": report, "verifier": config.grpo.verifier,
-                                         "rewards": list(functions)})
-        metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
-    except BaseException:
-        drop_unused_sft_adapter(output_dir, runtime, sft_adapter, source)
-        raise
-    finish(trainer, metrics, runtime)
-    runtime.say(f"Adapter saved to {config.training.output_dir}. Score it on IFEval with: "
-                f"sft ifeval --adapter {config.training.output_dir}")
-    return TrainingRun(trainer, metrics)
+    with setup_runtime(config) as runtime:  # holds the output directory's lock until the run ends
+        checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
+        output_dir = config.training.output_dir
+        source = sft_adapter_source(config.grpo.sft_adapter, output_dir, resumed=checkpoint is not None)
+        tokenizer = load_run_tokenizer(config, runtime)
+        prompts, report = encode_prompts(config, tokenizer, records, runtime)
+        prompts_per_step(config, runtime, len(prompts))  # before the model loads
+        runtime.say(describe_layout(config, runtime).replace("examples per optimizer step",
+                                                             f"prompts per optimizer step, {config.grpo.group_size} "
+                                                             f"answers each"))
+        model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
+        sft_adapter = stage_sft_adapter(output_dir, runtime, source)
+        try:
+            trainer = build_trainer(config, runtime, model, tokenizer, prompts, scorer,
+                                    resumed=checkpoint is not None, callbacks=callbacks)
+            save_run_files(config, runtime, {"train": report, "verifier": config.grpo.verifier,
+                                             "rewards": list(functions)})
+            metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
+        except BaseException:
+            drop_unused_sft_adapter(output_dir, runtime, sft_adapter, source)
+            raise
+        finish(trainer, metrics, runtime)
+        runtime.say(f"Adapter saved to {config.training.output_dir}. Score it on IFEval with: "
+                    f"sft ifeval --adapter {config.training.output_dir}")
+        return TrainingRun(trainer, metrics)
 
 
 if __name__ == "__main__":
