@@ -53,9 +53,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
         rows = min(chunk_tokens, hidden.shape[0])
-        # one float32 logits buffer for every chunk, each pass over it in place: the normalizer is
-        # max + log(sum(exp(logits - max))) as logsumexp computes it, but without logsumexp's
-        # [chunk, vocab] temporary, and softmax is the exponentials divided by their sum
+        # one float32 logits buffer for every chunk (see chunk_log_probs)
         buffer = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
         # a soft cap's derivative, 1 - tanh^2, differs per logit: it needs a buffer of its own
         slopes = torch.empty_like(buffer) if rule.softcap is not None and (needs_hidden_grad or needs_weight_grad) \
@@ -64,23 +62,10 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start:start + chunk_tokens].to(dtype)
                 t = targets[start:start + chunk_tokens]
-                logits = buffer[:h.shape[0]]
-                if dtype == torch.float32:
-                    torch.mm(h, head.T, out=logits)
-                else:
-                    logits.copy_(h @ head.T)
-                slope = _apply_rule_(logits, rule, None if slopes is None else slopes[:h.shape[0]])
-                target_logits = logits.gather(1, t[:, None])
-                peak = logits.amax(dim=-1, keepdim=True)
-                exponentials = logits.sub_(peak).exp_()
-                sums = exponentials.sum(dim=-1, keepdim=True)
-                total += (sums.log() + peak - target_logits).sum()
-                if needs_hidden_grad or needs_weight_grad:
-                    # softmax - one_hot, in the same buffer
-                    grad_logits = exponentials.div_(sums)
-                    grad_logits[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                    if isinstance(slope, torch.Tensor) or slope != 1.0:  # through the family's transform
-                        grad_logits.mul_(slope)
+                log_probs, grad_logits = chunk_log_probs(h, head, t, rule, buffer, slopes,
+                                                         needs_hidden_grad or needs_weight_grad, negated=True)
+                total -= log_probs.sum()
+                if grad_logits is not None:
                     if needs_hidden_grad:
                         if grad_hidden.dtype == dtype:  # straight into its rows, no copy
                             torch.mm(grad_logits.to(dtype), head, out=grad_hidden[start:start + chunk_tokens])
@@ -113,6 +98,38 @@ def _apply_rule_(logits: torch.Tensor, rule: LogitRule, slopes: torch.Tensor | N
         torch.mul(tanh, tanh, out=slopes).sub_(1.0).mul_(-rule.scale)
     tanh.mul_(rule.softcap)
     return slopes if slopes is not None else rule.scale
+
+
+def chunk_log_probs(h: torch.Tensor, head: torch.Tensor, t: torch.Tensor, rule: LogitRule, buffer: torch.Tensor,
+                    slopes: torch.Tensor | None, with_grad: bool,
+                    negated: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(t_i) of one chunk of hidden states ``h`` ([rows, d], in the matmul dtype) under the
+    family's ``rule``, each pass over one float32 logits ``buffer`` in place: the normalizer is
+    max + log(sum(exp(logits - max))) as logsumexp computes it, without logsumexp's [rows, vocab]
+    temporary. With ``with_grad`` also d log p(t_i) / d raw logits ([rows, vocab], in ``buffer``),
+    or with ``negated`` that of -log p (softmax - one_hot), the loss's, without a pass to negate."""
+    logits = buffer[:h.shape[0]]
+    if h.dtype == torch.float32:
+        torch.mm(h, head.T, out=logits)
+    else:
+        logits.copy_(h @ head.T)
+    slope = _apply_rule_(logits, rule, None if slopes is None else slopes[:h.shape[0]])
+    target_logits = logits.gather(1, t[:, None]).squeeze(1)
+    peak = logits.amax(dim=-1, keepdim=True)
+    exponentials = logits.sub_(peak).exp_()
+    sums = exponentials.sum(dim=-1, keepdim=True)
+    log_probs = target_logits - (sums.log() + peak).squeeze(1)
+    if not with_grad:
+        return log_probs, None
+    grad_logits = exponentials.div_(sums)  # softmax, in the same buffer
+    rows = torch.arange(t.shape[0], device=t.device)
+    if negated:
+        grad_logits[rows, t] -= 1.0
+    else:
+        grad_logits.neg_()[rows, t] += 1.0
+    if isinstance(slope, torch.Tensor) or slope != 1.0:  # through the family's transform
+        grad_logits.mul_(slope)
+    return log_probs, grad_logits
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -21,31 +21,7 @@ import torch.nn.functional as F
 
 from sft.data.collate import SUPERVISED_POSITIONS
 from sft.modeling.head import LogitRule, logit_rule
-from sft.training.loss import CHUNK_TOKENS, DEFAULT_CHUNK_TOKENS, NOT_MODEL_INPUTS, _apply_rule_, _matmul_dtype
-
-
-def _chunk_log_probs(h: torch.Tensor, head: torch.Tensor, t: torch.Tensor, rule: LogitRule, buffer: torch.Tensor,
-                     slopes: torch.Tensor | None, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(t_i) of one chunk, and with ``with_grad`` d log p(t_i) / d raw logits ([rows, vocab],
-    in ``buffer``)."""
-    logits = buffer[:h.shape[0]]
-    if h.dtype == torch.float32:
-        torch.mm(h, head.T, out=logits)
-    else:
-        logits.copy_(h @ head.T)
-    slope = _apply_rule_(logits, rule, None if slopes is None else slopes[:h.shape[0]])
-    target_logits = logits.gather(1, t[:, None]).squeeze(1)
-    peak = logits.amax(dim=-1, keepdim=True)
-    exponentials = logits.sub_(peak).exp_()
-    sums = exponentials.sum(dim=-1, keepdim=True)
-    log_probs = target_logits - (sums.log() + peak).squeeze(1)
-    if not with_grad:
-        return log_probs, None
-    grad_logits = exponentials.div_(sums).neg_()  # one_hot - softmax, in the same buffer
-    grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1.0
-    if isinstance(slope, torch.Tensor) or slope != 1.0:
-        grad_logits.mul_(slope)
-    return log_probs, grad_logits
+from sft.training.loss import CHUNK_TOKENS, DEFAULT_CHUNK_TOKENS, NOT_MODEL_INPUTS, _matmul_dtype, chunk_log_probs
 
 
 def _buffers(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int, rule: LogitRule,
@@ -69,7 +45,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
-                chunk, grad_logits = _chunk_log_probs(hidden[rows].to(dtype), head, targets[rows], rule, buffer,
+                chunk, grad_logits = chunk_log_probs(hidden[rows].to(dtype), head, targets[rows], rule, buffer,
                                                       slopes, needs_hidden_grad)
                 log_probs[rows] = chunk
                 if grad_logits is not None:
@@ -94,7 +70,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
                 for start in range(0, hidden.shape[0], ctx.chunk_tokens):
                     rows = slice(start, start + ctx.chunk_tokens)
                     h = hidden[rows].to(dtype)
-                    _, grad_logits = _chunk_log_probs(h, head, targets[rows], ctx.rule, buffer, slopes, True)
+                    _, grad_logits = chunk_log_probs(h, head, targets[rows], ctx.rule, buffer, slopes, True)
                     grad_weight += (grad_logits * grad_log_probs[rows, None].float()).T @ h.float()
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
