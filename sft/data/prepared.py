@@ -54,7 +54,7 @@ def read_conversations(path: str | Path) -> list[dict[str, Any]]:
     string or an ``input`` that is neither a string nor null, text holding a lone surrogate, or an
     ``id`` or ``source`` that is not a string.
     """
-    return [_conversation(where, record) for where, record in _lines(Path(path), "prepare_sft_data.py")]
+    return [_conversation(where, record) for where, record in _lines(Path(path), "python scripts/prepare_sft_data.py")]
 
 
 def read_preferences(path: str | Path) -> list[dict[str, Any]]:
@@ -63,25 +63,26 @@ def read_preferences(path: str | Path) -> list[dict[str, Any]]:
     ``prompt`` is a list of messages ending with a user turn; ``chosen`` and ``rejected`` are the
     two answers' texts. Problems raise DataError as :func:`read_conversations` does.
     """
-    return [_preference(where, record) for where, record in _lines(Path(path), "prepare_dpo_data.py")]
+    return [_preference(where, record) for where, record in _lines(Path(path), "python scripts/prepare_dpo_data.py")]
 
 
-def read_prompt_records(path: str | Path, script: str) -> list[tuple[str, dict[str, Any]]]:
-    """``("<path>:<line>", record)`` for every line of a file of prompts to answer (``sft
-    constraints`` writes them, ``script`` names what does), its ``messages`` checked as a
+def read_prompt_records(path: str | Path, producer: str) -> list[tuple[str, dict[str, Any]]]:
+    """``("<path>:<line>", record)`` for every line of a file of prompts to answer (``producer``
+    names the command that writes them, ``sft constraints``), its ``messages`` checked as a
     preference prompt is (ending with a user turn); the other fields are the caller's to check."""
     return [(where, record | {"messages": _messages(where, record, "messages", last="user")})
-            for where, record in _lines(Path(path), script)]
+            for where, record in _lines(Path(path), producer)]
 
 
-def _lines(path: Path, script: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``("<path>:<line>", object)`` for every non-blank line of a prepared JSONL file."""
+def _lines(path: Path, producer: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("<path>:<line>", object)`` for every non-blank line of a prepared JSONL file; ``producer`` is
+    the command that writes such files, named when the file is missing."""
     if path.is_dir():
         raise DataError(f"{path} is a directory; expected a prepared JSONL file")
     if path.exists() and not path.is_file():  # /dev/zero never ends, a FIFO blocks
         raise DataError(f"{path} is not a regular file (a device, FIFO or socket); expected a prepared JSONL file")
     if not path.is_file():
-        raise DataError(f"{path} not found: run `python scripts/{script}` first (or set train_file / val_file)")
+        raise DataError(f"{path} not found: run `{producer}` first (or set train_file / val_file)")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except OSError as exc:
@@ -89,7 +90,7 @@ def _lines(path: Path, script: str) -> Iterator[tuple[str, dict[str, Any]]]:
     except UnicodeDecodeError as exc:
         line_number = exc.object.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}:{line_number}: not valid UTF-8 ({exc.reason}); expected UTF-8 JSONL, "
-                        f"as {script} writes") from None
+                        f"as `{producer}` writes") from None
     # Split on "\n" only: str.splitlines would also split on U+2028 inside strings.
     for line_number, line in nonblank_lines(text):
         where = f"{path}:{line_number}"
