@@ -182,7 +182,7 @@ class TrainingConfig:
     save_total_limit: int = 3
     """Keep at most this many checkpoints."""
     gradient_checkpointing: bool = False
-    """Trade about a third of the speed for activation memory."""
+    """Trade speed for activation memory (its measured cost: docs/performance.md)."""
     report_to: str = "none"
     """Also log to: none or tensorboard (needs `pip install tensorboard`; logs under output_dir/runs/)."""
     group_by_length: bool = False

@@ -2,9 +2,9 @@
 
 The policy, from what each backend does well: on CUDA, bfloat16 where the GPU supports it,
 otherwise float32 weights with float16 mixed precision and loss scaling; float32 on MPS (float16
-there gives NaN losses). On a CPU it is decided by what the CPU has: bfloat16 matmuls were about
-100x slower than float32 on one machine here (no bf16 instructions: each product is converted)
-and 2.8x faster on another (AVX512-BF16). Where the CPU has native bf16 dot products (x86's
+there gives NaN losses). On a CPU it is decided by what the CPU has: bfloat16 matmuls are far
+slower than float32 without bf16 instructions (each product is converted) and faster with them
+(measured: docs/performance.md, CPU precision). Where the CPU has native bf16 dot products (x86's
 AVX512-BF16 or AMX-BF16, Arm's BF16 extension), float32 weights train under bf16 autocast; where
 it reports none, float32; where its features cannot be read, a short matmul probe decides, its
 verdict cached per machine. ``--dtype`` overrides all of it.
@@ -203,9 +203,9 @@ def keep_freed_cpu_memory() -> bool:
 
     By default glibc serves each large allocation with a fresh mapping of its own and returns
     heap memory above a few tens of MB to the system when it is freed: every CPU training step
-    then pays for its activations' pages again (about 150,000 page faults per SmolLM2 step at
-    batch 8). With allocations up to 512 MB served from the heap and up to 1 GB of freed heap
-    kept, a step reuses the previous step's pages: about 2 % faster, and the peak resident set
+    then pays for its activations' pages again (page faults measured in docs/performance.md,
+    Memory). With allocations up to 512 MB served from the heap and up to 1 GB of freed heap
+    kept, a step reuses the previous step's pages: faster (same section), and the peak resident set
     is no larger (the allocator keeps what the step needs at its peak anyway, and fragments less).
 
     Returns whether the setting took: not off glibc (macOS, musl), and not where the user tuned

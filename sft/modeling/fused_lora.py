@@ -88,7 +88,7 @@ def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor,
     for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
         g = grad_out[:, col:col + size]
         grad_low.append((g @ b).mul_(alpha))
-        # as [rank, size] and transposed: g read row by row, not down its columns (2x faster)
+        # as [rank, size] and transposed: g read row by row, not down its columns (docs/performance.md)
         grad_b.append((low[:, row:row + rank].T @ g).mul_(alpha).T)
     grad_low = torch.cat(grad_low, dim=1)
     grad_a = list((grad_low.T @ dropped).split(list(ranks)))
@@ -467,8 +467,7 @@ def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) ->
 class _RMSNormFunction(torch.autograd.Function):
     """Llama's RMSNorm, weight * (x / rms(x)) computed in float32 and cast back to x's dtype before
     the weight, as transformers computes it; keeps x and the reciprocal rms, as autograd does, but
-    its backward is three passes over x instead of autograd's eight (2.2 ms against 4.8 ms forward
-    and backward for 1,767 x 576 float32 on 2 CPU cores)."""
+    its backward is three passes over x instead of autograd's eight (timed in docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]

@@ -1,9 +1,9 @@
 """LoRA adapters through PEFT, with a cheaper dropout on CPU.
 
 PEFT applies ``nn.Dropout`` to the input of every adapted layer. On CPU that dropout costs more
-than the adapter's own matmuls: drawing one float per element through ``bernoulli_`` took 14 % of
-a SmolLM2 training step, and its float mask doubles the memory the input costs. FastDropout
-draws 16 random bits per element (four elements per 64-bit draw, about 3x faster) and keeps a
+than the adapter's own matmuls: drawing one float per element through ``bernoulli_`` is a large
+share of a training step (docs/performance.md), and its float mask doubles the memory the input
+costs. FastDropout draws 16 random bits per element (four elements per 64-bit draw) and keeps a
 one-byte mask. The drop probability is rounded to a multiple of 1/65,536 (0.05 -> 0.0500031).
 Adapters that read the same input (q, k, v; gate, up) share one mask, as in a fused QKV adapter,
 where PEFT draws one per adapter. The adapters, their names and the saved files are PEFT's own;
@@ -44,8 +44,8 @@ def random_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch
 def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x with the elements the boolean mask drops set to zero: a product with the mask's bytes (0
     or 1), which PyTorch runs vectorized. ``torch.where`` and a product with the boolean mask
-    itself run element by element (1.6x to 2.3x slower on [1260, 576] and [1260, 1536] float32,
-    2 CPU cores). (The product converts the bytes to x's dtype on the way: a caller applying one
+    itself run element by element (slower; measured in docs/performance.md). (The product
+    converts the bytes to x's dtype on the way: a caller applying one
     mask twice may convert it once and pass the converted mask.)"""
     return torch.mul(x, keep.view(torch.uint8) if keep.dtype == torch.bool else keep, out=out)
 
