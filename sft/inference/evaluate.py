@@ -15,7 +15,6 @@ writer lock; a file there of those names that sft did not write is replaced only
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,53 +22,36 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sft.config import SFTConfig, StrictArgumentParser, add_config_arguments
+from sft.config import SFTConfig
 from sft.data.collate import PaddingCollator
 from sft.data.prepared import read_conversations
 from sft.data.templates import end_of_turn_ids, with_system_prompt
 from sft.data.tokenize import encode_records
 from sft.errors import DataError, run_command
-from sft.files import atomic_write_text
 from sft.inference.generate import generate_greedy, generation_prompt
-from sft.inference.loading import LoadedRun, check_adapter_dir, load_run, run_config
-from sft.outputs import writing_into
+from sft.inference.loading import LoadedRun, load_run
+from sft.inference.run_dir import evaluation_parser, held_out, report_on_run, write_report
 from sft.training.loss import supervised_totals
 from sft.training.plots import PLOT_FILE
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = StrictArgumentParser(
+    return evaluation_parser(
         prog="python -m sft.sft_test",
         description="Validation loss and side-by-side generations of the base model and a trained adapter.",
         epilog="The run's own sft_config.yaml (written by training) is the starting configuration, so "
                "prompts are built exactly as in training; flags override it. trust_remote_code is never "
-               "read from a run directory: pass --trust-remote-code true to allow a model's own code.")
-    parser.add_argument("--adapter", metavar="DIR",
-                        help="adapter directory (default: the run's --output-dir; a checkpoint-N directory works too)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace eval/ files of those names that sft did not write (default: refuse)")
-    add_config_arguments(parser)
-    return parser
+               "read from a run directory: pass --trust-remote-code true to allow a model's own code.",
+        adapter_help="adapter directory (default: the run's --output-dir; a checkpoint-N directory works too)")
 
 
-EVAL_FILES = ("eval/generations.jsonl", "eval/metrics.json", "eval/report.md")
+REPORT_PREFIX = ""
+"""The report files' prefix: eval/generations.jsonl, eval/metrics.json and eval/report.md."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def run() -> None:
-        overrides = {name: value for name, value in vars(args).items() if name not in {"config", "adapter", "force"}}
-        output_dir = overrides.get("output_dir") or run_config(None, args.config).training.output_dir
-        adapter_dir = Path(args.adapter or output_dir)
-        check_adapter_dir(adapter_dir)
-        config = run_config(adapter_dir, args.config, overrides)
-        with writing_into(adapter_dir, EVAL_FILES, inputs=[config.data.val_file], force=args.force):
-            report = evaluate(config, adapter_dir)
-        print(format_metrics(report["metrics"]))
-        print(f"Report: {report['report_path']}")
-
-    return run_command(run)
+    return run_command(lambda: report_on_run(args, REPORT_PREFIX, evaluate, format_metrics))
 
 
 def validation_loss(model: torch.nn.Module, examples: list[dict], batch_size: int, pad_token_id: int,
@@ -86,9 +68,7 @@ def validation_loss(model: torch.nn.Module, examples: list[dict], batch_size: in
 def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
     run = load_run(adapter_dir, config)
     data = config.data
-    records = read_conversations(data.val_file)
-    if config.eval.max_eval_examples:
-        records = records[:config.eval.max_eval_examples]
+    records = held_out(config, read_conversations)
     examples, stats = encode_records(run.tokenizer, records, data.max_seq_length, data.system_prompt,
                                      train_on=data.train_on)
     if stats.supervised_tokens == 0:
@@ -110,14 +90,8 @@ def evaluate(config: SFTConfig, adapter_dir: Path) -> dict[str, Any]:
         metrics[f"{name}_answers_finished"] = sum(row[f"{name}_finished"] for row in generations)
     metrics["answers"] = len(generations)
 
-    eval_dir = adapter_dir / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(eval_dir / "generations.jsonl",
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations))
-    atomic_write_text(eval_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    report_path = eval_dir / "report.md"
-    atomic_write_text(report_path, render_report(config, adapter_dir, metrics, generations))
-    return {"metrics": metrics, "generations": generations, "report_path": report_path}
+    return write_report(adapter_dir, REPORT_PREFIX, generations, metrics,
+                        render_report(config, adapter_dir, metrics, generations))
 
 
 def generate_side_by_side(run: LoadedRun, records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:

@@ -19,21 +19,19 @@ trained in), holding that folder's writer lock.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sft.config import DPOConfig, StrictArgumentParser, add_config_arguments
+from sft.config import DPOConfig, SFTConfig
 from sft.data.pairs import encode_pairs
 from sft.data.prepared import read_preferences
 from sft.data.templates import end_of_turn_ids
 from sft.errors import ConfigError, DataError, run_command
-from sft.files import atomic_write_text
 from sft.inference.generate import generate_greedy
-from sft.inference.loading import LoadedRun, check_adapter_dir, folded_adapter, load_run, run_config
-from sft.outputs import writing_into
+from sft.inference.loading import LoadedRun, folded_adapter, load_run
+from sft.inference.run_dir import evaluation_parser, held_out, report_on_run, write_report
 from sft.training.preference import METRICS, PairCollator, metric_sums, pairs_answer_logps
 
 MODELS = ("base", "sft", "dpo")
@@ -41,41 +39,32 @@ TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = StrictArgumentParser(
+    return evaluation_parser(
         prog="sft eval-dpo",
         description="Preference accuracy, reward margins and greedy answers of base, SFT and DPO on held-out pairs.",
         epilog="The run's own sft_config.yaml is the starting configuration, so pairs are tokenized exactly as in "
-               "training; flags override it.")
-    parser.add_argument("--adapter", metavar="DIR",
-                        help="the DPO run's adapter (default: its --output-dir; a checkpoint-N directory works too)")
-    parser.add_argument("--force", action="store_true",
-                        help="replace eval/ files of those names that sft did not write (default: refuse)")
-    add_config_arguments(parser, DPOConfig)
-    return parser
+               "training; flags override it.",
+        adapter_help="the DPO run's adapter (default: its --output-dir; a checkpoint-N directory works too)",
+        config_class=DPOConfig)
 
 
-EVAL_FILES = ("eval/preference_generations.jsonl", "eval/preference_metrics.json", "eval/preference_report.md")
+REPORT_PREFIX = "preference_"
+"""The report files' prefix: eval/preference_generations.jsonl, eval/preference_metrics.json and
+eval/preference_report.md."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command(lambda: report_on_run(args, REPORT_PREFIX, evaluate_preferences, format_metrics,
+                                             accept=check_dpo_run))
 
-    def run() -> None:
-        overrides = {name: value for name, value in vars(args).items() if name not in {"config", "adapter", "force"}}
-        output_dir = overrides.get("output_dir") or run_config(None, args.config).training.output_dir
-        adapter_dir = Path(args.adapter or output_dir)
-        check_adapter_dir(adapter_dir)
-        config = run_config(adapter_dir, args.config, overrides)
-        if not isinstance(config, DPOConfig):  # scoring base and SFT first would end in a traceback
-            raise ConfigError(f"{adapter_dir}: not a DPO run (its configuration has no dpo section); sft eval-dpo "
-                              f"compares base, SFT and DPO models: pass a run of `sft dpo`, or use `sft eval` for an "
-                              f"SFT run")
-        with writing_into(adapter_dir, EVAL_FILES, inputs=[config.data.val_file], force=args.force):
-            report = evaluate_preferences(config, adapter_dir)
-        print(format_metrics(report["metrics"]))
-        print(f"Report: {report['report_path']}")
 
-    return run_command(run)
+def check_dpo_run(config: SFTConfig, adapter_dir: Path) -> None:
+    """Only a DPO run is compared with its base and SFT models."""
+    if not isinstance(config, DPOConfig):  # scoring base and SFT first would end in a traceback
+        raise ConfigError(f"{adapter_dir}: not a DPO run (its configuration has no dpo section); sft eval-dpo "
+                          f"compares base, SFT and DPO models: pass a run of `sft dpo`, or use `sft eval` for an "
+                          f"SFT run")
 
 
 def preference_metrics(logps: torch.Tensor, reference: torch.Tensor, answer_tokens: torch.Tensor,
@@ -101,9 +90,7 @@ def _score_and_answer(run: LoadedRun, name: str, pairs: list[dict], prompts: lis
 def evaluate_preferences(config: DPOConfig, adapter_dir: Path) -> dict[str, Any]:
     run = load_run(adapter_dir, config)
     data = config.data
-    raw = read_preferences(data.val_file)
-    if config.eval.max_eval_examples:
-        raw = raw[:config.eval.max_eval_examples]
+    raw = held_out(config, read_preferences)
     pairs, stats = encode_pairs(run.tokenizer, raw, data.max_seq_length, data.system_prompt)
     if not pairs:
         raise DataError(f"{data.val_file}: no held-out pair to score ({stats.read} pairs, "
@@ -141,14 +128,8 @@ def evaluate_preferences(config: DPOConfig, adapter_dir: Path) -> dict[str, Any]
                    | {f"{name}_finished": answers[name][row].finished for name in models}
                    for row, (_, record) in enumerate(shown)]
 
-    eval_dir = adapter_dir / "eval"
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(eval_dir / "preference_generations.jsonl",
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in generations))
-    atomic_write_text(eval_dir / "preference_metrics.json", json.dumps(metrics, indent=2) + "\n")
-    report_path = eval_dir / "preference_report.md"
-    atomic_write_text(report_path, render_report(config, adapter_dir, metrics, generations))
-    return {"metrics": metrics, "generations": generations, "report_path": report_path}
+    return write_report(adapter_dir, REPORT_PREFIX, generations, metrics,
+                        render_report(config, adapter_dir, metrics, generations))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

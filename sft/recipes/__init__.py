@@ -1,1 +1,1 @@
-"""Training methods, each a short sequence of the shared stages."""
+"""Training methods: each a Recipe (sft.recipes.skeleton) that fills in the hooks where it differs."""

@@ -14,153 +14,71 @@ base before its own adapter. Without it the base model is the reference.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from sft.config import DPOConfig, StrictArgumentParser, add_config_arguments, config_from_args
+from sft.config import DPOConfig
 from sft.data.pairs import encode_pairs
 from sft.data.prepared import read_preferences
-from sft.errors import ConfigError, DataError, run_command
-from sft.files import atomic_directory
-from sft.inference.loading import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    attach_adapter,
-    check_adapter_dir,
-    folded_adapter,
-    trained_by,
-)
-from sft.modeling.fingerprint import ADAPTER_ORIGIN
+from sft.errors import ConfigError, DataError
 from sft.modeling.models import resolve_model_path
+from sft.recipes.skeleton import Encoded, Recipe
 from sft.training.arguments import training_arguments
-from sft.training.checkpoints import SFT_ADAPTER_DIR, checkpoints
 from sft.training.dpo_trainer import PreferenceTrainer
 from sft.training.preference import PairCollator
 from sft.training.reference import attach_reference_logps, cached_reference_logps, reference_identity
-from sft.training.stages import (
-    Runtime,
-    describe_layout,
-    final_metrics,
-    finish,
-    load_lora_model,
-    load_run_tokenizer,
-    prepare_output_dir,
-    run_guarded,
-    save_run_files,
-    setup_runtime,
-)
+from sft.training.stages import Runtime
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = StrictArgumentParser(
-        prog="python -m sft.train_dpo",
-        description="Train a LoRA adapter on prepared preference pairs with DPO (after SFT: --sft-adapter).",
-        epilog="Example: python -m sft.train_dpo --config configs/dpo-demo.yaml --sft-adapter models/sft_demo")
-    add_config_arguments(parser, DPOConfig)
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                        help="continue from the newest intact checkpoint in --output-dir, or from the given one")
-    parser.add_argument("--overwrite-output-dir", action="store_true",
-                        help="delete a previous run's files in --output-dir (only those) instead of refusing to start")
-    return parser
+class DPO(Recipe):
+    """Preference training with the DPO loss, against a reference: the base, or the SFT model."""
 
+    command = "python -m sft.train_dpo"
+    description = "Train a LoRA adapter on prepared preference pairs with DPO (after SFT: --sft-adapter)."
+    epilog = "Example: python -m sft.train_dpo --config configs/dpo-demo.yaml --sft-adapter models/sft_demo"
+    next_step = "Compare base, SFT and DPO on held-out pairs with: sft eval-dpo --output-dir {output_dir}"
+    config_class = DPOConfig
+    starts_from = "dpo"
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: train(config_from_args(args, DPOConfig), resume=args.resume,
-                                     overwrite_output_dir=args.overwrite_output_dir))
+    def check(self) -> None:
+        if self.config.training.group_by_length:
+            raise ConfigError("training.group_by_length: not used by DPO, whose pairs are packed per micro-batch; "
+                              "set it to false")
 
+    def encode(self, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> Encoded:
+        """Token ids of the training and validation pairs, and what happened to each pair."""
+        data = self.config.data
+        encoded, report = {}, {}
+        for split, path in (("train", data.train_file), ("val", data.val_file)):
+            encoded[split], stats = encode_pairs(tokenizer, read_preferences(path), data.max_seq_length,
+                                                 data.system_prompt, desc=f"tokenizing {split} pairs",
+                                                 progress=runtime.main_process)
+            report[split] = stats.as_dict()
+        if not encoded["train"]:
+            raise DataError(f"{data.train_file}: no pair has an answer token within max_seq_length="
+                            f"{data.max_seq_length} that tells its two answers apart")
+        train = report["train"]
+        runtime.say(f"train: {train['kept']} pairs ({train['chosen_tokens']} chosen and {train['rejected_tokens']} "
+                    f"rejected answer tokens, {train['truncated']} truncated, {train['dropped_no_answer_tokens']} "
+                    f"dropped with no answer token left, {train['dropped_identical_after_truncation']} dropped with "
+                    f"answers identical after truncation); val: {report['val']['kept']} pairs")
+        return Encoded(encoded["train"], encoded["val"], report)
 
-@dataclass
-class TrainingRun:
-    trainer: PreferenceTrainer
-    """The trainer, holding the trained PEFT model in memory."""
-    metrics: dict[str, Any]
-    """Final training metrics and the last validation metrics."""
+    def with_reference(self, runtime: Runtime, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+                       sft_adapter: Path | None, data: Encoded) -> Encoded:
+        """The pairs with the reference's log-probabilities of their answers."""
+        scored = with_reference_logps(self.config, runtime, model, sft_adapter, pair_collator(self.config, tokenizer),
+                                      train=data.train, val=data.val)
+        return Encoded(scored["train"], scored["val"], data.report)
 
-
-def check_dpo_config(config: DPOConfig) -> None:
-    """What this recipe cannot run, refused before anything is read or loaded."""
-    if config.training.group_by_length:
-        raise ConfigError("training.group_by_length: not used by DPO, whose pairs are packed per micro-batch; "
-                          "set it to false")
-    if config.dpo.sft_adapter is not None:
-        check_sft_adapter(Path(config.dpo.sft_adapter), "dpo", "DPO")
-
-
-def check_sft_adapter(sft_adapter: Path, section: str, method: str) -> None:
-    """``sft_adapter`` must be an SFT run's adapter (a recipe's ``section.sft_adapter``)."""
-    check_adapter_dir(sft_adapter)
-    if (trained := trained_by(sft_adapter)) != "sft":
-        folded = folded_adapter(sft_adapter)
-        raise ConfigError(
-            f"{section}.sft_adapter: {sft_adapter} holds a {trained.upper()} adapter, not an SFT run's; {method} "
-            f"starts from an SFT run (sft train's output directory or its checkpoint-N)"
-            + (f", such as the one this {trained.upper()} run was trained on, kept in {folded}" if folded else ""))
-
-
-def sft_adapter_source(sft_adapter: str | None, output_dir: str, resumed: bool) -> Path | None:
-    """The SFT adapter to fold into the base: the run's own copy when resuming (the one it started
-    with), the given one for a new run; None when the base model is the reference."""
-    if sft_adapter is None:
-        return None
-    copy = Path(output_dir) / SFT_ADAPTER_DIR
-    return copy if resumed and (copy / ADAPTER_CONFIG).is_file() else Path(sft_adapter)
-
-
-def stage_sft_adapter(output_dir: str, runtime: Runtime, source: Path | None) -> Path | None:
-    """The run's own copy of the SFT adapter it started from (made now, once the model with that
-    adapter loaded, so a refused adapter leaves no copy behind), or None."""
-    if source is None:
-        return None
-    copy = Path(output_dir) / SFT_ADAPTER_DIR
-    with runtime.state.main_process_first():
-        if runtime.main_process and source != copy:
-            shutil.rmtree(copy, ignore_errors=True)
-            with atomic_directory(copy) as staging:
-                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_ORIGIN):
-                    if name != ADAPTER_ORIGIN or (source / name).is_file():
-                        shutil.copy2(source / name, staging / name)
-    return copy
-
-
-def drop_unused_sft_adapter(output_dir: str, runtime: Runtime, sft_adapter: Path | None, source: Path | None) -> None:
-    """Remove the copy of the SFT adapter a new run made, when it failed before its first checkpoint."""
-    if sft_adapter is not None and sft_adapter != source and runtime.main_process and not checkpoints(Path(output_dir)):
-        shutil.rmtree(sft_adapter, ignore_errors=True)
-
-
-def encode_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase,
-                runtime: Runtime) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Token ids of the training and validation pairs, and what happened to each pair."""
-    data = config.data
-    encoded, report = {}, {}
-    for split, path in (("train", data.train_file), ("val", data.val_file)):
-        encoded[split], stats = encode_pairs(tokenizer, read_preferences(path), data.max_seq_length,
-                                             data.system_prompt, desc=f"tokenizing {split} pairs",
-                                             progress=runtime.main_process)
-        report[split] = stats.as_dict()
-    if not encoded["train"]:
-        raise DataError(f"{data.train_file}: no pair has an answer token within max_seq_length={data.max_seq_length} "
-                        f"that tells its two answers apart")
-    train = report["train"]
-    runtime.say(f"train: {train['kept']} pairs ({train['chosen_tokens']} chosen and {train['rejected_tokens']} "
-                f"rejected answer tokens, {train['truncated']} truncated, {train['dropped_no_answer_tokens']} dropped "
-                f"with no answer token left, {train['dropped_identical_after_truncation']} dropped with answers "
-                f"identical after truncation); val: {report['val']['kept']} pairs")
-    return encoded["train"], encoded["val"], report
-
-
-def fold_in(adapter_dir: Path, model_name: str) -> Callable[[torch.nn.Module], torch.nn.Module]:
-    """A base-model step that merges the adapter of ``adapter_dir`` into the base."""
-    return lambda base: attach_adapter(base, adapter_dir, model_name).merge_and_unload()
+    def build_trainer(self, runtime: Runtime, model: Any, tokenizer: PreTrainedTokenizerBase, data: Encoded,
+                      resumed: bool, callbacks: list[TrainerCallback] | None) -> PreferenceTrainer:
+        return build_trainer(self.config, runtime, model, tokenizer, data.train, data.val, resumed=resumed,
+                             callbacks=callbacks)
 
 
 def with_reference_logps(config: DPOConfig, runtime: Runtime, model: torch.nn.Module, sft_adapter: Path | None,
@@ -198,34 +116,7 @@ def pair_collator(config: DPOConfig, tokenizer: PreTrainedTokenizerBase) -> Pair
     return PairCollator(config.data.packing, tokenizer.pad_token_id)
 
 
-def train(config: DPOConfig, resume: str | None = None, overwrite_output_dir: bool = False,
-          callbacks: list[TrainerCallback] | None = None) -> TrainingRun:
-    """Run one DPO job and save its output."""
-    check_dpo_config(config)
-    with setup_runtime(config) as runtime:  # holds the output directory's lock until the run ends
-        checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-        source = sft_adapter_source(config.dpo.sft_adapter, config.training.output_dir,
-                                    resumed=checkpoint is not None)
-        tokenizer = load_run_tokenizer(config, runtime)
-        train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
-        runtime.say(describe_layout(config, runtime))
-        model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
-        sft_adapter = stage_sft_adapter(config.training.output_dir, runtime, source)
-        try:
-            scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
-                                          train=train_set, val=val_set)
-            trainer = build_trainer(config, runtime, model, tokenizer, scored["train"], scored["val"],
-                                    resumed=checkpoint is not None, callbacks=callbacks)
-            save_run_files(config, runtime, data_report)
-            metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
-        except BaseException:
-            drop_unused_sft_adapter(config.training.output_dir, runtime, sft_adapter, source)
-            raise
-        finish(trainer, metrics, runtime)
-        runtime.say(f"Adapter saved to {config.training.output_dir}. Compare base, SFT and DPO on held-out pairs "
-                    f"with: sft eval-dpo --output-dir {config.training.output_dir}")
-        return TrainingRun(trainer, metrics)
-
+main, train = DPO.main, DPO.run  # the command; one run from a configuration, in code
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -14,78 +14,51 @@ writes files and prints.
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from sft.config import SFTConfig, StrictArgumentParser, add_config_arguments, config_from_args
+from sft.config import SFTConfig
 from sft.data.collate import PackingCollator, PaddingCollator
 from sft.data.prepared import read_conversations
 from sft.data.tokenize import encode_records
-from sft.errors import DataError, run_command
+from sft.errors import DataError
+from sft.recipes.skeleton import Encoded, Recipe
 from sft.training.arguments import training_arguments
-from sft.training.stages import (
-    Runtime,
-    describe_layout,
-    final_metrics,
-    finish,
-    load_lora_model,
-    load_run_tokenizer,
-    prepare_output_dir,
-    run_guarded,
-    save_run_files,
-    setup_runtime,
-)
+from sft.training.stages import Runtime
 from sft.training.trainer import SupervisedTrainer
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = StrictArgumentParser(
-        prog="python -m sft.train_sft",
-        description="Train LoRA adapters on prepared instruction data (prompt tokens masked out of the loss).",
-        epilog="Example: python -m sft.train_sft --config configs/demo.yaml --max-steps 2")
-    add_config_arguments(parser)
-    parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                        help="continue from the newest intact checkpoint in --output-dir, or from the given one")
-    parser.add_argument("--overwrite-output-dir", action="store_true",
-                        help="delete a previous run's files in --output-dir (only those) instead of refusing to start")
-    return parser
+class SFT(Recipe):
+    """Supervised fine-tuning: every prompt token masked out of the loss."""
 
+    command = "python -m sft.train_sft"
+    description = "Train LoRA adapters on prepared instruction data (prompt tokens masked out of the loss)."
+    epilog = "Example: python -m sft.train_sft --config configs/demo.yaml --max-steps 2"
+    next_step = "Evaluate it with: python -m sft.sft_test --output-dir {output_dir}"
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_command(lambda: train(config_from_args(args), resume=args.resume,
-                                     overwrite_output_dir=args.overwrite_output_dir))
-
-
-@dataclass
-class TrainingRun:
-    trainer: SupervisedTrainer
-    """The trainer, holding the trained PEFT model in memory."""
-    metrics: dict[str, Any]
-    """Final training metrics and the last validation loss."""
-
-
-def encode_data(config: SFTConfig, tokenizer: PreTrainedTokenizerBase,
-                runtime: Runtime) -> tuple[list[dict], list[dict], dict[str, Any]]:
-    """Token ids and label masks of the training and validation sets, and what happened to each record."""
-    data = config.data
-    progress = runtime.main_process
-    train_set, train_stats = encode_records(tokenizer, read_conversations(data.train_file), data.max_seq_length,
-                                            data.system_prompt, train_on=data.train_on, desc="tokenizing train",
+    def encode(self, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> Encoded:
+        """Token ids and label masks of the training and validation sets, and what happened to each record."""
+        data = self.config.data
+        progress = runtime.main_process
+        train_set, train_stats = encode_records(tokenizer, read_conversations(data.train_file), data.max_seq_length,
+                                                data.system_prompt, train_on=data.train_on, desc="tokenizing train",
+                                                progress=progress)
+        val_set, val_stats = encode_records(tokenizer, read_conversations(data.val_file), data.max_seq_length,
+                                            data.system_prompt, train_on=data.train_on, desc="tokenizing val",
                                             progress=progress)
-    val_set, val_stats = encode_records(tokenizer, read_conversations(data.val_file), data.max_seq_length,
-                                        data.system_prompt, train_on=data.train_on, desc="tokenizing val",
-                                        progress=progress)
-    if not train_set:
-        raise DataError(f"{data.train_file}: no example has a supervised token within "
-                        f"max_seq_length={data.max_seq_length}")
-    runtime.say(f"train: {train_stats.kept} examples ({train_stats.supervised_tokens} supervised tokens, "
-                f"{train_stats.truncated} truncated, {train_stats.dropped_no_supervised_tokens} dropped with no "
-                f"response token left); val: {val_stats.kept} examples")
-    return train_set, val_set, {"train": train_stats.as_dict(), "val": val_stats.as_dict()}
+        if not train_set:
+            raise DataError(f"{data.train_file}: no example has a supervised token within "
+                            f"max_seq_length={data.max_seq_length}")
+        runtime.say(f"train: {train_stats.kept} examples ({train_stats.supervised_tokens} supervised tokens, "
+                    f"{train_stats.truncated} truncated, {train_stats.dropped_no_supervised_tokens} dropped with no "
+                    f"response token left); val: {val_stats.kept} examples")
+        return Encoded(train_set, val_set, {"train": train_stats.as_dict(), "val": val_stats.as_dict()})
+
+    def build_trainer(self, runtime: Runtime, model: Any, tokenizer: PreTrainedTokenizerBase, data: Encoded,
+                      resumed: bool, callbacks: list[TrainerCallback] | None) -> SupervisedTrainer:
+        return build_trainer(self.config, runtime, model, tokenizer, data.train, data.val, resumed=resumed,
+                             callbacks=callbacks)
 
 
 def build_trainer(config: SFTConfig, runtime: Runtime, model: Any, tokenizer: PreTrainedTokenizerBase,
@@ -99,24 +72,7 @@ def build_trainer(config: SFTConfig, runtime: Runtime, model: Any, tokenizer: Pr
                              data_collator=collator, processing_class=tokenizer, callbacks=callbacks)
 
 
-def train(config: SFTConfig, resume: str | None = None, overwrite_output_dir: bool = False,
-          callbacks: list[TrainerCallback] | None = None) -> TrainingRun:
-    """Run one fine-tuning job and save its output."""
-    with setup_runtime(config) as runtime:  # holds the output directory's lock until the run ends
-        checkpoint = prepare_output_dir(config, runtime, resume, overwrite_output_dir)
-        tokenizer = load_run_tokenizer(config, runtime)
-        train_set, val_set, data_report = encode_data(config, tokenizer, runtime)
-        runtime.say(describe_layout(config, runtime))
-        model = load_lora_model(config, runtime)
-        trainer = build_trainer(config, runtime, model, tokenizer, train_set, val_set, resumed=checkpoint is not None,
-                                callbacks=callbacks)
-        save_run_files(config, runtime, data_report)
-        metrics = final_metrics(trainer, run_guarded(trainer, checkpoint, config, runtime))
-        finish(trainer, metrics, runtime)
-        runtime.say(f"Adapter saved to {config.training.output_dir}. Evaluate it with: "
-                    f"python -m sft.sft_test --output-dir {config.training.output_dir}")
-        return TrainingRun(trainer, metrics)
-
+main, train = SFT.main, SFT.run  # the command; one run from a configuration, in code
 
 if __name__ == "__main__":
     raise SystemExit(main())

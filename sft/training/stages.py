@@ -8,8 +8,8 @@
     result = run_guarded(trainer, checkpoint, config, runtime)
     finish(trainer, result, runtime)
 
-A recipe (sft.recipes.sft, sft.recipes.dpo) reads its data, builds its trainer and calls these;
-everything they share (what is validated before a model loads, what may be deleted, how a
+The recipes' one skeleton (sft.recipes.skeleton) calls these in this order, each recipe (sft,
+dpo, grpo) reading its data and building its trainer; everything they share (what is validated before a model loads, what may be deleted, how a
 resume is checked, how an interrupt or an out-of-memory error ends) is written once, here.
 """
 
