@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
 def _after_export(args: argparse.Namespace, path: Path, modelfile_path: Path) -> None:
     from transformers import GenerationConfig
 
-    from sft.export.ollama import modelfile
+    from sft.export.ollama import describe, modelfile, recognize_layout
     from sft.export.verify import verify_gguf
     from sft.files import atomic_write_text
 
@@ -384,9 +384,10 @@ def _after_export(args: argparse.Namespace, path: Path, modelfile_path: Path) ->
             generation = GenerationConfig.from_pretrained(args.model)
         except OSError:
             generation = None
-        atomic_write_text(modelfile_path, modelfile(path, tokenizer, generation, args.system_prompt))
+        layout = recognize_layout(tokenizer)
+        atomic_write_text(modelfile_path, modelfile(path, tokenizer, generation, args.system_prompt, layout))
         name = args.ollama or path.stem
-        print(f"wrote {modelfile_path}; next:\n  ollama create {name} -f {modelfile_path}\n  ollama run {name}")
+        print(f"wrote {modelfile_path} ({describe(layout)}); next:\n  ollama create {name} -f {modelfile_path}\n  ollama run {name}")
 
 
 if __name__ == "__main__":
