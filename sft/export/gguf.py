@@ -1,13 +1,14 @@
 """`sft export`: write a merged model as one GGUF file (llama.cpp, Ollama, LM Studio).
 
 The file carries the weights (f32, f16, bf16, q8_0, or q4_0 with the embedding and output layer
-at q8_0; norms and biases always f32), the family's hyper-parameters as llama.cpp reads them
-(soft caps, sliding windows, norm epsilons, rope base and scaling, logit and embedding scales,
-head sizes), the tokenizer with llama.cpp's name of its pre-tokenizer, and the chat template,
-so those tools tokenize, position and prompt as training did. Tensor names come from gguf-py's
-own name map. Merge the adapter first (`sft merge`), then export the merged directory;
-`--verify` reads the file back with independent readers and compares it with the model;
-`--ollama` writes a Modelfile beside it.
+at q8_0; norms and biases always f32; or llama.cpp's k-quants q4_k_m, q5_k_m, q6_k, written by
+its own quantizer where llama-cpp-python is installed: sft.export.quantize), the family's
+hyper-parameters as llama.cpp reads them (soft caps, sliding windows, norm epsilons, rope base
+and scaling, logit and embedding scales, head sizes), the tokenizer with llama.cpp's name of its
+pre-tokenizer, and the chat template, so those tools tokenize, position and prompt as training
+did. Tensor names come from gguf-py's own name map. Merge the adapter first (`sft merge`), then
+export the merged directory; `--verify` reads the file back with independent readers and compares
+it with the model; `--ollama` writes a Modelfile beside it.
 
 Families: llama (Llama 2/3.x, SmolLM2, TinyLlama), mistral, qwen2, qwen3, gemma2, gemma3,
 phi3, olmo2, granite, cohere (llama.cpp's command-r), smollm3.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import torch
 from sft.config import ConfigError, StrictArgumentParser
 from sft.errors import ModelNotFoundError, run_command
 from sft.export.gguf_vocab import add_tokenizer, tokenizer_kind
+from sft.export.quantize import K_QUANT_SOURCE, K_QUANTS, llama_cpp_module, quantize
 from sft.export.verify import VerificationError
 from sft.files import atomic_paths, unwritable_reason
 from sft.modeling.models import load_model, load_tokenizer, resolve_model_path
@@ -256,9 +259,12 @@ def _tensor_type(name: str, data: np.ndarray, precision: str) -> gguf.GGMLQuanti
 
 def check_export(model_dir: Path, out: Path, precision: str) -> None:
     """The one-line errors a bad request gets before any model is loaded."""
-    if precision not in TYPES:
+    if precision not in TYPES and precision not in K_QUANTS:
         raise ConfigError(f"--precision {precision}: not a GGUF weight type sft writes; choose one of "
-                          f"{', '.join(TYPES)} (for k-quants, run llama.cpp's llama-quantize on the f16 file)")
+                          f"{', '.join(TYPES)} (written by sft) or {', '.join(K_QUANTS)} (by llama.cpp's "
+                          f"quantizer, with llama-cpp-python)")
+    if precision in K_QUANTS:
+        llama_cpp_module(precision)
     if (model_dir / "adapter_config.json").is_file():
         raise ConfigError(f"{model_dir} holds an adapter, not a model: run `sft merge` first and export its output")
     if not model_dir.is_dir():
@@ -285,6 +291,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16",
     """Write the merged model in ``model_dir`` as the GGUF file ``out``; nothing is left on failure."""
     model_dir, out = Path(model_dir), Path(out)
     check_export(model_dir, out, precision)
+    if precision in K_QUANTS:
+        return _export_k_quant(model_dir, out, precision, log)
     _refuse_unknown_family(model_dir)
     model = load_model(resolve_model_path(str(model_dir)), torch.float32, attn_implementation="eager")
     config = model.config
@@ -319,6 +327,18 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16",
     return out
 
 
+def _export_k_quant(model_dir: Path, out: Path, precision: str, log: Callable[[str], None]) -> Path:
+    """The f16 file in a scratch directory beside ``out``, rewritten by llama.cpp's quantizer into
+    ``out``; the f16 file is removed, also on failure, and ``out`` appears only whole."""
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as scratch:
+        source = export_gguf(model_dir, Path(scratch) / f"model-{K_QUANT_SOURCE}.gguf", K_QUANT_SOURCE, log)
+        log(f"quantizing to {precision} with llama.cpp")
+        with atomic_paths([out]) as (temporary,):
+            for warning in quantize(source, temporary, precision):
+                log(f"llama.cpp: {warning} (k-quant blocks take rows of a multiple of 256)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = StrictArgumentParser(prog="sft export", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -329,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "LoRA adapter for llama.cpp's --lora / Ollama's ADAPTER, beside the "
                                           "base model's GGUF")
     parser.add_argument("--base-model", help="with --adapter: the base model (default: the one the adapter names)")
-    parser.add_argument("--precision", default="f16", help=f"weight type: {', '.join(TYPES)} (default: f16)")
+    parser.add_argument("--precision", default="f16",
+                        help=f"weight type: {', '.join(TYPES)}, or with llama-cpp-python installed "
+                             f"{', '.join(K_QUANTS)} (default: f16)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=False,
                         help="read the file back and compare tokens, logits and greedy replies with the model "
                              "(the bundled model's demo command passes it)")
@@ -371,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 def _after_export(args: argparse.Namespace, path: Path, modelfile_path: Path) -> None:
     from transformers import GenerationConfig
 
-    from sft.export.ollama import modelfile
+    from sft.export.ollama import describe, modelfile, recognize_layout
     from sft.export.verify import verify_gguf
     from sft.files import atomic_write_text
 
@@ -384,9 +406,10 @@ def _after_export(args: argparse.Namespace, path: Path, modelfile_path: Path) ->
             generation = GenerationConfig.from_pretrained(args.model)
         except OSError:
             generation = None
-        atomic_write_text(modelfile_path, modelfile(path, tokenizer, generation, args.system_prompt))
+        layout = recognize_layout(tokenizer)
+        atomic_write_text(modelfile_path, modelfile(path, tokenizer, generation, args.system_prompt, layout))
         name = args.ollama or path.stem
-        print(f"wrote {modelfile_path}; next:\n  ollama create {name} -f {modelfile_path}\n  ollama run {name}")
+        print(f"wrote {modelfile_path} ({describe(layout)}); next:\n  ollama create {name} -f {modelfile_path}\n  ollama run {name}")
 
 
 if __name__ == "__main__":

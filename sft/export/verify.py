@@ -20,17 +20,23 @@ import torch
 
 from sft.errors import UserError
 
-LOGIT_TOLERANCE = {"f32": 1e-5, "f16": 0.05, "bf16": 0.25, "q8_0": 0.5, "q4_0": 4.0}
+LOGIT_TOLERANCE = {"f32": 1e-5, "f16": 0.05, "bf16": 0.25, "q8_0": 0.5, "q4_0": 4.0,
+                   "q4_k_m": 3.5, "q5_k_m": 2.0, "q6_k": 1.5}
 """Largest difference allowed between a logit of the file and of the merged model, in standard
 deviations of the model's logits at that position set: f32 is exact up to float rounding; the
 others are twice the worst measured on the tiny random models of every family (f16 0.03, bf16
 0.14, q8_0 0.36, q4_0 3.3: weights drawn at 0.3 and rows of two 32-wide blocks make them far more
-sensitive to rounding than a trained model)."""
+sensitive to rounding than a trained model); the k-quants twice the worst on a tiny Llama with
+256-wide rows, as their blocks are, and weights drawn at 0.1 (q4_k_m 1.76, q5_k_m 0.95, q6_k 0.76,
+by either reader; another random model of that shape differs by 5.2)."""
+
+LLAMA_CPP_TOLERANCE = {precision: max(tolerance, 0.02) for precision, tolerance in LOGIT_TOLERANCE.items()}
+"""llama.cpp's own kernels round differently from transformers' (0.008 measured on the f32 files)."""
 
 GREEDY_PRECISIONS = {"f32", "f16"}
-"""The precisions held to the same greedy reply. bf16, q8_0 and q4_0 flip near ties (bf16 on the
-tiny random models within 12 tokens; on the demo model llama.cpp's q8_0 reply takes another
-wording after 11 tokens): they are held to their logit tolerances only."""
+"""The precisions held to the same greedy reply. bf16, q8_0, q4_0 and the k-quants flip near
+ties (bf16 on the tiny random models within 12 tokens; on the demo model llama.cpp's q8_0 reply
+takes another wording after 11 tokens): they are held to their logit tolerances only."""
 
 REPLY_PROMPTS = ["Describe the ocean in one sentence.", "List the planets of the solar system.",
                  "What is the capital of France?"]
@@ -171,11 +177,11 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, precision: str,
     model = load_model(str(model_dir), torch.float32, attn_implementation="eager").eval()
     arch = arch_name(model.config)
     # transformers picks the text-splitting regex by architecture, not by the file's pre-tokenizer
-    # name: a file whose pre-tokenizer is not its architecture's own ('default') is rebuilt from its
-    # vocabulary and merges alone.
+    # name: a file whose pre-tokenizer is GPT-2's, or unknown ('default'), is rebuilt from its
+    # vocabulary and merges alone, split with GPT-2's regex.
     file_fields = gguf.GGUFReader(gguf_file).fields
     pre = file_fields.get("tokenizer.ggml.pre")
-    if arch in TRANSFORMERS_ARCHITECTURES and (pre is None or pre.contents() != "default"):
+    if arch in TRANSFORMERS_ARCHITECTURES and (pre is None or pre.contents() not in ("default", "gpt-2")):
         exported_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     else:
         exported_tokenizer = byte_level_tokenizer_from_gguf(gguf_file)
@@ -202,32 +208,47 @@ def verify_gguf(model_dir: str | Path, gguf_file: str | Path, precision: str,
 
 
 def check_with_llama_cpp(model, tokenizer, gguf_file: Path, precision: str, log: Callable[[str], None]) -> None:
+    """llama.cpp itself (llama-cpp-python, where installed) reads the file: the training tokenizer's
+    ids on every probe, and logits within the precision's tolerance of the model's."""
     try:
         import llama_cpp
     except ImportError:
         log("verify: llama.cpp not checked: llama-cpp-python is not installed (pip install llama-cpp-python)")
         return
-    import numpy as np
-
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=256, logits_all=True, verbose=False, n_threads=1)
     try:
+        adds_bos = tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]
         for name, (text, add_special) in tokenizer_probes(tokenizer).items():
             expected = tokenizer(text, add_special_tokens=add_special).input_ids
-            actual = llm.tokenize(text.encode(), add_bos=add_special and tokenizer("a").input_ids[0] ==
-                                  tokenizer.bos_token_id, special=True)
+            actual = llm.tokenize(text.encode(), add_bos=add_special and adds_bos, special=True)
             if expected != actual:
                 at = _first_difference(expected, actual)
-                raise VerificationError(f"llama.cpp's tokens differ on probe {name!r} at token {at}")
-        for prompt in REPLY_PROMPTS:
-            ids = tokenizer(prompt).input_ids
-            with torch.no_grad():
-                expected = model(torch.tensor([ids])).logits[0].numpy()
-            llm.reset()
-            llm.eval(ids)
-            actual = np.asarray(llm.scores[:len(ids)])
-            worst = float(np.abs(actual - expected).max())
-            if worst > max(LOGIT_TOLERANCE[precision], 0.02) * expected.std():  # its own kernels: 0.008 measured
-                raise VerificationError(f"llama.cpp's logits differ on prompt {prompt!r} by {worst:.3f}")
-        log("verify: llama.cpp: same tokens and logits")
+                want, got = (repr(llm.detokenize(ids[at:at + 1]).decode(errors="replace")) if at < len(ids)
+                             else "(end)" for ids in (expected, actual))
+                raise VerificationError(f"llama.cpp's tokens differ on probe {name!r} at token {at}: the model's "
+                                        f"tokenizer gives {want}, llama.cpp {got}")
+        tolerance = LLAMA_CPP_TOLERANCE[precision]
+        worst = max(_llama_cpp_logit_difference(llm, model, tokenizer, prompt, tolerance, precision)
+                    for prompt in REPLY_PROMPTS)
+        log(f"verify: llama.cpp: same tokens on {len(tokenizer_probes(tokenizer))} probes; logits within {worst:.2e} "
+            f"standard deviations of the model's (tolerance {tolerance})")
     finally:
         llm.close()
+
+
+def _llama_cpp_logit_difference(llm, model, tokenizer, prompt: str, tolerance: float, precision: str) -> float:
+    """The largest logit difference on ``prompt``, in standard deviations of the model's logits."""
+    import numpy as np
+
+    ids = tokenizer(prompt).input_ids
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    llm.reset()
+    llm.eval(ids)
+    difference = np.abs(np.asarray(llm.scores[:len(ids)]) - expected) / expected.std()
+    if difference.max() > tolerance:
+        position, token = np.unravel_index(int(difference.argmax()), difference.shape)
+        raise VerificationError(f"llama.cpp's logits differ on prompt {prompt!r} at position {position}, token "
+                                f"{token}: {difference.max():.2e} standard deviations, tolerance {tolerance} for "
+                                f"{precision}")
+    return float(difference.max())

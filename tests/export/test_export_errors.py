@@ -3,10 +3,13 @@ folders, bad model directories: tests/reliability/test_errors.py)."""
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import pytest
 
+from sft.config import ConfigError
 from sft.export.gguf import main as export_main
 from tests.reliability.helpers import assert_user_error, run_python
 from tests.tiny import build_tokenizer
@@ -34,8 +37,39 @@ def test_an_unknown_family_is_one_line_listing_the_exported_ones(tmp_path: Path,
 
 def test_an_unsupported_precision_is_refused_before_the_model_loads(tiny_model_dir: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
+    status = export_main(["--model", str(tiny_model_dir), "--gguf", str(tmp_path / "m.gguf"), "--precision", "q3_k_s"])
+    assert_user_error(status, capsys.readouterr().err, "--precision q3_k_s", "f32, f16, bf16, q8_0, q4_0",
+                      "q4_k_m, q5_k_m, q6_k")
+    assert leftovers(tmp_path) == []
+
+
+def test_k_quants_without_llama_cpp_name_the_package_and_the_alternatives(tiny_model_dir: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` raises ImportError
     status = export_main(["--model", str(tiny_model_dir), "--gguf", str(tmp_path / "m.gguf"), "--precision", "q4_k_m"])
-    assert_user_error(status, capsys.readouterr().err, "--precision q4_k_m", "f32, f16, bf16, q8_0, q4_0")
+    assert_user_error(status, capsys.readouterr().err, "--precision q4_k_m", "llama-cpp-python is not installed",
+                      "`pip install llama-cpp-python`", "20 minutes", "q8_0 or q4_0")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_failing_quantizer_leaves_neither_the_f16_file_nor_a_partial_output(tiny_model_dir: Path, tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    import sft.export.gguf as exporter
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", types.ModuleType("llama_cpp"))  # importable; quantize replaced
+    seen = []
+
+    def fail_midway(source: Path, out: Path, precision: str) -> list[str]:
+        seen.append(source.stat().st_size)  # the f16 file is written first
+        out.write_bytes(b"GGUF, half written")
+        raise ConfigError(f"--precision {precision}: llama.cpp's quantizer failed on {source.name} (status 1)")
+
+    monkeypatch.setattr(exporter, "quantize", fail_midway)
+    status = export_main(["--model", str(tiny_model_dir), "--gguf", str(tmp_path / "m.gguf"), "--precision", "q6_k"])
+    assert_user_error(status, capsys.readouterr().err, "llama.cpp's quantizer failed on model-f16.gguf")
+    assert seen and seen[0] > 0
     assert leftovers(tmp_path) == []
 
 
