@@ -85,7 +85,7 @@ def test_names_file_and_line_of_broken_json(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         read_conversations(path)
     assert str(info.value).startswith(f"{path}:3:")
-    assert "not valid JSON" in str(info.value)
+    assert "invalid JSON" in str(info.value)
 
 
 @pytest.mark.parametrize("field, bad", [("instruction", 5), ("output", None), ("output", ["a"])])

@@ -54,7 +54,7 @@ def test_a_prompt_without_instructions_is_refused_naming_its_line(tmp_path: Path
 
 @pytest.mark.parametrize("name, content, fragment", [
     pytest.param("responses.jsonl", b'[1, 2]\n', "line 1 is not an answer record", id="answers: not an object"),
-    pytest.param("responses.jsonl", b'{"prompt": "x\xff"}\n', "line 1 is not UTF-8", id="answers: not UTF-8"),
+    pytest.param("responses.jsonl", b'{"prompt": "x\xff"}\n', ":1: not valid UTF-8", id="answers: not UTF-8"),
     pytest.param("generation.json", b'{"settings": ', "not JSON", id="state: not JSON"),
     pytest.param("generation.json", b'[]', "not an object", id="state: not an object"),
 ])

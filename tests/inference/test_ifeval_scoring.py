@@ -92,7 +92,7 @@ def test_prompts_without_a_response_are_not_scored(files: tuple[Path, Path], tmp
 
 
 @pytest.mark.parametrize(("prompts_line", "responses_line", "message"), [
-    ("{\"key\": 1, \"prompt\": \"x\"", None, "input_data.jsonl: invalid JSON at line 2"),
+    ("{\"key\": 1, \"prompt\": \"x\"", None, "input_data.jsonl:2:"),
     ({"key": 1, "prompt": "x", "instruction_id_list": ["keywords:typo"], "kwargs": [{}]}, None,
      "input_data.jsonl: line 2: unknown instruction id 'keywords:typo'"),
     ({"key": 1, "prompt": "x", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, None,
