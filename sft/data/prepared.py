@@ -66,12 +66,22 @@ def read_preferences(path: str | Path) -> list[dict[str, Any]]:
     return [_preference(where, record) for where, record in _lines(Path(path), "python scripts/prepare_dpo_data.py")]
 
 
-def read_prompt_records(path: str | Path, producer: str) -> list[tuple[str, dict[str, Any]]]:
-    """``("<path>:<line>", record)`` for every line of a file of prompts to answer (``producer``
-    names the command that writes them, ``sft constraints``), its ``messages`` checked as a
-    preference prompt is (ending with a user turn); the other fields are the caller's to check."""
-    return [(where, record | {"messages": _messages(where, record, "messages", last="user")})
-            for where, record in _lines(Path(path), producer)]
+def read_prompts(path: str | Path, producer: str) -> list[tuple[str, dict[str, Any]]]:
+    """``("<path>:<line>", record)`` for every line of a file of prompts to answer (``producer`` names
+    the command that writes them): ``messages`` checked as a preference prompt is, ending with a
+    user turn (a final assistant turn, a reference answer, is left out: the model writes its own),
+    with the ``id`` and ``source`` of :func:`read_conversations`; the other fields are the caller's."""
+    prompts = []
+    for where, record in _lines(Path(path), producer):
+        turns = record.get("messages")
+        if isinstance(turns, list) and len(turns) > 1 and isinstance(turns[-1], dict) \
+                and turns[-1].get("role") == "assistant":
+            record = record | {"messages": turns[:-1]}
+        messages = _messages(where, record, "messages", last="user")
+        key = tuple((m["role"], m["content"]) for m in messages)
+        prompts.append((where, record | _header(where, record, lambda key=key: conversation_id(key))
+                        | {"messages": messages}))
+    return prompts
 
 
 def _lines(path: Path, producer: str) -> Iterator[tuple[str, dict[str, Any]]]:

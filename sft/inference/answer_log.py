@@ -40,7 +40,8 @@ def read_state(path: Path) -> dict[str, Any]:
         raise _damaged(f"{path}: not UTF-8", path) from None
     except (json.JSONDecodeError, RecursionError) as exc:
         raise _damaged(f"{path}: not JSON ({getattr(exc, 'msg', exc)})", path) from None
-    if not isinstance(state, dict) or not isinstance(state.get("seconds", 0.0), (int, float)):
+    if not isinstance(state, dict) or not isinstance(state.get("seconds", 0.0), (int, float)) \
+            or not isinstance(state.get("settings", {}), dict):
         raise _damaged(f"{path}: not an object with the generation's settings and seconds", path)
     return state
 

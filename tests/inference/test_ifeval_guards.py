@@ -49,7 +49,8 @@ def test_a_prompt_without_instructions_is_refused_naming_its_line(tmp_path: Path
     input_data = write_jsonl(tmp_path / "input_data.jsonl",
                              [*PROMPTS, {"key": 9, "prompt": "Anything.", "instruction_id_list": [], "kwargs": []}])
     status = score(full_responses(tmp_path), input_data, tmp_path / "out")
-    assert_user_error(status, capsys.readouterr().err, "input_data.jsonl: line 4", "instruction_id_list is empty")
+    assert_user_error(status, capsys.readouterr().err, "input_data.jsonl: line 4",
+                      "field 'instruction_id_list' must be a non-empty list of IFEval instruction ids")
 
 
 @pytest.mark.parametrize("name, content, fragment", [

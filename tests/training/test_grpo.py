@@ -194,7 +194,7 @@ def test_a_bad_instruction_is_refused_naming_the_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "prompts.jsonl", [
         {"messages": [{"role": "user", "content": "Say hi."}], "instruction_id_list": ["punctuation:no_coma"],
          "kwargs": [{}]}])
-    with pytest.raises(DataError, match=rf"^{path}:1: unknown instruction id 'punctuation:no_coma'$"):
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'instruction_id_list'\[0\]: unknown instruction id 'punctuation:no_coma'$"):
         read_prompt_records(path, verifier=True)
 
 
