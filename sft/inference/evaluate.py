@@ -27,11 +27,11 @@ from sft.config import SFTConfig, StrictArgumentParser, add_config_arguments
 from sft.data.collate import PaddingCollator
 from sft.data.prepared import read_conversations
 from sft.data.templates import end_of_turn_ids, with_system_prompt
-from sft.data.tokenize import encode_records
+from sft.data.tokenize import encode_records, generation_prompt
 from sft.errors import DataError, run_command
 from sft.files import atomic_write_text
-from sft.inference.generate import generate_greedy, generation_prompt
 from sft.inference.loading import LoadedRun, check_adapter_dir, load_run, run_config
+from sft.modeling.generate import generate_greedy
 from sft.outputs import writing_into
 from sft.training.loss import supervised_totals
 from sft.training.plots import PLOT_FILE

@@ -31,8 +31,8 @@ from sft.data.prepared import read_preferences
 from sft.data.templates import end_of_turn_ids
 from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_write_text
-from sft.inference.generate import generate_greedy
 from sft.inference.loading import LoadedRun, check_adapter_dir, folded_adapter, load_run, run_config
+from sft.modeling.generate import generate_greedy
 from sft.outputs import writing_into
 from sft.training.preference import METRICS, PairCollator, metric_sums, pairs_answer_logps
 
