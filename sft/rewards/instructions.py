@@ -424,10 +424,15 @@ def phrase_fields(instruction_id: str, kwargs: Kwargs, rng: random.Random) -> di
     return fields
 
 
+# A count of one takes the singular: "at least 1 blank", "1 bracketed placeholder", "1 word written".
+_ONE_PLURAL = re.compile(r"\b1 ((?:[\w-]+ )?)(blank|placeholder|part|passage|phrase|paragraph|sentence|word"
+                         r"|section|bullet|point|item|time)s\b")
+
+
 def phrase(instruction_id: str, kwargs: Kwargs, rng: random.Random) -> str:
-    """One of the type's phrasings, filled in."""
+    """One of the type's phrasings, filled in, in the singular where a count is one."""
     template = rng.choice(TYPES[instruction_id].phrasings)
-    return template.format(**phrase_fields(instruction_id, kwargs, rng))
+    return _ONE_PLURAL.sub(r"1 \1\2", template.format(**phrase_fields(instruction_id, kwargs, rng)))
 
 
 def draw_instructions(rng: random.Random, context: Context, count: int,

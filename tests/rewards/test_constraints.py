@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from sft.errors import DataError
 from sft.inference.ifeval.command import main as ifeval_main
 from sft.rewards.constraints import build, main, write_records
 from sft.rewards.decontaminate import Decontaminator
-from sft.rewards.instructions import CONFLICTS, TYPES, Context, compatible, phrase_fields
+from sft.rewards.instructions import CONFLICTS, TYPES, Context, compatible, phrase, phrase_fields
 from sft.rewards.verify import read_constraint_prompts, reward
 from sft.verifiers.instructions import bind
 from tests.inference.conftest import SHARED_INPUT_DATA
@@ -248,3 +249,22 @@ def test_multi_turn_prompts_end_at_the_last_user_turn_and_tool_use_is_skipped(tm
     assert report["read"] == 1 and report["skipped_tool_use"] == 1 and len(records) == 1
     assert records[0]["messages"][:-1] == turns[:3] and records[0]["reference"] == "Venus."
     assert records[0]["prompt"].startswith("Name another planet.\n\n")
+
+
+def test_a_count_of_one_reads_in_the_singular() -> None:
+    """Every phrasing, filled with a count of one, says "at least 1 blank", never "1 blanks"."""
+    counts = {"num_placeholders", "num_highlights", "num_bullets", "num_sentences", "num_words", "num_paragraphs",
+              "num_sections", "capital_frequency", "frequency", "let_frequency"}
+    rng = random.Random(0)
+    texts = []
+    for instruction_id, kind in TYPES.items():
+        kwargs = next(filter(None, (kind.draw(rng, Context("Describe the moon over the quiet harbour tonight."))
+                                    for _ in range(50))), None)
+        if kwargs is None or not counts & set(kwargs):
+            continue
+        kwargs = {key: 1 if key in counts else value for key, value in kwargs.items()}
+        for seed in range(12):
+            texts.append(phrase(instruction_id, kwargs, random.Random(seed)))
+    assert any("at least 1 blank for" in text for text in texts)
+    plural_after_one = [text for text in texts if re.search(r"\b1 (?!or more)(?:[a-z-]+ )?[a-z]+s\b", text)]
+    assert not plural_after_one
