@@ -5,6 +5,9 @@ JSON and JSONL are told apart by the content, not the name, because dumps circul
 ``.json`` and ``.jsonl`` names in either layout: if the first non-whitespace character is ``[``
 the file is a JSON array, otherwise it is JSONL (one JSON value per line, blank lines skipped).
 What the records mean (which fields, which shape) is :mod:`sft.data.formats`' business.
+:func:`read_jsonl` (and :func:`jsonl_values` for text already read) is the JSONL reader of the
+whole package: prepared files, prompt files and answer logs are read through it, so a broken
+line is always named as ``<path>:<line>[:<column>]: ...``.
 
 Everything that makes a whole file unusable (missing, a directory, unreadable, not gzip where the
 name says so, not UTF-8, not JSON, wrong top-level shape, nested too deeply to parse, a CSV row
