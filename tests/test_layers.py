@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     """``lint-imports`` on the package under ``root`` with the contracts of ``root/pyproject.toml``."""
     environment = os.environ | {"PYTHONPATH": str(root)}
-    command = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
-                                     "sys.exit(lint_imports_command())", "--no-cache"]
-    return subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+    script = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", script, "--no-cache"], cwd=root, env=environment,
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_every_import_points_down_the_layers() -> None:
