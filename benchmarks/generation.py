@@ -5,7 +5,7 @@
 Answers the first N IFEval prompts greedily with the bundled SmolLM2-135M-Instruct (or --model),
 float32 on CPU, at each batch size, with each contender:
 
-- ``sft``: ``sft.inference.generate.generate_greedy`` as evaluation, chat and ``sft ifeval`` run
+- ``sft``: ``sft.modeling.generate.generate_greedy`` as evaluation, chat and ``sft ifeval`` run
   it: left-padded batches in order of length, finished rows leave the batch, logits of the last
   position only, and a KV cache that writes into spare room (GrowingCache);
 - ``sft-dynamic``: the same loop with transformers' DynamicCache, which concatenates every
@@ -31,10 +31,10 @@ import transformers
 from transformers import DynamicCache
 
 from sft.data.templates import end_of_turn_ids
-from sft.inference.generate import Answer, GrowingCache, generate_greedy
 from sft.inference.ifeval.command import encode_question
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, read_prompts
 from sft.inference.loading import load_run, run_config
+from sft.modeling.generate import Answer, GrowingCache, generate_greedy
 
 CONTENDERS = ("sft", "sft-dynamic", "hf-generate")
 

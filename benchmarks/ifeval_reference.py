@@ -59,7 +59,7 @@ def write_cases(out: Path, input_data: Path | None) -> None:
     """The tests' hand-made answers (and, given the prompts file, the TRANSFORMS of every prompt)
     as an IFEval prompts file and a responses file."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.inference.test_ifeval_instructions import CASES
+    from tests.verifiers.test_instructions import CASES
 
     prompts, responses = [], []
 

@@ -64,14 +64,15 @@ def test_chat_keeps_the_conversation_in_the_training_format(run_dir: Path, monke
                                                             capsys: pytest.CaptureFixture) -> None:
     import argparse
 
+    from sft.data import tokenize
     from sft.data.templates import render_prompt
-    from sft.inference import chat, generate
+    from sft.inference import chat
 
     args = argparse.Namespace(adapter=str(run_dir), model=None, system_prompt="Be brief.", temperature=0.0,
                               top_p=1.0, max_new_tokens=5, device="cpu", trust_remote_code=False)
     session = chat.open_session(args)
     prompts = []
-    monkeypatch.setattr(generate, "render_prompt", lambda tok, messages, tools=None: prompts.append(messages)
+    monkeypatch.setattr(tokenize, "render_prompt", lambda tok, messages, tools=None: prompts.append(messages)
                         or render_prompt(tok, messages, tools))
     first = session.reply("Name a color.")
     session.reply("And another one?")

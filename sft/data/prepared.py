@@ -37,7 +37,7 @@ from sft.data.formats import (
     record_id,
     turn_order_problem,
 )
-from sft.data.sources import describe_json_type, nonblank_lines
+from sft.data.sources import describe_json_type, read_jsonl
 from sft.errors import DataError
 
 _ALPACA_FIELDS = ("instruction", "input", "output")
@@ -66,43 +66,30 @@ def read_preferences(path: str | Path) -> list[dict[str, Any]]:
     return [_preference(where, record) for where, record in _lines(Path(path), "python scripts/prepare_dpo_data.py")]
 
 
-def read_prompt_records(path: str | Path, producer: str) -> list[tuple[str, dict[str, Any]]]:
-    """``("<path>:<line>", record)`` for every line of a file of prompts to answer (``producer``
-    names the command that writes them, ``sft constraints``), its ``messages`` checked as a
-    preference prompt is (ending with a user turn); the other fields are the caller's to check."""
-    return [(where, record | {"messages": _messages(where, record, "messages", last="user")})
-            for where, record in _lines(Path(path), producer)]
+def read_prompts(path: str | Path, producer: str) -> list[tuple[str, dict[str, Any]]]:
+    """``("<path>:<line>", record)`` for every line of a file of prompts to answer (``producer`` names
+    the command that writes them): ``messages`` checked as a preference prompt is, ending with a
+    user turn (a final assistant turn, a reference answer, is left out: the model writes its own),
+    with the ``id`` and ``source`` of :func:`read_conversations`; the other fields are the caller's."""
+    prompts = []
+    for where, record in _lines(Path(path), producer):
+        turns = record.get("messages")
+        if isinstance(turns, list) and len(turns) > 1 and isinstance(turns[-1], dict) \
+                and turns[-1].get("role") == "assistant":
+            record = record | {"messages": turns[:-1]}
+        messages = _messages(where, record, "messages", last="user")
+        key = tuple((m["role"], m["content"]) for m in messages)
+        prompts.append((where, record | _header(where, record, lambda key=key: conversation_id(key))
+                        | {"messages": messages}))
+    return prompts
 
 
 def _lines(path: Path, producer: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("<path>:<line>", object)`` for every non-blank line of a prepared JSONL file; ``producer`` is
     the command that writes such files, named when the file is missing."""
-    if path.is_dir():
-        raise DataError(f"{path} is a directory; expected a prepared JSONL file")
-    if path.exists() and not path.is_file():  # /dev/zero never ends, a FIFO blocks
-        raise DataError(f"{path} is not a regular file (a device, FIFO or socket); expected a prepared JSONL file")
-    if not path.is_file():
-        raise DataError(f"{path} not found: run `{producer}` first (or set train_file / val_file)")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        line_number = exc.object.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{path}:{line_number}: not valid UTF-8 ({exc.reason}); expected UTF-8 JSONL, "
-                        f"as `{producer}` writes") from None
-    # Split on "\n" only: str.splitlines would also split on U+2028 inside strings.
-    for line_number, line in nonblank_lines(text):
+    missing = f"{path} not found: run `{producer}` first (or set train_file / val_file)"
+    for line_number, record in read_jsonl(path, "a prepared JSONL file", missing):
         where = f"{path}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}:{exc.colno}: not valid JSON: {exc.msg}") from None
-        except RecursionError:
-            raise DataError(f"{where}: not valid JSON: nested too deeply to parse; "
-                            f"expected a JSON object of strings") from None
-        except ValueError as exc:  # e.g. an integer literal longer than Python converts
-            raise DataError(f"{where}: not valid JSON: {exc}") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {describe_json_type(record)}")
         yield where, record

@@ -5,6 +5,9 @@ JSON and JSONL are told apart by the content, not the name, because dumps circul
 ``.json`` and ``.jsonl`` names in either layout: if the first non-whitespace character is ``[``
 the file is a JSON array, otherwise it is JSONL (one JSON value per line, blank lines skipped).
 What the records mean (which fields, which shape) is :mod:`sft.data.formats`' business.
+:func:`read_jsonl` (and :func:`jsonl_values` for text already read) is the JSONL reader of the
+whole package: prepared files, prompt files and answer logs are read through it, so a broken
+line is always named as ``<path>:<line>[:<column>]: ...``.
 
 Everything that makes a whole file unusable (missing, a directory, unreadable, not gzip where the
 name says so, not UTF-8, not JSON, wrong top-level shape, nested too deeply to parse, a CSV row
@@ -161,30 +164,39 @@ def read_source(path: str | os.PathLike[str]) -> Source:
     name = file_path.name.lower()
     compressed = name.endswith(".gz")
     name = name.removesuffix(".gz")
-    data = _read_bytes(file_path)
+    data = _read_bytes(file_path, _A_DATA_FILE, f"{file_path} not found. {_OBTAIN_HINT}")
     if compressed:
         data = _gunzip(file_path, data)
     if name.endswith(".parquet"):
         return Source(os.fspath(path), _parse_parquet(file_path, data), "row")
-    text = _decode(file_path, data)
+    text = decode_utf8(file_path, data)
     if name.endswith(".csv"):
         return Source(os.fspath(path), _parse_csv(file_path, text), "line")
     if text.lstrip(_JSON_WHITESPACE).startswith("["):
         return Source(os.fspath(path), _parse_array(path, text), "item")
     _reject_single_document(path, text, json_named=name.endswith(".json"))
-    return Source(os.fspath(path), _parse_jsonl(path, text), "line")
+    return Source(os.fspath(path), list(jsonl_values(path, text)), "line")
 
 
-def _read_bytes(path: Path) -> bytes:
-    """Return the file's bytes, or raise naming what is wrong with the path."""
+def read_jsonl(path: str | os.PathLike[str], expected: str, missing: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of the JSONL file at ``path``, whatever the
+    file's name; ``expected`` says what the file should be and ``missing`` is the whole message for
+    a path where there is no file. Every problem raises :class:`DataError` as :func:`read_source`'s do."""
+    path = Path(path)
+    return jsonl_values(path, decode_utf8(path, _read_bytes(path, expected, missing)))
+
+
+def _read_bytes(path: Path, expected: str, missing: str) -> bytes:
+    """Return the file's bytes, or raise naming what is wrong with the path (``missing``: the
+    message where nothing is there; ``expected``: what the path should be)."""
     if not path.exists():
         if path.is_symlink():
-            raise DataError(f"{path} is a symbolic link to a missing file (or a link loop); expected {_A_DATA_FILE}")
-        raise DataError(f"{path} not found. {_OBTAIN_HINT}")
+            raise DataError(f"{path} is a symbolic link to a missing file (or a link loop); expected {expected}")
+        raise DataError(missing)
     if path.is_dir():
-        raise DataError(f"{path} is a directory; expected {_A_DATA_FILE}")
+        raise DataError(f"{path} is a directory; expected {expected}")
     if not path.is_file():  # /dev/zero never ends, a FIFO blocks: only a file has a size to read
-        raise DataError(f"{path} is not a regular file (a device, FIFO or socket); expected {_A_DATA_FILE}")
+        raise DataError(f"{path} is not a regular file (a device, FIFO or socket); expected {expected}")
     try:
         return path.read_bytes()
     except OSError as exc:
@@ -287,8 +299,8 @@ def _check_header(path: Path, header: list[str], line: int) -> None:
         seen.add(name)
 
 
-def _decode(path: Path, data: bytes) -> str:
-    """Decode UTF-8 (an optional BOM dropped), or raise naming the line."""
+def decode_utf8(path: Path, data: bytes) -> str:
+    """The text of a file's bytes, UTF-8 with an optional BOM dropped, or DataError naming the line."""
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         raise DataError(
             f"{path}: starts with a UTF-16 or UTF-32 byte-order mark; expected UTF-8 "
@@ -299,7 +311,7 @@ def _decode(path: Path, data: bytes) -> str:
     if nul >= 0:
         line, column = _byte_line_column(data, nul)
         raise DataError(
-            f"{path}: NUL byte at line {line}, byte {column}; JSON text cannot contain "
+            f"{path}:{line}: NUL byte at byte {column} of the line; JSON text cannot contain "
             "one (write it as \\u0000 inside a string); expected UTF-8 JSON (is the "
             "file UTF-16 or binary?)"
         )
@@ -309,7 +321,7 @@ def _decode(path: Path, data: bytes) -> str:
         offset = bom + exc.start
         line, column = _byte_line_column(data, offset)
         raise DataError(
-            f"{path}: not valid UTF-8 at line {line}, byte {column} (byte offset "
+            f"{path}:{line}: not valid UTF-8 at byte {column} of the line (byte offset "
             f"{offset}): {exc.reason}; expected UTF-8 text (re-encode the file as UTF-8)"
         ) from None
 
@@ -325,13 +337,16 @@ def _parse_array(path: str | os.PathLike[str], text: str) -> list[tuple[int, Any
     try:
         value = _DECODER.decode(text)
     except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: "
-            f"{_explain(exc.msg)}"
-        ) from None
+        raise _invalid_json(path, exc.lineno, exc) from None
     except (ValueError, RecursionError) as exc:
         raise _array_item_error(path, text, exc) from None
     return list(enumerate(value))
+
+
+def _invalid_json(path: str | os.PathLike[str], line: int, exc: json.JSONDecodeError) -> DataError:
+    """The error of a JSON syntax error at ``line`` of the file (``exc``'s column), as
+    ``<path>:<line>:<column>: ...``, the form an editor jumps to."""
+    return DataError(f"{path}:{line}:{exc.colno}: invalid JSON: {_explain(exc.msg)}")
 
 
 def _array_item_error(
@@ -408,24 +423,23 @@ def _reject_single_document(path: str | os.PathLike[str], text: str, *, json_nam
         )
 
 
-def _parse_jsonl(path: str | os.PathLike[str], text: str) -> list[tuple[int, Any]]:
-    """Parse JSONL into ``(line_number, item)`` pairs, skipping blank lines.
+def jsonl_values(path: str | os.PathLike[str], text: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of JSONL ``text`` read from ``path``, parsed
+    one at a time: the one JSONL line parser of the package. A line that does not parse raises
+    :class:`DataError` naming the file, the line and the column; an object that repeats a key is a
+    :class:`DuplicateKeysObject`.
 
     Lines are split on ``\\n`` only: ``str.splitlines`` would also split on
     U+2028 and friends, which JSON allows unescaped inside strings.
     """
-    items = []
     for line_number, line in nonblank_lines(text):
         try:
-            items.append((line_number, _DECODER.decode(line)))
+            value = _DECODER.decode(line)
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: invalid JSON at line {line_number}, column {exc.colno}: "
-                f"{_explain(exc.msg)}"
-            ) from None
+            raise _invalid_json(path, line_number, exc) from None
         except (ValueError, RecursionError) as exc:
-            raise DataError(f"{path}: line {line_number} {_problem(exc)}") from None
-    return items
+            raise DataError(f"{path}:{line_number}: the line {_problem(exc)}") from None
+        yield line_number, value
 
 
 _NOT_JSON_WHITESPACE = re.compile(r"[^ \t\r\n]")

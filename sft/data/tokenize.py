@@ -131,6 +131,23 @@ def message_char_limit(tokenizer: PreTrainedTokenizerBase, max_seq_length: int) 
     return (max_seq_length + TRUNCATION_MARGIN_TOKENS) * _longest_token_chars(tokenizer, len(tokenizer))
 
 
+def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], positions: int | None,
+                      tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The token ids generation starts from for ``messages`` (and the conversation's ``tools``),
+    built by training's prompt code.
+
+    As training does, a message is cut before tokenizing at the characters that can matter within
+    ``positions`` tokens (:func:`message_char_limit`): a cut prompt is still
+    longer than the model's positions, so the callers' length checks refuse it as before, but a
+    record of a hundred megabytes costs no more than that to refuse.
+    """
+    if positions is not None:
+        limit = message_char_limit(tokenizer, positions)
+        messages = [m | {"content": m["content"][:limit]} if isinstance(m.get("content"), str)
+                    and len(m["content"]) > limit else m for m in messages]
+    return encode_prompt(tokenizer, render_prompt(tokenizer, messages, tools))
+
+
 def _require_prefix(tokenizer: PreTrainedTokenizerBase, prefix: list[int], ids: list[int], what: str) -> None:
     """TemplateError unless ``prefix`` is where ``ids`` begins, showing the first tokens that differ."""
     if ids[:len(prefix)] == prefix:

@@ -17,6 +17,7 @@ phi3, olmo2, granite, cohere (llama.cpp's command-r), smollm3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import tempfile
@@ -269,11 +270,31 @@ def check_export(model_dir: Path, out: Path, precision: str) -> None:
         raise ConfigError(f"{model_dir} holds an adapter, not a model: run `sft merge` first and export its output")
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"--model {model_dir}: no such directory; pass the directory `sft merge` wrote")
+    check_gguf_out(out)
+
+
+def check_gguf_out(out: Path) -> None:
+    """Refuse a GGUF path that exists or whose directory cannot take a new file."""
     if out.exists():
         raise ConfigError(f"--gguf {out} exists; choose a new file name")
-    problem = unwritable_reason(out.parent)
-    if problem:
+    if problem := unwritable_reason(out.parent):
         raise ConfigError(f"--gguf {out}: cannot write into {out.parent} ({problem}); choose another path")
+
+
+@contextlib.contextmanager
+def gguf_file(out: Path, arch: str) -> Iterator[gguf.GGUFWriter]:
+    """A writer for the GGUF file ``out`` of architecture ``arch``: what the block adds (metadata,
+    tensors) is written when it ends; on an error, or a kill or a full disk while writing, no file
+    is left at ``out``."""
+    with atomic_paths([out]) as (temporary,):
+        writer = gguf.GGUFWriter(str(temporary), arch)
+        try:
+            yield writer
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+        finally:
+            writer.close()
 
 
 def _refuse_unknown_family(model_dir: Path) -> None:
@@ -309,21 +330,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, precision: str = "f16",
                           f"{config.use_qk_norm}, and llama.cpp would refuse the file")
     for gap in llama_cpp_gaps(config):
         warnings.warn(gap, stacklevel=2)
-    with atomic_paths([out]) as (temporary,):  # a full disk or a kill leaves no half-written file
-        writer = gguf.GGUFWriter(str(temporary), arch_name(config))
-        try:
-            _add_hyper_parameters(writer, config, model_dir.name, precision)
-            pre = add_tokenizer(writer, tokenizer, model_dir, config.vocab_size)
-            if pre:
-                log(f"pre-tokenizer: {pre}")
-            for name, data in gguf_tensors(model):
-                kind = _tensor_type(name, data, precision)
-                writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=False)
-        finally:
-            writer.close()
+    with gguf_file(out, arch_name(config)) as writer:
+        _add_hyper_parameters(writer, config, model_dir.name, precision)
+        pre = add_tokenizer(writer, tokenizer, model_dir, config.vocab_size)
+        if pre:
+            log(f"pre-tokenizer: {pre}")
+        for name, data in gguf_tensors(model):
+            kind = _tensor_type(name, data, precision)
+            writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
     return out
 
 

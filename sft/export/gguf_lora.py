@@ -20,8 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from sft.config import ConfigError
-from sft.export.gguf import arch_name, family_of, rotary_permute
-from sft.files import atomic_paths, unwritable_reason
+from sft.export.gguf import arch_name, check_gguf_out, family_of, gguf_file, rotary_permute
 
 PEFT_PREFIX = "base_model.model."
 
@@ -44,10 +43,7 @@ def export_lora_gguf(adapter_dir: str | Path, out: str | Path, base_model: str |
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter {adapter_dir}: no adapter_config.json; pass a training output directory "
                           f"or checkpoint-N")
-    if out.exists():
-        raise ConfigError(f"--gguf {out} exists; choose a new file name")
-    if problem := unwritable_reason(out.parent):
-        raise ConfigError(f"--gguf {out}: cannot write into {out.parent} ({problem}); choose another path")
+    check_gguf_out(out)
     settings, config = _base_config(adapter_dir, base_model)
     if settings.get("use_dora"):
         raise ConfigError(f"{adapter_dir}: a DoRA adapter has no llama.cpp form; merge it (`sft merge`) and export that")
@@ -79,18 +75,11 @@ def export_lora_gguf(adapter_dir: str | Path, out: str | Path, base_model: str |
     if not pairs:
         raise ConfigError(f"{adapter_dir}: no LoRA weights in adapter_model.safetensors")
 
-    with atomic_paths([out]) as (temporary,):
-        writer = gguf.GGUFWriter(str(temporary), arch_name(config))
-        try:
-            writer.add_type(gguf.GGUFType.ADAPTER)
-            writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-            writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-            for name, lora_a, lora_b in pairs:
-                writer.add_tensor(name + ".lora_a", lora_a)
-                writer.add_tensor(name + ".lora_b", lora_b)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=False)
-        finally:
-            writer.close()
+    with gguf_file(out, arch_name(config)) as writer:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+        for name, lora_a, lora_b in pairs:
+            writer.add_tensor(name + ".lora_a", lora_a)
+            writer.add_tensor(name + ".lora_b", lora_b)
     return out

@@ -19,13 +19,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sft.data.sources import decode_utf8, jsonl_values
 from sft.errors import ConfigError, DataError
-from sft.files import atomic_write_text
+from sft.files import atomic_file, atomic_write_text
 
 
-def _damaged(path: Path, why: str) -> DataError:
-    return DataError(f"{path}: {why}; an answers file of sft (ifeval, sample) that cannot be read: generate it "
-                     f"again (delete {path.parent} to start over)")
+def _damaged(problem: str, path: Path) -> DataError:
+    """``problem`` (which names the file) with what to do about an answers file of sft's own."""
+    return DataError(f"{problem}; an answers file of sft (ifeval, sample) that cannot be read: generate it again "
+                     f"(delete {path.parent} to start over)")
 
 
 def read_state(path: Path) -> dict[str, Any]:
@@ -35,40 +37,37 @@ def read_state(path: Path) -> dict[str, Any]:
     try:
         state = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
-        raise _damaged(path, "not UTF-8") from None
+        raise _damaged(f"{path}: not UTF-8", path) from None
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise _damaged(path, f"not JSON ({getattr(exc, 'msg', exc)})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("seconds", 0.0), (int, float)):
-        raise _damaged(path, "not an object with the generation's settings and seconds")
+        raise _damaged(f"{path}: not JSON ({getattr(exc, 'msg', exc)})", path) from None
+    if not isinstance(state, dict) or not isinstance(state.get("seconds", 0.0), (int, float)) \
+            or not isinstance(state.get("settings", {}), dict):
+        raise _damaged(f"{path}: not an object with the generation's settings and seconds", path)
     return state
 
 
 def read_saved_answers(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """``("<path>:<line>", record)`` of an answers file. A last line cut short by an interruption is
-    dropped, and removed from the file so appending continues cleanly; anything else unreadable
-    (not UTF-8, not JSON, not an answer record) is an error."""
+    """``("<path>:<line>", record)`` of an answers file. A last line cut short by an interruption (no
+    newline after it, perhaps not even whole characters) is dropped, and removed from the file so
+    appending continues cleanly; anything else unreadable (not UTF-8, not JSON, not an answer
+    record) is an error."""
     if not path.is_file():
         return []
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with atomic_file(path, "wb") as handle:  # a kill during this rewrite must not cost the answers before the cut
+            handle.write(complete)
     try:
-        lines = path.read_bytes().decode("utf-8").split("\n")
-    except UnicodeDecodeError as exc:
-        line = exc.object.count(b"\n", 0, exc.start) + 1
-        raise _damaged(path, f"line {line} is not UTF-8") from None
-    if lines[-1]:
-        # a kill during this rewrite must not cost the answers before the cut line
-        atomic_write_text(path, "\n".join(lines[:-1]) + ("\n" if len(lines) > 1 else ""))
+        values = list(jsonl_values(path, decode_utf8(path, complete)))
+    except DataError as exc:
+        raise _damaged(str(exc), path) from None
     saved = []
-    for number, line in enumerate(lines[:-1], start=1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _damaged(path, f"line {number} is not JSON ({exc.msg})") from None
-        except (RecursionError, ValueError):
-            raise _damaged(path, f"line {number} is not JSON") from None
+    for number, record in values:
         if not (isinstance(record, dict) and isinstance(record.get("response"), str)
                 and isinstance(record.get("finished", False), bool) and isinstance(record.get("new_tokens", 0), int)):
-            raise _damaged(path, f"line {number} is not an answer record (an object with a response, and finished "
-                                 f"and new_tokens where given)")
+            raise _damaged(f"{path}: line {number} is not an answer record (an object with a response, and finished "
+                           f"and new_tokens where given)", path)
         saved.append((f"{path}:{number}", record))
     return saved
 

@@ -20,8 +20,8 @@ from transformers import TextStreamer
 
 from sft.config import StrictArgumentParser
 from sft.data.templates import end_of_turn_ids, with_system_prompt
+from sft.data.tokenize import generation_prompt
 from sft.errors import ConfigError, run_command
-from sft.inference.generate import generation_prompt
 from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
 
 Message = dict[str, str]

@@ -26,11 +26,11 @@ from sft.config import SFTConfig
 from sft.data.collate import PaddingCollator
 from sft.data.prepared import read_conversations
 from sft.data.templates import end_of_turn_ids, with_system_prompt
-from sft.data.tokenize import encode_records
+from sft.data.tokenize import encode_records, generation_prompt
 from sft.errors import DataError, run_command
-from sft.inference.generate import generate_greedy, generation_prompt
 from sft.inference.loading import LoadedRun, load_run
 from sft.inference.run_dir import evaluation_parser, held_out, report_on_run, write_report
+from sft.modeling.generate import generate_greedy
 from sft.training.loss import supervised_totals
 from sft.training.plots import PLOT_FILE
 

@@ -23,10 +23,11 @@ from typing import Any
 from sft.config import StrictArgumentParser
 from sft.data.prepared import read_conversations
 from sft.data.templates import end_of_turn_ids, with_system_prompt
+from sft.data.tokenize import generation_prompt
 from sft.errors import ConfigError, run_command
 from sft.files import atomic_write_text
-from sft.inference.generate import generate_greedy, generation_prompt
 from sft.inference.loading import LoadedRun, check_adapter_dir, load_run, run_config
+from sft.modeling.generate import generate_greedy
 from sft.outputs import check_output, writing_into
 
 SOURCE = "on-policy"

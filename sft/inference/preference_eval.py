@@ -29,9 +29,9 @@ from sft.data.pairs import encode_pairs
 from sft.data.prepared import read_preferences
 from sft.data.templates import end_of_turn_ids
 from sft.errors import ConfigError, DataError, run_command
-from sft.inference.generate import generate_greedy
 from sft.inference.loading import LoadedRun, folded_adapter, load_run
 from sft.inference.run_dir import evaluation_parser, held_out, report_on_run, write_report
+from sft.modeling.generate import generate_greedy
 from sft.training.preference import METRICS, PairCollator, metric_sums, pairs_answer_logps
 
 MODELS = ("base", "sft", "dpo")

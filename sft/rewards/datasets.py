@@ -34,6 +34,7 @@ from typing import Any
 from sft.config import StrictArgumentParser
 from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_files, sha256_of_files
+from sft.inference.answer_log import read_state
 from sft.inference.ifeval.scoring import judge
 from sft.rewards.sample import SETTINGS_FILE, read_samples
 from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
@@ -50,9 +51,7 @@ def check_sampled_from(samples: Path, prompts: Path) -> None:
     """Refuse answers that `sft sample` drew for another prompts file (same ids, other instructions
     would be judged by the wrong checks); answers without a sampling.json beside them are taken as given."""
     settings_file = samples.parent / SETTINGS_FILE
-    if not settings_file.is_file():
-        return
-    sampled_from = json.loads(settings_file.read_text(encoding="utf-8"))["settings"].get("prompts_sha256")
+    sampled_from = read_state(settings_file).get("settings", {}).get("prompts_sha256")
     if sampled_from not in (None, sha256_of_files([prompts])):
         raise DataError(f"{samples}: answers prompts whose file had sha256 {sampled_from} ({settings_file}), not "
                         f"{prompts}; pass the --prompts they were sampled from")

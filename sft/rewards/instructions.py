@@ -3,7 +3,7 @@ are drawn, how it is asked for (several phrasings of our own, never IFEval's sen
 types never go together.
 
 A drawn instruction is ``(instruction_id, kwargs)`` with exactly the arguments the checker of
-``sft.inference.ifeval.instructions`` reads, in the reference's ``input_data.jsonl`` layout, so the
+``sft.verifiers.instructions`` reads, in the reference's ``input_data.jsonl`` layout, so the
 IFEval scorer judges an answer to it. Keywords, forbidden words and first words come from the
 prompt itself where it has content words, so the instruction fits the request.
 
@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sft.inference.ifeval.text import word_tokens
+from sft.verifiers.text import word_tokens
 
 Kwargs = dict[str, Any]
 

@@ -5,10 +5,10 @@
         --top-p 0.95 --out data/rlvr/sft
 
 Prompts are built by the same code as training (the run's chat template and system prompt) and
-answered in batches with the KV cache (sft.inference.generate). The j-th answer to a prompt is
-drawn with a generator seeded by (--seed, the prompt's id, j), so a rerun, a resumed run or a run
-with another batch size draws the same answers. Answers are appended to OUT/samples.jsonl as they
-complete, one line each:
+answered in batches with the KV cache (sft.modeling.generate). The j-th answer to a prompt is
+drawn with a generator seeded by (--seed, the prompt's id, j), one uniform number a token, as
+`sft grpo` draws, so a rerun, a resumed run or a run with another batch size draws the same
+answers. Answers are appended to OUT/samples.jsonl as they complete, one line each:
 
     {"id": prompt id, "sample": j, "seed", "response", "finished", "new_tokens"}
 
@@ -25,17 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from sft.config import StrictArgumentParser
-from sft.data.templates import encode_prompt, end_of_turn_ids, render_prompt, with_system_prompt
+from sft.data.templates import end_of_turn_ids, with_system_prompt
+from sft.data.tokenize import generation_prompt
 from sft.errors import ConfigError, DataError, run_command
 from sft.files import sha256_of_files
 from sft.inference.answer_log import AnswerLog, read_saved_answers
-from sft.inference.generate import Answer, Sampling, generate_sampled
 from sft.inference.ifeval.command import adapter_fingerprint
 from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
+from sft.modeling.generate import Answer, Sampling, generate_sampled
 from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
 
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "sampling.json"
+SAMPLER = "inverse-cdf"
+"""How a token is drawn from its seed (Sampling.choose), recorded so that answers drawn another way
+are never resumed into the same file."""
 
 
 def sample_seed(seed: int, prompt_id: str, sample: int) -> int:
@@ -58,8 +62,7 @@ def read_samples(path: str | Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 def prompt_ids(run: LoadedRun, prompt: ConstraintPrompt) -> list[int]:
     """The token ids the model answers, built as training builds a prompt."""
-    messages = with_system_prompt(prompt.messages, run.config.data.system_prompt)
-    return encode_prompt(run.tokenizer, render_prompt(run.tokenizer, messages))
+    return generation_prompt(run.tokenizer, with_system_prompt(prompt.messages, run.config.data.system_prompt), None)
 
 
 def sample_answers(run: LoadedRun, prompts: list[ConstraintPrompt], k: int, sampling: Sampling, seed: int,
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                     "adapter": adapter, "adapter_sha256": adapter and adapter_fingerprint(Path(adapter)),
                     "system_prompt": loaded.config.data.system_prompt, "k": args.k,
                     "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
-                    "max_new_tokens": args.max_new_tokens}
+                    "max_new_tokens": args.max_new_tokens, "sampler": SAMPLER}
         out = Path(args.out)
         samples = sample_answers(loaded, prompts, args.k, sampling, args.seed, args.max_new_tokens, args.batch_size,
                                  out, settings)

@@ -1,6 +1,6 @@
 """Rewards from checkable instructions: the share of a prompt's instructions an answer follows.
 
-The judge is IFEval's own (sft.inference.ifeval): strict judges the answer as it is, loose also
+The judge is IFEval's own (sft.verifiers): strict judges the answer as it is, loose also
 accepts an instruction followed once the first or last line or the Markdown ``*`` are removed.
 A constraint prompt (what `sft constraints` writes) is read into a :class:`ConstraintPrompt`, an
 IFEval prompt with its id, prompt conversation and reference answer, every instruction bound to
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sft.data.prepared import read_prompt_records
+from sft.data.prepared import read_prompts
 from sft.data.sources import describe_json_type
 from sft.errors import DataError
 from sft.inference.ifeval.data import IFEvalPrompt
-from sft.inference.ifeval.instructions import bind
-from sft.inference.ifeval.scoring import judge
+from sft.verifiers.instructions import followed, record_checks
 
 
 @dataclass(frozen=True)
@@ -40,37 +39,25 @@ def read_constraint_prompts(path: str | Path) -> list[ConstraintPrompt]:
     if not Path(path).is_file():
         raise DataError(f"{path}: no constraint prompts file here; write one with `sft constraints`")
     prompts, seen = [], set()
-    for where, record in read_prompt_records(path, "sft constraints"):
-        for name, kind in (("id", str), ("key", int), ("prompt", str), ("instruction_id_list", list),
-                           ("kwargs", list)):
+    for where, record in read_prompts(path, "sft constraints"):
+        for name, kind in (("key", int), ("prompt", str)):
             if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
                 found = "it is missing" if name not in record else f"got {describe_json_type(record[name])}"
                 raise DataError(f"{where}: field {name!r} must be {kind.__name__}, but {found}")
-        ids, kwargs = record["instruction_id_list"], record["kwargs"]
-        if not ids or len(ids) != len(kwargs):
-            raise DataError(f"{where}: field 'kwargs' must hold one object per instruction id "
-                            f"({len(ids)} ids, {len(kwargs)} kwargs), and there must be at least one")
+        checks = record_checks(where, record)
         if record["messages"][-1]["content"] != record["prompt"]:
             raise DataError(f"{where}: field 'prompt' must be the content of the last turn of 'messages'")
         if record["id"] in seen:
             raise DataError(f"{where}: field 'id' repeats an earlier line's ({record['id']!r})")
         seen.add(record["id"])
-        checks = []
-        for index, (instruction_id, arguments) in enumerate(zip(ids, kwargs)):
-            if not isinstance(instruction_id, str) or not isinstance(arguments, dict):
-                raise DataError(f"{where}: field 'instruction_id_list'[{index}] must be a string and "
-                                f"'kwargs'[{index}] an object")
-            try:
-                checks.append(bind(instruction_id, arguments))
-            except ValueError as exc:
-                raise DataError(f"{where}: field 'kwargs'[{index}]: {exc}") from None
         reference = record.get("reference")
-        prompts.append(ConstraintPrompt(record["key"], record["prompt"], ids, kwargs, checks, record["id"],
-                                        record["messages"], reference if isinstance(reference, str) else None))
+        prompts.append(ConstraintPrompt(record["key"], record["prompt"], record["instruction_id_list"],
+                                        record["kwargs"], checks, record["id"], record["messages"],
+                                        reference if isinstance(reference, str) else None))
     return prompts
 
 
 def reward(prompt: IFEvalPrompt, response: str, loose: bool = False) -> float:
     """The share of the prompt's instructions the response follows (1.0: all of them)."""
-    judgments = judge(prompt, response, loose)
+    judgments = followed(prompt.checks, response, loose)
     return sum(judgments) / len(judgments)

@@ -1,7 +1,7 @@
 """Rewards of sampled answers: the built-in instruction verifier plus the user's own functions.
 
 The verifier's reward is the share of a record's instructions the answer follows, judged strictly
-by the offline IFEval checkers (sft.inference.ifeval); an empty answer follows nothing. A user's
+by the offline IFEval checkers (sft.verifiers); an empty answer follows nothing. A user's
 function is named on the command line, ``--reward mypkg.rewards:fn``, and only there (never read
 from data or from a run directory: naming it runs its code). It is called once per batch of
 answers as ``fn(prompts, completions, records)``: the prompt messages, the answer texts and the
@@ -17,8 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sft.data.grpo_prompts import Check
 from sft.errors import ConfigError
+from sft.verifiers.instructions import Check, followed
 
 RewardFunction = Callable[[list[Any], list[str], list[dict[str, Any]]], Sequence[float]]
 
@@ -64,10 +64,9 @@ class Rewards:
     def __call__(self, indices: list[int], completions: list[str]) -> Scores:
         rewards, passed = [0.0] * len(indices), None
         if self.checks is not None:
-            followed = [[bool(text.strip()) and check(text) for check in self.checks[index]]
-                        for index, text in zip(indices, completions, strict=True)]
-            rewards = [sum(marks) / len(marks) for marks in followed]
-            passed = [all(marks) for marks in followed]
+            judged = [followed(self.checks[index], text) for index, text in zip(indices, completions, strict=True)]
+            rewards = [sum(marks) / len(marks) for marks in judged]
+            passed = [all(marks) for marks in judged]
         records = [self.records[index] for index in indices]
         prompts = [record["messages"] for record in records]
         for spec, function in self.functions.items():

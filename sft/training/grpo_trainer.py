@@ -111,12 +111,11 @@ class GRPOTrainer(SupervisedTrainer):
                  for position in range(len(items)) for sample in range(group)]
         start = time.perf_counter()
         with self.compute_loss_context_manager():
-            answers = sample_answers(model, prompts, seeds, grpo.max_answer_tokens, self.stop_ids, self.pad_id,
-                                     grpo.temperature, grpo.top_p, grpo.generation_batch_size)
+            sampled = sample_answers(model, self.processing_class, prompts, seeds, grpo.max_answer_tokens,
+                                     self.stop_ids, grpo.temperature, grpo.top_p, grpo.generation_batch_size)
         seconds = time.perf_counter() - start
-        texts = [self.processing_class.decode(answer[:-1] if answer[-1] in self.stop_ids else answer,
-                                              skip_special_tokens=True).strip() for answer in answers]
-        scores = self.rewards([item["index"] for item in items for _ in range(group)], texts)
+        answers = [list(answer.token_ids) for answer in sampled]
+        scores = self.rewards([item["index"] for item in items for _ in range(group)], [a.text for a in sampled])
         advantages = group_advantages(torch.tensor(scores.rewards, dtype=torch.float64).view(-1, group),
                                       grpo.scale_rewards).flatten().tolist()
         micro, offset = [], 0

@@ -10,7 +10,7 @@ import pytest
 
 from sft.data.formats import conversation_id, record_id
 from sft.data.prepare import TRAIN_FILE, VAL_FILE, prepare
-from sft.data.prepared import read_conversations, read_preferences
+from sft.data.prepared import read_conversations, read_preferences, read_prompts
 from sft.errors import DataError
 
 
@@ -85,7 +85,7 @@ def test_names_file_and_line_of_broken_json(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         read_conversations(path)
     assert str(info.value).startswith(f"{path}:3:")
-    assert "not valid JSON" in str(info.value)
+    assert "invalid JSON" in str(info.value)
 
 
 @pytest.mark.parametrize("field, bad", [("instruction", 5), ("output", None), ("output", ["a"])])
@@ -187,3 +187,20 @@ def test_preference_prompts_have_no_tool_turns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "pairs.jsonl", [record])
     with pytest.raises(DataError, match="field 'prompt'\\[2\\].role must be one of system, user, assistant, got"):
         read_preferences(path)
+
+
+def test_prompts_leave_out_a_final_answer_and_get_the_id_prepare_gives(tmp_path: Path) -> None:
+    user = {"role": "user", "content": "Say hi."}
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "a", "messages": [user, {"role": "assistant", "content": "Hi"}], "extra": 1},
+        {"messages": [user], "source": "s"}]) + "\n", encoding="utf-8")
+    (first, a), (second, b) = read_prompts(path, "make prompts")
+    assert (first, second) == (f"{path}:1", f"{path}:2")
+    assert a == {"id": "a", "source": None, "messages": [user], "extra": 1}
+    assert b == {"id": conversation_id((("user", "Say hi."),)), "source": "s", "messages": [user]}
+    path.write_text(json.dumps({"messages": [{"role": "assistant", "content": "Hi"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{path}:1: field 'messages' has a first turn"):
+        read_prompts(path, "make prompts")
+    with pytest.raises(DataError, match="run `make prompts` first"):
+        read_prompts(tmp_path / "missing.jsonl", "make prompts")

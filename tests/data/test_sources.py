@@ -76,7 +76,7 @@ def test_broken_jsonl_line_names_file_line_and_column(tmp_path: Path) -> None:
         list(iter_records(path))
     message = str(info.value)
     assert str(path) in message
-    assert "line 3, column 9" in message
+    assert f"{path}:3:9: invalid JSON" in message
 
 
 def test_broken_array_names_file_line_and_column(tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_broken_array_names_file_line_and_column(tmp_path: Path) -> None:
         list(iter_records(path))
     message = str(info.value)
     assert str(path) in message
-    assert "line 4, column 3" in message
+    assert f"{path}:4:3: invalid JSON" in message
 
 
 def test_missing_source_names_path_and_how_to_get_data(tmp_path: Path) -> None:
@@ -174,3 +174,20 @@ def test_gzip_json_keeps_content_detection(tmp_path: Path) -> None:
     path.write_bytes(gzip.compress(b'{"a": 1}\n{"a": 2}\n'))
     source = read_source(path)
     assert (source.unit, source.items) == ("line", [(1, {"a": 1}), (2, {"a": 2})])
+
+
+def test_read_jsonl_gives_each_line_value_and_the_callers_messages(tmp_path: Path) -> None:
+    """The one JSONL reader: any name, any value a line, the caller's words for a missing file."""
+    from sft.data.sources import DuplicateKeysObject, read_jsonl
+
+    path = write(tmp_path / "answers.txt", '\ufeff{"a": 1}\n\n  \n[2]\n{"k": 1, "k": 2}\n')
+    values = list(read_jsonl(path, "a test file", "no such file"))
+    assert values == [(1, {"a": 1}), (4, [2]), (5, {"k": 2})]
+    assert isinstance(values[2][1], DuplicateKeysObject)
+    with pytest.raises(DataError, match="^no such file$"):
+        list(read_jsonl(tmp_path / "missing.jsonl", "a test file", "no such file"))
+    with pytest.raises(DataError, match="is a directory; expected a test file$"):
+        list(read_jsonl(tmp_path, "a test file", "no such file"))
+    broken = write(tmp_path / "broken.jsonl", '{"a": 1}\n{"a": \n')
+    with pytest.raises(DataError, match=f"^{broken}:2:7: invalid JSON: Expecting value$"):
+        list(read_jsonl(broken, "a test file", "no such file"))

@@ -49,12 +49,13 @@ def test_a_prompt_without_instructions_is_refused_naming_its_line(tmp_path: Path
     input_data = write_jsonl(tmp_path / "input_data.jsonl",
                              [*PROMPTS, {"key": 9, "prompt": "Anything.", "instruction_id_list": [], "kwargs": []}])
     status = score(full_responses(tmp_path), input_data, tmp_path / "out")
-    assert_user_error(status, capsys.readouterr().err, "input_data.jsonl: line 4", "instruction_id_list is empty")
+    assert_user_error(status, capsys.readouterr().err, "input_data.jsonl: line 4",
+                      "field 'instruction_id_list' must be a non-empty list of IFEval instruction ids")
 
 
 @pytest.mark.parametrize("name, content, fragment", [
     pytest.param("responses.jsonl", b'[1, 2]\n', "line 1 is not an answer record", id="answers: not an object"),
-    pytest.param("responses.jsonl", b'{"prompt": "x\xff"}\n', "line 1 is not UTF-8", id="answers: not UTF-8"),
+    pytest.param("responses.jsonl", b'{"prompt": "x\xff"}\n', ":1: not valid UTF-8", id="answers: not UTF-8"),
     pytest.param("generation.json", b'{"settings": ', "not JSON", id="state: not JSON"),
     pytest.param("generation.json", b'[]', "not an object", id="state: not an object"),
 ])

@@ -15,7 +15,8 @@ from sft.errors import DataError
 from sft.inference.ifeval.command import main
 from sft.inference.ifeval.data import SOURCE_SHA256, fetch_prompts, read_prompts
 from sft.inference.ifeval.data import main as fetch_main
-from sft.inference.ifeval.scoring import judge, loose_variants
+from sft.inference.ifeval.scoring import judge
+from sft.verifiers.instructions import loose_variants
 from tests.tiny import write_jsonl
 
 PROMPTS = [
@@ -92,13 +93,13 @@ def test_prompts_without_a_response_are_not_scored(files: tuple[Path, Path], tmp
 
 
 @pytest.mark.parametrize(("prompts_line", "responses_line", "message"), [
-    ("{\"key\": 1, \"prompt\": \"x\"", None, "input_data.jsonl: invalid JSON at line 2"),
+    ("{\"key\": 1, \"prompt\": \"x\"", None, "input_data.jsonl:2:"),
     ({"key": 1, "prompt": "x", "instruction_id_list": ["keywords:typo"], "kwargs": [{}]}, None,
-     "input_data.jsonl: line 2: unknown instruction id 'keywords:typo'"),
+     "input_data.jsonl: line 2: field 'instruction_id_list'[0]: unknown instruction id 'keywords:typo'"),
     ({"key": 1, "prompt": "x", "instruction_id_list": ["punctuation:no_comma"], "kwargs": []}, None,
-     "input_data.jsonl: line 2: kwargs must be one object per instruction id"),
+     "input_data.jsonl: line 2: field 'kwargs' must hold one object per instruction id (1 ids)"),
     ({"key": 1, "prompt": "x", "instruction_id_list": ["startend:end_checker"], "kwargs": [{"end_phrase": 3}]}, None,
-     "input_data.jsonl: line 2: startend:end_checker: end_phrase must be a non-empty string"),
+     "input_data.jsonl: line 2: field 'kwargs'[0]: startend:end_checker: end_phrase must be a non-empty string"),
     (None, {"prompt": "not asked", "response": "hi"}, "responses.jsonl: line 2: the prompt is not in the prompts file"),
     (None, {"prompt": "Answer in quotes."}, "responses.jsonl: line 2: missing field 'response'"),
 ])

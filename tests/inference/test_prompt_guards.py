@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import sft.data.templates
-from sft.inference.generate import generation_prompt
+from sft.data.tokenize import generation_prompt
 from sft.inference.onpolicy import main as onpolicy_main
 from tests.recipes.test_dpo_recipe import sft_run  # noqa: F401 - fixture
 from tests.tiny import conversation_records, write_jsonl
@@ -22,7 +22,7 @@ def test_a_huge_message_is_cut_before_it_is_rendered_or_tokenized(chatml_tokeniz
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     rendered: list[int] = []
     render = sft.data.templates.render_prompt
-    monkeypatch.setattr("sft.inference.generate.render_prompt",
+    monkeypatch.setattr("sft.data.tokenize.render_prompt",
                         lambda tokenizer, messages, tools=None: rendered.append(
                             sum(len(m["content"]) for m in messages)) or render(tokenizer, messages, tools))
     huge = [{"role": "user", "content": "word " * 4_000_000}]  # 20 MB
@@ -64,7 +64,7 @@ def test_eval_passes_over_a_huge_record_without_tokenizing_it_whole(sft_run: Pat
     val = write_jsonl(tmp_path / "val.jsonl", conversations)
     longest: list[int] = []
     encode = sft.data.templates.encode_prompt
-    monkeypatch.setattr("sft.inference.generate.encode_prompt",
+    monkeypatch.setattr("sft.data.tokenize.encode_prompt",
                         lambda tokenizer, text: longest.append(len(text)) or encode(tokenizer, text))
     assert eval_main(["--adapter", str(sft_run), "--output-dir", str(sft_run), "--val-file", str(val),
                       "--max-new-tokens", "4", "--num-generations", "3"]) == 0

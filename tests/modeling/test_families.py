@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM
 
 from sft.data.collate import PackingCollator, PaddingCollator, shifted_labels
 from sft.data.tokenize import IGNORE_INDEX
-from sft.inference.generate import generate_greedy
 from sft.modeling.attention import VARLEN_SDPA
-from sft.modeling.head import LogitRule, logit_rule, rule_from_config
 from sft.modeling.fused_lora import fusion_report
+from sft.modeling.generate import generate_greedy
+from sft.modeling.head import LogitRule, logit_rule, rule_from_config
 from sft.modeling.lora import add_lora
 from sft.modeling.models import load_model
 from sft.training.loss import linear_cross_entropy_sum, supervised_forward

@@ -16,11 +16,11 @@ import pytest
 
 from sft.errors import DataError
 from sft.inference.ifeval.command import main as ifeval_main
-from sft.inference.ifeval.instructions import bind
 from sft.rewards.constraints import build, main, write_records
 from sft.rewards.decontaminate import Decontaminator
 from sft.rewards.instructions import CONFLICTS, TYPES, Context, compatible, phrase, phrase_fields
 from sft.rewards.verify import read_constraint_prompts, reward
+from sft.verifiers.instructions import bind
 from tests.inference.conftest import SHARED_INPUT_DATA
 from tests.rewards.answers import follow_all, follow_and_break
 from tests.tiny import write_jsonl, write_prepared_split

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from sft.data.prepared import read_conversations, read_preferences
+from sft.errors import DataError
 from sft.recipes import dpo as dpo_recipe
 from sft.recipes.sft import main as sft_main
 from sft.rewards.constraints import build, write_records
-from sft.rewards.datasets import PAIRS_FILE, REPORT_FILE, REWARDS_FILE, SFT_FILE, main
+from sft.rewards.datasets import PAIRS_FILE, REPORT_FILE, REWARDS_FILE, SFT_FILE, check_sampled_from, main
 from sft.rewards.decontaminate import Decontaminator
 from sft.rewards.sample import main as sample_main
 from tests.rewards.answers import follow_and_break
@@ -99,3 +100,10 @@ def test_sampled_answers_of_the_tiny_model_verify(verified: tuple[Path, list[dic
     assert main(["--prompts", str(other), "--samples", str(tmp_path / "samples.jsonl"), "--out",
                  str(tmp_path / "verified")]) == 2
     assert "pass the --prompts they were sampled from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("state", ['{"settings": ', '{"settings": [], "seconds": 1}'])
+def test_damaged_sampling_settings_are_named_not_a_traceback(tmp_path: Path, state: str) -> None:
+    (tmp_path / "sampling.json").write_text(state, encoding="utf-8")
+    with pytest.raises(DataError, match=f"^{tmp_path / 'sampling.json'}: not .*generate it again"):
+        check_sampled_from(tmp_path / "samples.jsonl", tmp_path / "prompts.jsonl")

@@ -4,17 +4,20 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft.inference.generate import Sampling, generate_greedy, generate_sampled
+from sft.data.templates import end_of_turn_ids
+from sft.inference.loading import load_run, run_config
+from sft.modeling.generate import Sampling, generate_greedy, generate_sampled
 from sft.rewards.constraints import build, write_records
 from sft.rewards.decontaminate import Decontaminator
-from sft.rewards.sample import SAMPLES_FILE, main, read_samples
+from sft.rewards.sample import SAMPLES_FILE, main, prompt_ids, read_samples
+from sft.rewards.verify import read_constraint_prompts
+from sft.training.grpo_sampling import sample_answers as grpo_sample_answers
 from tests.tiny import conversation_records, write_jsonl
 
 PROMPTS = ["the quick brown fox", "a", "jumps over the lazy dog while birds sing", "river runs past the old mill"]
@@ -26,16 +29,29 @@ def model_and_tokenizer(tiny_model_dir: Path):
     return model.eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def test_filters_keep_the_likeliest_tokens() -> None:
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.allclose(Sampling().probabilities(logits), torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.allclose(Sampling(top_k=2).probabilities(logits), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+def test_a_token_is_drawn_by_its_uniform_number_within_the_filters() -> None:
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(8, 1)
+    uniforms = torch.tensor([0.0, 0.49, 0.51, 0.79, 0.81, 0.94, 0.96, 0.999])
+
+    def draws(sampling: Sampling) -> list[int]:
+        return sampling.choose(logits, uniforms).tolist()
+
+    # cumulative 0.5, 0.8, 0.95, 1.0 in vocabulary order
+    assert draws(Sampling()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    # the two likeliest, renormalized to 0.625 / 0.375
+    assert draws(Sampling(top_k=2)) == [0, 0, 0, 1, 1, 1, 1, 1]
     # 0.5 + 0.3 reaches 0.8: the third token is dropped, the second kept
-    assert torch.allclose(Sampling(top_p=0.8).probabilities(logits), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
-    assert torch.allclose(Sampling(top_p=0.81).probabilities(logits), torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
-    assert torch.allclose(Sampling(top_p=0.1).probabilities(logits), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
-    sharp = Sampling(temperature=0.5).probabilities(logits)
-    assert math.isclose(sharp[0, 0].item(), 0.25 / (0.25 + 0.09 + 0.0225 + 0.0025), rel_tol=1e-5)
+    assert draws(Sampling(top_p=0.8)) == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert draws(Sampling(top_p=0.81)) == [0, 0, 0, 1, 1, 2, 2, 2]  # 0.5, 0.8, 0.95 of 0.95
+    assert draws(Sampling(top_p=0.1)) == [0] * 8
+    # top-p applies to the top-k renormalized (0.526, 0.316, 0.158): 0.526 + 0.316 reaches 0.82
+    assert draws(Sampling(top_k=3, top_p=0.82)) == [0, 0, 0, 1, 1, 1, 1, 1]
+    # temperature 0.5 squares the probabilities: 0.685 for the likeliest
+    assert Sampling(temperature=0.5).choose(logits[:2], torch.tensor([0.68, 0.69])).tolist() == [0, 1]
+    # with top-p the draw counts from the likeliest token down, else in vocabulary order
+    logits, uniforms = torch.log(torch.tensor([[0.2, 0.5, 0.3]])).repeat(4, 1), torch.tensor([0.0, 0.6, 0.63, 0.99])
+    assert draws(Sampling(top_p=0.6)) == [1, 1, 2, 2]
+    assert draws(Sampling()) == [0, 1, 1, 2]
     with pytest.raises(ValueError, match="temperature > 0"):
         Sampling(temperature=0)
 
@@ -94,3 +110,18 @@ def test_resumed_sampling_equals_uninterrupted(tiny_model_dir: Path, constraint_
     assert _sample(tiny_model_dir, constraint_file, tmp_path / "resumed", "--top-k", "3") == 2
     assert "holds answers generated with" in capsys.readouterr().err
     assert json.loads(lines[0]).keys() == {"id", "sample", "seed", "response", "finished", "new_tokens"}
+
+
+def test_sft_sample_and_grpo_draw_the_same_answer_for_the_same_seed(tiny_model_dir: Path, constraint_file: Path,
+                                                                    tmp_path: Path) -> None:
+    """One sampler: GRPO given `sft sample`'s seeds writes `sft sample`'s answers."""
+    assert _sample(tiny_model_dir, constraint_file, tmp_path, "--limit", "2", "--batch-size", "4") == 0
+    saved = read_samples(tmp_path / SAMPLES_FILE)
+    loaded = load_run(None, run_config(None), str(tiny_model_dir), "cpu")
+    keys = [(prompt, j) for prompt in read_constraint_prompts(constraint_file)[:2] for j in range(3)]
+    answers = grpo_sample_answers(loaded.model, loaded.tokenizer, [prompt_ids(loaded, p) for p, _ in keys],
+                                  [saved[(p.id, j)]["seed"] for p, j in keys], 6, end_of_turn_ids(loaded.tokenizer),
+                                  temperature=0.9, top_p=0.9, batch_size=5)
+    drawn = [(a.text, a.new_tokens, a.finished) for a in answers]
+    assert drawn == [tuple(saved[(p.id, j)][key] for key in ("response", "new_tokens", "finished")) for p, j in keys]
+    assert len({text for text, _, _ in drawn}) > 2

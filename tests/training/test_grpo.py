@@ -16,10 +16,11 @@ from sft.config import ConfigError, GRPOConfig, build_config
 from sft.data.collate import IGNORE_INDEX, PackingCollator
 from sft.data.grpo_prompts import read_prompt_records
 from sft.errors import DataError
+from sft.modeling.generate import generate_greedy
 from sft.modeling.head import LogitRule
 from sft.training.grpo import dapo_loss, group_advantages, per_token, token_terms
 from sft.training.grpo_rewards import Rewards, load_reward_function
-from sft.training.grpo_sampling import answer_seed, choose_tokens, sample_answers
+from sft.training.grpo_sampling import answer_seed, sample_answers
 from sft.training.token_logps import answer_token_logps, linear_token_log_probs
 from tests.tiny import write_jsonl
 
@@ -128,30 +129,23 @@ def test_zero_advantages_give_a_zero_policy_gradient(tiny_lora_model) -> None:
     assert any(p.grad.any() for p in model.parameters() if p.requires_grad)
 
 
-def test_choose_tokens_samples_within_the_nucleus_by_its_uniform_number() -> None:
-    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]])).repeat(4, 1)
-    uniforms = torch.tensor([0.0, 0.6, 0.63, 0.99])
-    # top_p 0.6: tokens 1 (0.5) and 2 (0.3) kept, renormalized to 0.625 / 0.375
-    assert choose_tokens(logits, uniforms, 1.0, 0.6).tolist() == [1, 1, 2, 2]
-    # no top-p: cumulative 0.2, 0.7, 1.0 in vocabulary order
-    assert choose_tokens(logits, uniforms, 1.0, 1.0).tolist() == [0, 1, 1, 2]
-    assert choose_tokens(logits, uniforms, 0.0, 1.0).tolist() == [1, 1, 1, 1]
-
-
 def test_sampling_with_a_seed_is_repeatable_and_independent_of_the_batch(tiny_lora_model) -> None:
     model, tokenizer = tiny_lora_model
     prompts = [tokenizer("Write about the ocean.").input_ids, tokenizer("Name a colour").input_ids] * 3
     seeds = [answer_seed(7, 3, position, 0) for position in range(len(prompts))]
     stop = [tokenizer.eos_token_id]
 
-    def sample(batch_size: int, seeds: list[int] = seeds) -> list[list[int]]:
-        return sample_answers(model, prompts, seeds, 12, stop, tokenizer.pad_token_id, 1.0, 0.95, batch_size)
+    def sample(batch_size: int, seeds: list[int] = seeds, temperature: float = 1.0) -> list[tuple[int, ...]]:
+        answers = sample_answers(model, tokenizer, prompts, seeds, 12, stop, temperature, 0.95, batch_size)
+        return [answer.token_ids for answer in answers]
 
     first = sample(4)
     assert first == sample(4)
     assert first == sample(1)  # an answer's draws do not depend on its batch
-    assert len({tuple(answer) for answer in first}) > 2  # the same prompt gets different answers
+    assert len(set(first)) > 2  # the same prompt gets different answers
     assert first != sample(4, [answer_seed(8, 3, position, 0) for position in range(len(prompts))])
+    greedy = [answer.token_ids for answer in generate_greedy(model, tokenizer, prompts, 12, stop)]
+    assert sample(4, temperature=0.0) == greedy
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -194,7 +188,7 @@ def test_a_bad_instruction_is_refused_naming_the_line(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "prompts.jsonl", [
         {"messages": [{"role": "user", "content": "Say hi."}], "instruction_id_list": ["punctuation:no_coma"],
          "kwargs": [{}]}])
-    with pytest.raises(DataError, match=rf"^{path}:1: unknown instruction id 'punctuation:no_coma'$"):
+    with pytest.raises(DataError, match=rf"^{path}:1: field 'instruction_id_list'\[0\]: unknown instruction id 'punctuation:no_coma'$"):
         read_prompt_records(path, verifier=True)
 
 

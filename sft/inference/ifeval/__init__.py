@@ -1,1 +1,1 @@
-"""IFEval: judge-free instruction-following evaluation (prompts, checkers, scoring, the command)."""
+"""IFEval: judge-free instruction-following evaluation (prompts, scoring, the command); the checkers are sft.verifiers."""

@@ -28,10 +28,10 @@ import torch
 
 from sft.config import StrictArgumentParser
 from sft.data.templates import end_of_turn_ids, with_system_prompt
+from sft.data.tokenize import generation_prompt
 from sft.errors import DataError, run_command
 from sft.files import atomic_write_text, sha256_of_files
 from sft.inference.answer_log import AnswerLog
-from sft.inference.generate import Answer, generate_greedy, generation_prompt
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, IFEvalPrompt, read_prompts, read_responses
 from sft.inference.ifeval.scoring import format_by_instruction, format_scores, score_responses
 from sft.inference.loading import (
@@ -42,6 +42,7 @@ from sft.inference.loading import (
     load_run,
     run_config,
 )
+from sft.modeling.generate import Answer, generate_greedy
 from sft.outputs import Manifest, check_outputs, writer_lock, writing_into
 
 REFERENCE_MAX_NEW_TOKENS = 1280

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from sft.config import StrictArgumentParser
 from sft.data.sources import DuplicateKeysObject, describe_json_type, read_source
 from sft.errors import DataError, run_command
 from sft.files import atomic_file
-from sft.inference.ifeval.instructions import bind
+from sft.verifiers.instructions import Check, record_checks
 
 DEFAULT_INPUT_DATA = Path("data/ifeval/input_data.jsonl")
 
@@ -37,7 +36,7 @@ class IFEvalPrompt:
     prompt: str
     instruction_id_list: list[str]
     kwargs: list[dict]
-    checks: list[Callable[[str], bool]] = field(compare=False, repr=False)
+    checks: list[Check] = field(compare=False, repr=False)
     """The checker of each instruction, bound to its arguments."""
 
 
@@ -50,22 +49,13 @@ def read_prompts(path: str | Path) -> list[IFEvalPrompt]:
     prompts, seen = [], set()
     for line, record in read_source(path).items:
         where = f"{path}: line {line}"
-        _require_fields(where, record, {"key": int, "prompt": str, "instruction_id_list": list, "kwargs": list})
-        ids, kwargs = record["instruction_id_list"], record["kwargs"]
-        if not ids:
-            raise DataError(f"{where}: instruction_id_list is empty; an IFEval prompt has at least one "
-                            f"instruction to check")
-        if len(ids) != len(kwargs) or not all(isinstance(k, dict) for k in kwargs):
-            raise DataError(f"{where}: kwargs must be one object per instruction id "
-                            f"({len(ids)} ids, {len(kwargs)} kwargs)")
+        _require_fields(where, record, {"key": int, "prompt": str})
+        checks = record_checks(where, record)
         if record["prompt"] in seen:
             raise DataError(f"{where}: the prompt repeats an earlier line's; responses are matched by prompt text")
         seen.add(record["prompt"])
-        try:
-            checks = [bind(instruction_id, args) for instruction_id, args in zip(ids, kwargs)]
-        except ValueError as exc:
-            raise DataError(f"{where}: {exc}") from None
-        prompts.append(IFEvalPrompt(record["key"], record["prompt"], ids, kwargs, checks))
+        prompts.append(IFEvalPrompt(record["key"], record["prompt"], record["instruction_id_list"], record["kwargs"],
+                                    checks))
     if not prompts:
         raise DataError(f"{path}: no prompts")
     return prompts

@@ -18,22 +18,15 @@ from typing import Any
 
 from sft.files import atomic_files
 from sft.inference.ifeval.data import IFEvalPrompt
+from sft.verifiers.instructions import followed
 
 LEVELS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 """The four accuracies, by lm-evaluation-harness's names."""
 
 
-def loose_variants(response: str) -> list[str]:
-    """The response, without its first and/or last line, each with and without ``*``."""
-    lines = response.split("\n")
-    trimmed = [response, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
-    return [trimmed[0], trimmed[0].replace("*", ""), *trimmed[1:], *(t.replace("*", "") for t in trimmed[1:])]
-
-
 def judge(prompt: IFEvalPrompt, response: str, loose: bool) -> list[bool]:
     """Whether the response follows each instruction of the prompt."""
-    candidates = loose_variants(response) if loose else [response]
-    return [any(text.strip() and check(text) for text in candidates) for check in prompt.checks]
+    return followed(prompt.checks, response, loose)
 
 
 def result_records(prompts: list[IFEvalPrompt], responses: dict[str, str], loose: bool) -> list[dict[str, Any]]:

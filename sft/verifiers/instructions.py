@@ -20,10 +20,14 @@ import json
 import operator
 import re
 from collections.abc import Callable
+from typing import Any
 
-from sft.inference.ifeval.text import count_sentences, count_words, detect_language, word_tokens
+from sft.errors import DataError
+from sft.verifiers.text import count_sentences, count_words, detect_language, word_tokens
 
 Checker = Callable[..., bool]
+Check = Callable[[str], bool]
+"""A checker bound to its arguments: whether an answer follows one instruction."""
 
 INSTRUCTIONS: dict[str, Checker] = {}
 """Instruction id -> checker(response, **kwargs)."""
@@ -66,6 +70,39 @@ def bind(instruction_id: str, kwargs: dict) -> Callable[[str], bool]:
         if name.endswith("relation") and value not in RELATIONS:
             raise ValueError(f"{instruction_id}: {name} must be one of {list(RELATIONS)}, got {value!r}")
     return lambda response: checker(response, **given)
+
+
+def record_checks(where: str, record: dict[str, Any], hint: str = "") -> list[Check]:
+    """The bound checker of each instruction of a record (its ``instruction_id_list`` and ``kwargs``,
+    IFEval's layout), or DataError naming ``where`` and the field; ``hint`` ends the message of a
+    record without instructions."""
+    ids, kwargs = record.get("instruction_id_list"), record.get("kwargs")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+        raise DataError(f"{where}: field 'instruction_id_list' must be a non-empty list of IFEval instruction ids{hint}")
+    if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(isinstance(k, dict) for k in kwargs):
+        raise DataError(f"{where}: field 'kwargs' must hold one object per instruction id ({len(ids)} ids)")
+    checks = []
+    for index, (instruction_id, arguments) in enumerate(zip(ids, kwargs)):
+        field = "instruction_id_list" if instruction_id not in INSTRUCTIONS else "kwargs"
+        try:
+            checks.append(bind(instruction_id, arguments))
+        except ValueError as exc:
+            raise DataError(f"{where}: field {field!r}[{index}]: {exc}") from None
+    return checks
+
+
+def loose_variants(response: str) -> list[str]:
+    """The response, without its first and/or last line, each with and without ``*``."""
+    lines = response.split("\n")
+    trimmed = [response, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [trimmed[0], trimmed[0].replace("*", ""), *trimmed[1:], *(t.replace("*", "") for t in trimmed[1:])]
+
+
+def followed(checks: list[Check], response: str, loose: bool = False) -> list[bool]:
+    """Whether the response follows each instruction: strictly as it is, or (``loose``) in any of
+    its :func:`loose_variants`. An empty response follows nothing."""
+    candidates = loose_variants(response) if loose else [response]
+    return [any(text.strip() and check(text) for text in candidates) for check in checks]
 
 
 # Keywords.

@@ -1,4 +1,5 @@
-"""Greedy answers to many prompts at once: the one generation loop of evaluation, chat and benchmarks.
+"""Answers to many prompts at once, greedy or sampled: the one generation loop of evaluation, chat, sampling,
+GRPO and benchmarks.
 
 Prompts of different lengths are left-padded into one batch, so every row's next token lands in
 the same column and one forward pass extends all rows by a token; a KV cache keeps each step to
@@ -14,9 +15,10 @@ copies the whole cache of every layer at every step, which at a thousand tokens 
 
 ``batch_size=1`` is the one-at-a-time path, kept for measuring what batching buys.
 
-:func:`generate_sampled` runs the same loop drawing each token (temperature, top-k, top-p) from a
-generator of its own prompt, seeded by the caller: a prompt's answer depends on its seed, not on
-which prompts share its batch or whether an interrupted run is resumed.
+:func:`generate_sampled` runs the same loop drawing each token (temperature, top-k, top-p) with a
+uniform number from a generator of its own prompt, seeded by the caller: a prompt's answer
+depends on its seed, not on which prompts share its batch or whether an interrupted run is
+resumed. It is the one sampler of the package: `sft sample` and `sft grpo` both draw with it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
-
-from sft.data.templates import Message, encode_prompt, render_prompt
-from sft.data.tokenize import message_char_limit
 
 
 class GrowingLayer(DynamicLayer):
@@ -85,23 +84,6 @@ class GrowingCache(Cache):
         super().__init__(layer_class_to_replicate=GrowingLayer)
 
 
-def generation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[Message], positions: int | None,
-                      tools: list[dict[str, Any]] | None = None) -> list[int]:
-    """The token ids generation starts from for ``messages`` (and the conversation's ``tools``),
-    built by training's prompt code.
-
-    As training does, a message is cut before tokenizing at the characters that can matter within
-    ``positions`` tokens (:func:`~sft.data.tokenize.message_char_limit`): a cut prompt is still
-    longer than the model's positions, so the callers' length checks refuse it as before, but a
-    record of a hundred megabytes costs no more than that to refuse.
-    """
-    if positions is not None:
-        limit = message_char_limit(tokenizer, positions)
-        messages = [m | {"content": m["content"][:limit]} if isinstance(m.get("content"), str)
-                    and len(m["content"]) > limit else m for m in messages]
-    return encode_prompt(tokenizer, render_prompt(tokenizer, messages, tools))
-
-
 @dataclass(frozen=True)
 class Answer:
     text: str
@@ -149,19 +131,24 @@ class Sampling:
         if not self.temperature > 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1, got {self}")
 
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution each row's next token is drawn from, in float32."""
-        logits = logits.float() / self.temperature
-        if 0 < self.top_k < logits.shape[-1]:
+    def choose(self, logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """The next token of each row of [rows, vocabulary] logits, given one uniform number in
+        [0, 1) per row: the first token whose cumulative probability passes it (inverse-CDF
+        sampling), counting in vocabulary order, or from the likeliest down where top_p < 1."""
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if 0 < self.top_k < probs.shape[-1]:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = probs * (logits >= kth)
+            probs = probs / probs.sum(-1, keepdim=True)
+        order = None
         if self.top_p < 1:
-            ordered, order = logits.sort(dim=-1, descending=True)
-            probs = ordered.softmax(-1)
-            # drop a token once the likelier ones already reach top_p; the likeliest always stays
-            outside = probs.cumsum(-1) - probs >= self.top_p
-            logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
-        return logits.softmax(-1)
+            probs, order = probs.sort(dim=-1, descending=True)
+            # keep each token whose likelier tokens hold less than top_p: the smallest set reaching it
+            probs = probs * ((probs.cumsum(dim=-1) - probs) < self.top_p)
+        cumulative = probs.cumsum(dim=-1)
+        threshold = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]
+        index = torch.searchsorted(cumulative, threshold, right=True).clamp(max=probs.shape[-1] - 1)
+        return (index if order is None else order.gather(1, index)).squeeze(1)
 
 
 def generate_sampled(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
@@ -169,19 +156,18 @@ def generate_sampled(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                      batch_size: int = 8, on_answer: Callable[[int, Answer], None] | None = None,
                      new_cache: Callable[[], Cache] = GrowingCache) -> list[Answer]:
     """Sampled answers to token-id prompts, in the prompts' order; prompt i's tokens are drawn
-    with a generator seeded by ``seeds[i]`` (repeat a prompt with other seeds for several answers).
-    ``on_answer`` and ``new_cache`` as in :func:`generate_greedy`."""
+    with uniform numbers from a CPU generator seeded by ``seeds[i]``, one number a token (repeat a
+    prompt with other seeds for several answers), so an answer is the same whatever its batch and
+    on every device its logits agree on. ``on_answer`` and ``new_cache`` as in :func:`generate_greedy`."""
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    device = next(model.parameters()).device
 
     def chooser(batch: list[int]) -> Chooser:
-        generators = [torch.Generator(device=device).manual_seed(seeds[index]) for index in batch]
+        generators = [torch.Generator().manual_seed(seeds[index]) for index in batch]
 
         def choose(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
-            probs = sampling.probabilities(logits)
-            return torch.cat([torch.multinomial(probs[slot], 1, generator=generators[row])
-                              for slot, row in enumerate(rows)])
+            uniforms = torch.cat([torch.rand(1, generator=generators[row]) for row in rows])
+            return sampling.choose(logits, uniforms.to(logits.device))
         return choose
 
     return _generate(model, tokenizer, prompts, max_new_tokens, stop_ids, batch_size, on_answer, new_cache, chooser)

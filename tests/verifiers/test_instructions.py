@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sft.inference.ifeval.instructions import INSTRUCTIONS, bind
-from sft.inference.ifeval.text import count_sentences, detect_language, word_tokens
+from sft.errors import DataError
+from sft.verifiers.instructions import INSTRUCTIONS, bind, followed, record_checks
+from sft.verifiers.text import count_sentences, detect_language, word_tokens
 
 ESSAY = ("The river runs past the old mill toward the sea. Birds sing in the warm evening light. "
          "The quick brown fox jumps over the lazy dog.")
@@ -118,3 +119,26 @@ def test_bad_arguments_are_refused_when_bound(instruction_id: str, kwargs: dict,
 def test_arguments_given_as_none_are_left_out() -> None:
     """The Hugging Face copy of the prompts lists every argument of every instruction, unused ones as None."""
     assert bind("punctuation:no_comma", {"num_words": None, "relation": None})("no commas") is True
+
+
+@pytest.mark.parametrize("ids, kwargs, message", [
+    (None, None, "^here: field 'instruction_id_list' must be a non-empty list of IFEval instruction ids; a hint$"),
+    ([], [], "^here: field 'instruction_id_list' must be a non-empty list"),
+    (["punctuation:no_comma"], [], r"^here: field 'kwargs' must hold one object per instruction id \(1 ids\)$"),
+    (["punctuation:no_comma", "punctuation:no_coma"], [{}, {}],
+     r"^here: field 'instruction_id_list'\[1\]: unknown instruction id 'punctuation:no_coma'$"),
+    (["length_constraints:number_words"], [{"relation": "about", "num_words": 3}],
+     r"^here: field 'kwargs'\[0\]: length_constraints:number_words: relation must be one of"),
+])
+def test_record_checks_name_the_field_of_a_bad_instruction(ids: object, kwargs: object, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        record_checks("here", {"instruction_id_list": ids, "kwargs": kwargs}, "; a hint")
+
+
+def test_followed_judges_strictly_or_loosely_and_an_empty_answer_follows_nothing() -> None:
+    checks = record_checks("here", {"instruction_id_list": ["punctuation:no_comma", "startend:quotation"],
+                                    "kwargs": [{}, {}]})
+    assert followed(checks, '"Yes indeed"') == [True, True]
+    assert followed(checks, 'Sure, here it is:\n"Yes indeed"') == [False, False]
+    assert followed(checks, 'Sure, here it is:\n"Yes indeed"', loose=True) == [True, True]
+    assert followed(checks, "  ", loose=True) == [False, False]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sft.inference.generate import Answer, generate_greedy
+from sft.modeling.generate import Answer, generate_greedy
 
 PROMPTS = ["the quick brown fox", "a", "jumps over the lazy dog while birds sing in the warm evening light",
            "river runs past the old mill", "sea"]
@@ -65,7 +65,7 @@ def test_each_answer_is_reported_once_as_it_completes(model_and_tokenizer) -> No
 def test_long_answers_grow_the_cache_and_still_equal_transformers_generate(model_and_tokenizer) -> None:
     """100 new tokens after prompts of 1 to 13: every row's cache outgrows its first buffer (64
     positions) at least once, and rows leave the batch between growths."""
-    from sft.inference.generate import GrowingCache
+    from sft.modeling.generate import GrowingCache
 
     model, tokenizer = model_and_tokenizer
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
