@@ -14,6 +14,9 @@ prompt leaves no answer token is dropped and counted: it carries no preference s
 zero log-probabilities would give a loss of exactly ln 2 that moves nothing. So is a pair whose
 two answers differ only beyond the cut: its two token sequences are the same, and prepare's
 ``chosen_equals_rejected`` rule, which refuses such a pair in the text, would be undone by the cut.
+
+KTO's unpaired examples (a prompt, one completion and its label) are tokenized as one answer of a
+pair is (encode_unpaired), and dropped and counted likewise when the prompt leaves no token.
 """
 
 from __future__ import annotations

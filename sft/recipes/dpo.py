@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from sft.config import DPOConfig, StrictArgumentParser, add_config_arguments, config_from_args
-from sft.data.pairs import encode_pairs
-from sft.data.prepared import read_preferences
+from sft.data.pairs import encode_pairs, encode_unpaired
+from sft.data.prepared import read_preferences, read_unpaired
 from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_directory
 from sft.inference.loading import (
@@ -43,7 +43,8 @@ from sft.modeling.models import resolve_model_path
 from sft.training.arguments import training_arguments
 from sft.training.checkpoints import SFT_ADAPTER_DIR, checkpoints
 from sft.training.dpo_trainer import PreferenceTrainer
-from sft.training.preference import PairCollator
+from sft.training.preference.collate import PairCollator, with_mismatched_completions
+from sft.training.preference.losses import loss_type_flag, preference_loss
 from sft.training.reference import attach_reference_logps, cached_reference_logps, reference_identity
 from sft.training.stages import (
     Runtime,
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m sft.train_dpo",
         description="Train a LoRA adapter on prepared preference pairs with DPO (after SFT: --sft-adapter).",
         epilog="Example: python -m sft.train_dpo --config configs/dpo-demo.yaml --sft-adapter models/sft_demo")
-    add_config_arguments(parser, DPOConfig)
+    add_config_arguments(parser, DPOConfig, {"loss_type": loss_type_flag()})
     parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                         help="continue from the newest intact checkpoint in --output-dir, or from the given one")
     parser.add_argument("--overwrite-output-dir", action="store_true",
@@ -91,6 +92,10 @@ def check_dpo_config(config: DPOConfig) -> None:
     if config.training.group_by_length:
         raise ConfigError("training.group_by_length: not used by DPO, whose pairs are packed per micro-batch; "
                           "set it to false")
+    try:
+        preference_loss(config.dpo.loss_type).check(config.dpo)
+    except ConfigError as exc:
+        raise ConfigError(f"dpo.{exc}") from None
     if config.dpo.sft_adapter is not None:
         check_sft_adapter(Path(config.dpo.sft_adapter), "dpo", "DPO")
 
@@ -140,6 +145,8 @@ def drop_unused_sft_adapter(output_dir: str, runtime: Runtime, sft_adapter: Path
 def encode_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase,
                 runtime: Runtime) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """Token ids of the training and validation pairs, and what happened to each pair."""
+    if not preference_loss(config.dpo.loss_type).paired:
+        return encode_unpaired_data(config, tokenizer, runtime)
     data = config.data
     encoded, report = {}, {}
     for split, path in (("train", data.train_file), ("val", data.val_file)):
@@ -155,6 +162,31 @@ def encode_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase,
                 f"rejected answer tokens, {train['truncated']} truncated, {train['dropped_no_answer_tokens']} dropped "
                 f"with no answer token left, {train['dropped_identical_after_truncation']} dropped with answers "
                 f"identical after truncation); val: {report['val']['kept']} pairs")
+    return encoded["train"], encoded["val"], report
+
+
+def encode_unpaired_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase,
+                         runtime: Runtime) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Token ids of the training and validation examples of a loss on unpaired examples (KTO),
+    each with the mismatched completion its KL term scores, and what happened to each example."""
+    data = config.data
+    encoded, report = {}, {}
+    for split, path in (("train", data.train_file), ("val", data.val_file)):
+        examples, stats = encode_unpaired(tokenizer, read_unpaired(path), data.max_seq_length, data.system_prompt,
+                                          desc=f"tokenizing {split} examples", progress=runtime.main_process)
+        encoded[split], report[split] = with_mismatched_completions(examples, data.max_seq_length), stats.as_dict()
+    if not encoded["train"]:
+        raise DataError(f"{data.train_file}: no example has a completion token within max_seq_length="
+                        f"{data.max_seq_length}")
+    train = report["train"]
+    runtime.say(f"train: {train['kept']} examples ({train['desirable']} desirable, {train['undesirable']} "
+                f"undesirable; {train['truncated']} truncated, {train['dropped_no_answer_tokens']} dropped with no "
+                f"completion token left); val: {report['val']['kept']} examples")
+    dpo = config.dpo
+    balance = dpo.desirable_weight * train["desirable"] / max(dpo.undesirable_weight * train["undesirable"], 1e-12)
+    if not 1 <= balance <= 4 / 3:
+        runtime.say(f"note: desirable_weight x desirable examples / (undesirable_weight x undesirable examples) is "
+                    f"{balance:.3g}; the KTO paper keeps it in [1, 4/3]")
     return encoded["train"], encoded["val"], report
 
 
@@ -212,8 +244,10 @@ def train(config: DPOConfig, resume: str | None = None, overwrite_output_dir: bo
         model = load_lora_model(config, runtime, fold_in(source, config.model.model) if source else None)
         sft_adapter = stage_sft_adapter(config.training.output_dir, runtime, source)
         try:
-            scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
-                                          train=train_set, val=val_set)
+            scored = {"train": train_set, "val": val_set}
+            if preference_loss(config.dpo.loss_type).needs_reference:
+                scored = with_reference_logps(config, runtime, model, sft_adapter, pair_collator(config, tokenizer),
+                                              **scored)
             trainer = build_trainer(config, runtime, model, tokenizer, scored["train"], scored["val"],
                                     resumed=checkpoint is not None, callbacks=callbacks)
             save_run_files(config, runtime, data_report)
