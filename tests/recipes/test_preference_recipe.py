@@ -160,6 +160,7 @@ def test_help_lists_every_loss_from_the_registry(capsys: pytest.CaptureFixture) 
         sft_main(["dpo", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--loss-type {sigmoid,ipo,hinge,simpo,orpo,kto}" in out
-    for text in ("simpo: SimPO", "orpo: ORPO", "kto: KTO: unpaired examples", "--simpo-gamma", "--desirable-weight",
+    for text in ("simpo: SimPO, -log sigmoid", "orpo: ORPO, the chosen answer's NLL", "kto: KTO, unpaired examples",
+                 "beta 2 to 2.5 (no reference model). orpo:", "--simpo-gamma", "--desirable-weight",
                  "--undesirable-weight"):
         assert text in out, text

@@ -161,28 +161,25 @@ def per_token_rewards(scored: Scored, settings: DPOSettings) -> torch.Tensor:
     return settings.beta * _per_token(scored).detach()
 
 
-_REFERENCE = "; needs the reference model"
-_NO_REFERENCE = "; no reference model: its pass is skipped"
-
 LOSSES: dict[str, PreferenceLoss] = {loss.name: loss for loss in (
-    PreferenceLoss("sigmoid", "DPO: -log sigmoid(beta * margin of the two answers' log-ratios to the reference); "
-                   "label_smoothing > 0 gives Robust DPO" + _REFERENCE,
+    PreferenceLoss("sigmoid", "DPO, -log sigmoid(beta * margin of the answers' log-ratios to the reference), Robust "
+                   "DPO with label_smoothing > 0",
                    sigmoid_loss, reference_rewards, needs_reference=True, paired=True,
                    options=("label_smoothing", "sft_weight")),
-    PreferenceLoss("ipo", "IPO: squared distance of the per-token log-ratio margin to 1 / (2 beta)" + _REFERENCE,
+    PreferenceLoss("ipo", "IPO, the squared distance of the per-token log-ratio margin to 1 / (2 beta)",
                    ipo_loss, reference_rewards, needs_reference=True, paired=True, options=("sft_weight",)),
-    PreferenceLoss("hinge", "SLiC: max(0, 1 - beta * log-ratio margin)" + _REFERENCE,
+    PreferenceLoss("hinge", "SLiC, max(0, 1 - beta * log-ratio margin)",
                    hinge_loss, reference_rewards, needs_reference=True, paired=True, options=("sft_weight",)),
-    PreferenceLoss("simpo", "SimPO: -log sigmoid(beta * margin of the answers' mean log-probabilities per token "
-                   "- simpo_gamma) (the paper uses beta 2 to 2.5)" + _NO_REFERENCE,
+    PreferenceLoss("simpo", "SimPO, -log sigmoid(beta * margin of the answers' mean log-probabilities per token - "
+                   "simpo_gamma), the paper's beta 2 to 2.5",
                    simpo_loss, per_token_rewards, needs_reference=False, paired=True,
                    options=("simpo_gamma", "sft_weight")),
-    PreferenceLoss("orpo", "ORPO: the chosen answer's NLL per token - beta * log sigmoid(log odds ratio of the "
-                   "answers' per-token probabilities); beta is the paper's lambda" + _NO_REFERENCE,
+    PreferenceLoss("orpo", "ORPO, the chosen answer's NLL per token - beta * log sigmoid(log odds ratio of the "
+                   "answers' per-token probabilities), beta being the paper's lambda",
                    orpo_loss, per_token_rewards, needs_reference=False, paired=True),
-    PreferenceLoss("kto", "KTO: unpaired examples (prompt, completion, label; a file of pairs is split into a "
-                   "desirable and an undesirable example each), weighted by desirable_weight and undesirable_weight, "
-                   "against a KL reference point from mismatched prompt-completion pairs" + _REFERENCE,
+    PreferenceLoss("kto", "KTO, unpaired examples (prompt, completion, label; a file of pairs is split into a "
+                   "desirable and an undesirable example each) weighted by desirable_weight and undesirable_weight, "
+                   "against a KL reference point from mismatched prompt-completion pairs",
                    kto_loss, reference_rewards, needs_reference=True, paired=False,
                    options=("desirable_weight", "undesirable_weight")),
 )}
@@ -202,5 +199,6 @@ def preference_loss(name: str) -> PreferenceLoss:
 
 def loss_type_flag() -> dict[str, Any]:
     """The --loss-type flag's choices and help, from the registry."""
-    listed = "; ".join(f"{loss.name}: {loss.help}" for loss in LOSSES.values())
-    return {"choices": list(LOSSES), "help": f"the preference loss. {listed}"}
+    listed = " ".join(f"{loss.name}: {loss.help}{'' if loss.needs_reference else ' (no reference model)'}."
+                      for loss in LOSSES.values())
+    return {"choices": list(LOSSES), "help": f"The preference loss. {listed}"}
