@@ -466,7 +466,7 @@ def test_check_command_accepts(command: str) -> None:
     ("sft trian --max-steps 2", "unknown sft command 'trian'"),
     ("sft train --max-stepz 2", "--max-stepz"),
     ("sft train --max-steps two", "configuration"),
-    ("sft dpo --loss-type nope", "loss_type"),
+    ("sft dpo --loss-type nope", "--loss-type"),
     ("sft chat --adapter", "expected one argument"),
     ("python -m sft.no_such_module", "no module sft.no_such_module"),
     ("python scripts/prepare_sft_data.py --no-such-flag", "--no-such-flag"),

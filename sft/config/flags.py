@@ -35,8 +35,11 @@ class StrictArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[SFTConfig] = SFTConfig) -> None:
-    """Add ``--config`` and one flag per field; flags left out do not override the YAML."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[SFTConfig] = SFTConfig,
+                         flag_options: dict[str, dict[str, Any]] | None = None) -> None:
+    """Add ``--config`` and one flag per field; flags left out do not override the YAML.
+    ``flag_options`` gives some flags, by field name (``loss_type``), ``choices`` and a ``help`` of
+    their own, from a registry the configuration does not import (the recipe's)."""
     parser.add_argument("--config", metavar="YAML", help="preset to start from (configs/*.yaml)")
     for group, cls in config_class.sections().items():
         section = parser.add_argument_group(f"{group} options")
@@ -46,8 +49,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type[SFT
             annotation = typing.get_type_hints(cls)[f.name]
             metavar = "A,B,..." if typing.get_origin(annotation) is list else None
             name = flat_name(cls, f.name)
+            options = dict((flag_options or {}).get(name, {}))
+            text = options.pop("help").replace("%", "%%") if "help" in options else docs.get(f.name, "")
             section.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS,
-                                 metavar=metavar, help=f"{docs.get(f.name, '')} (default: {default})")
+                                 metavar=metavar, help=f"{text} (default: {default})", **options)
 
 
 def config_from_args(args: argparse.Namespace, config_class: type[SFTConfig] = SFTConfig) -> SFTConfig:

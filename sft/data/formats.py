@@ -9,7 +9,8 @@ converter that turns one raw record into a :class:`Prepared` record, or raises
 * ``conversation`` (SFT): an optional system turn, then user and assistant turns alternating,
   ending with an assistant turn. Written as ``messages``.
 * ``preference`` (DPO): a prompt (the same rules, ending with a user turn) and two answers,
-  ``chosen`` and ``rejected``, that differ.
+  ``chosen`` and ``rejected``, that differ; or, for KTO, an unpaired example: a prompt, one
+  ``completion`` and its ``label`` (true: desirable, false: undesirable).
 
 Text is normalized by :func:`normalize_text` (NFC, ``\\n`` line endings, outer whitespace trimmed)
 so that copies differing only in encoding de-duplicate. Roles are matched exactly.
@@ -29,8 +30,8 @@ LLaMA-Factory's Alpaca ``system`` and ``history`` (``[[user, assistant], ...]``,
 the instruction) and ShareGPT's top-level ``system`` become the system turn and the earlier turns.
 
 A record's de-duplication key is its non-assistant turns and its tool list (for a preference pair,
-its whole prompt), and its id a hash of that key, so that the train/validation split of a record
-depends on its prompt alone. Alpaca records without system or history keep the id rule they
+its whole prompt; for an unpaired example, its prompt and completion), and its id a hash of its
+prompt, so that the train/validation split of a record depends on its prompt alone. Alpaca records without system or history keep the id rule they
 always had, :func:`record_id` of the normalized ``(instruction, input)``, so that prepared Alpaca
 splits stay as they were.
 """
@@ -489,20 +490,25 @@ def _from_prompt_completion(item: dict[str, Any]) -> Prepared:
 # --- preference shapes -----------------------------------------------------------------------
 
 
+def _answered(prompt: list[Labeled], turns: list[Labeled], side: str) -> list[Message]:
+    """``prompt`` (given separately, possibly empty) then one answer's turns, as a whole
+    conversation ending with that answer: ``empty_<side>`` where it has none."""
+    if not turns or (turns[-1][1]["role"] == "assistant" and not turns[-1][1]["content"]):
+        raise RecordRejected(f"empty_{side}")
+    whole = prompt + turns
+    if len(whole) == 1 and whole[0][1]["role"] == "assistant":
+        raise RecordRejected("empty_prompt")
+    return _checked(whole)
+
+
 def _pair(prompt: list[Labeled], chosen: list[Labeled], rejected: list[Labeled]) -> Prepared:
     """A preference record: ``prompt`` (given separately, possibly empty) then each side's turns.
 
     Each side may repeat the prompt (TRL's implicit-prompt layout gives two whole conversations),
     so the sides are checked as whole conversations that must differ only in the last turn.
     """
-    conversations = {}
-    for side, turns in (("chosen", chosen), ("rejected", rejected)):
-        if not turns or (turns[-1][1]["role"] == "assistant" and not turns[-1][1]["content"]):
-            raise RecordRejected(f"empty_{side}")
-        whole = prompt + turns
-        if len(whole) == 1 and whole[0][1]["role"] == "assistant":
-            raise RecordRejected("empty_prompt")
-        conversations[side] = _checked(whole)
+    conversations = {side: _answered(prompt, turns, side)
+                     for side, turns in (("chosen", chosen), ("rejected", rejected))}
     shared = conversations["chosen"][:-1]
     if conversations["rejected"][:-1] != shared:
         raise RecordRejected("prompts_differ")
@@ -533,6 +539,43 @@ def _from_sharegpt_pair(item: dict[str, Any]) -> Prepared:
     return _pair(prompt, [chosen], [rejected])
 
 
+def _label(item: Mapping[str, Any]) -> bool:
+    """An unpaired example's ``label``: a JSON boolean (in a CSV cell, the text true or false)."""
+    _check_unique(item, "label")
+    if "label" not in item:
+        raise RecordRejected("missing_label")
+    value = item["label"]
+    if isinstance(item, CsvRecord) and isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    if not isinstance(value, bool):
+        raise RecordRejected("label_not_bool", f"label is {describe_json_type(value)}, expected true or false")
+    return value
+
+
+def _unpaired(prompt: list[Labeled], completion: list[Labeled], label: bool) -> Prepared:
+    """An unpaired example (KTO): ``prompt`` then the completion's turns, labeled desirable or not.
+
+    Its key is its prompt and completion (one prompt often has several labeled completions), its
+    id its prompt's, as a pair's: every example of a prompt lands in the same split."""
+    messages = _answered(prompt, completion, "completion")
+    shared, answer = messages[:-1], messages[-1]["content"]
+    key = tuple((m["role"], m["content"]) for m in shared)
+    return Prepared({"prompt": shared, "completion": answer, "label": label}, (*key, ("completion", answer)),
+                    conversation_id(key))
+
+
+def _from_standard_unpaired(item: dict[str, Any]) -> Prepared:
+    prompt, completion = (_required_text(item, name) for name in ("prompt", "completion"))
+    return _unpaired([("prompt", {"role": "user", "content": prompt})],
+                     [("completion", {"role": "assistant", "content": completion})], _label(item))
+
+
+def _from_conversational_unpaired(item: dict[str, Any]) -> Prepared:
+    prompt = _turn_list(item, "prompt", OPENAI_TURNS, optional=True)
+    completion = _turn_list(item, "completion", OPENAI_TURNS)
+    return _unpaired(prompt, completion, _label(item))
+
+
 # --- the registry ----------------------------------------------------------------------------
 
 
@@ -544,6 +587,16 @@ def _has_any(*names: str) -> Callable[[Mapping[str, Any]], bool]:
 def _holds(test: Callable[[Any], bool], *names: str) -> Callable[[Mapping[str, Any]], bool]:
     """Whether a record without ``conversations`` has a field among ``names`` passing ``test``."""
     return lambda record: "conversations" not in record and any(test(_structured(record, n)) for n in names)
+
+
+_UNPAIRED_FIELDS = ("completion", "label")
+
+
+def _unpaired_fits(conversational: bool) -> Callable[[Mapping[str, Any]], bool]:
+    """Whether a record is an unpaired example (a ``completion`` or ``label``), its completion a
+    list of turns or not."""
+    return lambda record: (_has_any(*_UNPAIRED_FIELDS)(record) and "conversations" not in record
+                           and isinstance(_structured(record, "completion"), list) == conversational)
 
 
 @dataclass(frozen=True)
@@ -561,6 +614,8 @@ class Shape:
     expects: str
     fits: Callable[[Mapping[str, Any]], bool]
     converter: Callable[[dict[str, Any]], Prepared]
+    unpaired: bool = False
+    """A preference shape of unpaired examples (KTO's), not of pairs."""
 
     def convert(self, item: Any) -> Prepared:
         """The prepared record of one raw item, or :class:`RecordRejected` saying why not."""
@@ -598,11 +653,20 @@ SHAPES: tuple[Shape, ...] = (
     Shape("conversational", PREFERENCE, ("prompt", "chosen", "rejected"),
           '"chosen" and "rejected": lists of {"role", "content"} turns that share every turn but the last, an '
           f'assistant turn (an optional "prompt" list goes in front of both): {_TURN_RULES}',
-          _holds(lambda value: isinstance(value, list), "chosen", "rejected", "prompt"), _from_conversational_pair),
+          lambda record: (_holds(lambda value: isinstance(value, list), "chosen", "rejected", "prompt")(record)
+                          and not _has_any(*_UNPAIRED_FIELDS)(record)), _from_conversational_pair),
     Shape("sharegpt", PREFERENCE, ("conversations", "chosen", "rejected"),
           '"conversations": the prompt as {"from", "value"} turns ending with a human turn, and "chosen" and '
           '"rejected": one {"from": "gpt", "value"} turn each, differing',
           _has_any("conversations"), _from_sharegpt_pair),
+    Shape("unpaired", PREFERENCE, ("prompt", "completion", "label"),
+          'non-empty string "prompt" and "completion" fields and a "label", true (a desirable completion) or false '
+          "(an undesirable one): KTO's unpaired examples",
+          _unpaired_fits(conversational=False), _from_standard_unpaired, unpaired=True),
+    Shape("unpaired_conversational", PREFERENCE, ("prompt", "completion", "label"),
+          '"completion": a list of {"role", "content"} turns ending with an assistant turn (an optional "prompt" '
+          f'list goes in front of it): {_TURN_RULES}; and a "label", true or false: KTO\'s unpaired examples',
+          _unpaired_fits(conversational=True), _from_conversational_unpaired, unpaired=True),
 )
 """Every shape, in the order listed in help and messages."""
 

@@ -75,9 +75,11 @@ SFT = Method(CONVERSATION, "prepare_sft_data.py", "sft_train.jsonl", "sft_val.js
 DPO = Method(PREFERENCE, "prepare_dpo_data.py", "dpo_train.jsonl", "dpo_val.jsonl",
              ("data/raw/dpo_en_demo.json",), "data/processed_dpo",
              "Merge preference sources (prompt/chosen/rejected as text, as TRL's conversational message lists, or "
-             "as LLaMA-Factory's ShareGPT layout, in JSON, JSONL, CSV or Parquet files), normalize and "
-             "de-duplicate them, and write a deterministic train/val split of pairs as JSONL, plus rejects.jsonl "
-             "and prepare_report.json. Duplicates are pairs with the same prompt (every turn before the answers).")
+             "as LLaMA-Factory's ShareGPT layout; or KTO's unpaired prompt/completion/label examples, as text or "
+             "message lists; in JSON, JSONL, CSV or Parquet files), normalize and de-duplicate them, and write a "
+             "deterministic train/val split of pairs (or of unpaired examples) as JSONL, plus rejects.jsonl and "
+             "prepare_report.json. Duplicates are pairs with the same prompt (every turn before the answers), "
+             "unpaired examples with the same prompt and completion.")
 
 TRAIN_FILE = SFT.train_file
 VAL_FILE = SFT.val_file
@@ -228,9 +230,12 @@ def prepare(
     outputs = _output_names(method)
     check_outputs([Path(out_dir) / name for name in outputs], paths, force, "--out-dir")
     merge = _Merge()
+    layouts: dict[bool, str] = {}
     for path in paths:
         source = read_source(path)
         shape = choose_shape(source, method.kind, format_name)
+        if shape is not None:
+            _check_one_layout(layouts, path, shape)
         # The name as text: a file name need not be UTF-8, but the records' "source" field must be.
         name = os.fsencode(path).decode("utf-8", "backslashreplace")
         merge.add_source(name, shape, tqdm(source.items, desc=name, unit="rec", disable=None))
@@ -242,6 +247,16 @@ def prepare(
     with writing_into(out_dir, outputs, paths, force, "--out-dir"):
         _write_outputs(Path(out_dir), method, train, val, merge.sorted_rejects(), report)
     return report
+
+
+def _check_one_layout(layouts: dict[bool, str], path: str, shape: Shape) -> None:
+    """Refuse preference pairs and unpaired examples in one set (``layouts``: the first source of
+    each seen so far): a prepared file holds one or the other."""
+    layouts.setdefault(shape.unpaired, path)
+    if len(layouts) > 1:
+        raise DataError(f"{layouts[True]} holds unpaired examples (prompt, completion, label) but {layouts[False]} "
+                        f"holds preference pairs; prepare each into its own --out-dir (KTO trains on a file of "
+                        f"either: a pair is split into a desirable and an undesirable example)")
 
 
 def _output_names(method: Method) -> tuple[str, ...]:

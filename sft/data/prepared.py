@@ -12,8 +12,10 @@ tools; its assistant turns may carry ``"reasoning"`` (text) and ``"tool_calls": 
 older Alpaca layout, ``{"id", "instruction", "input", "output", "source"}``, still reads, as the
 conversation of one user turn (the instruction, then the input after a blank line when there is
 one) and one assistant turn. A preference line is ``{"id", "source", "prompt": [messages ending
-with a user turn], "chosen": "text", "rejected": "text"}``, without tools. Roles are system, user
-and assistant (and tool): an optional system turn first, then user and assistant turns alternating.
+with a user turn], "chosen": "text", "rejected": "text"}``, without tools; an unpaired (KTO) line
+is ``{"id", "source", "prompt": [...], "completion": "text", "label": true or false}``. Roles are
+system, user and assistant (and tool): an optional system turn first, then user and assistant
+turns alternating.
 
 Text is returned as written: prepare has normalized it already, and a reader that changed text
 would make training differ from the file a person inspects. An ``id`` that is absent is the one
@@ -84,6 +86,26 @@ def read_prompts(path: str | Path, producer: str) -> list[tuple[str, dict[str, A
     return prompts
 
 
+def read_unpaired(path: str | Path) -> list[dict[str, Any]]:
+    """The examples of a prepared KTO file, as ``{"id", "source", "prompt", "completion", "label"}``
+    dicts, ``label`` True for a desirable completion.
+
+    A file of preference pairs reads as unpaired examples too, as TRL's ``unpair_preference_dataset``
+    splits them: each pair's chosen answer a desirable example and its rejected answer an
+    undesirable one, the desirable ones first, each in file order. A file mixing both layouts, and
+    any line :func:`read_preferences` would refuse, raise DataError naming the file and the line."""
+    lines = list(_lines(Path(path), "python scripts/prepare_dpo_data.py"))
+    unpaired = [where for where, record in lines if _is_unpaired(record)]
+    if not unpaired:
+        pairs = [_preference(where, record) for where, record in lines]
+        return [_example(pair, side) for side in ("chosen", "rejected") for pair in pairs]
+    if len(unpaired) < len(lines):
+        paired = next(where for where, record in lines if not _is_unpaired(record))
+        raise DataError(f"{paired}: a preference pair, but {unpaired[0]} is an unpaired example (prompt, completion, "
+                        f"label); a prepared file holds one or the other")
+    return [_unpaired(where, record) for where, record in lines]
+
+
 def _lines(path: Path, producer: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``("<path>:<line>", object)`` for every non-blank line of a prepared JSONL file; ``producer`` is
     the command that writes such files, named when the file is missing."""
@@ -118,12 +140,36 @@ def _alpaca_conversation(where: str, record: dict[str, Any]) -> dict[str, Any]:
     return _header(where, record, lambda: record_id(instruction, input_text)) | {"messages": messages}
 
 
+def _is_unpaired(record: dict[str, Any]) -> bool:
+    return "label" in record and "chosen" not in record
+
+
 def _preference(where: str, record: dict[str, Any]) -> dict[str, Any]:
     """One line of a prepared DPO file."""
+    if _is_unpaired(record):
+        raise DataError(f"{where}: an unpaired example (prompt, completion, label), not a preference pair (prompt, "
+                        f"chosen, rejected); only KTO (--loss-type kto) trains on unpaired examples")
     prompt = _messages(where, record, "prompt", last="user")
     answers = {side: _text(where, record, side) for side in ("chosen", "rejected")}
     key = tuple((m["role"], m["content"]) for m in prompt)
     return _header(where, record, lambda: conversation_id(key)) | {"prompt": prompt} | answers
+
+
+def _unpaired(where: str, record: dict[str, Any]) -> dict[str, Any]:
+    """One line of a prepared KTO file."""
+    prompt = _messages(where, record, "prompt", last="user")
+    completion = _text(where, record, "completion")
+    if not isinstance(record["label"], bool):
+        raise DataError(f"{where}: field 'label' must be true or false, got {describe_json_type(record['label'])}")
+    key = tuple((m["role"], m["content"]) for m in prompt)
+    return _header(where, record, lambda: conversation_id(key)) | {"prompt": prompt, "completion": completion,
+                                                                   "label": record["label"]}
+
+
+def _example(pair: dict[str, Any], side: str) -> dict[str, Any]:
+    """One answer of a pair as an unpaired example: the chosen one desirable, the rejected one not."""
+    return {"id": pair["id"], "source": pair["source"], "prompt": pair["prompt"], "completion": pair[side],
+            "label": side == "chosen"}
 
 
 def _header(where: str, record: dict[str, Any], default_id: Callable[[], str]) -> dict[str, Any]:

@@ -32,7 +32,9 @@ from sft.errors import ConfigError, DataError, run_command
 from sft.inference.loading import LoadedRun, folded_adapter, load_run
 from sft.inference.run_dir import evaluation_parser, held_out, report_on_run, write_report
 from sft.modeling.generate import generate_greedy
-from sft.training.preference import METRICS, PairCollator, metric_sums, pairs_answer_logps
+from sft.training.preference.collate import PairCollator
+from sft.training.preference.logps import pairs_answer_logps
+from sft.training.preference.metrics import METRICS, metric_sums
 
 MODELS = ("base", "sft", "dpo")
 TITLES = {"base": "base", "sft": "SFT", "dpo": "DPO"}
@@ -72,7 +74,7 @@ def preference_metrics(logps: torch.Tensor, reference: torch.Tensor, answer_toke
     """The metrics of one model from its [pairs, 2] log-probabilities of (chosen, rejected), the
     reference's, and the answers' token counts: the two accuracies, then METRICS (means over pairs)."""
     per_token = logps / answer_tokens
-    means = (metric_sums(logps, reference, beta) / len(logps)).tolist()
+    means = (metric_sums(logps, beta * (logps - reference)) / len(logps)).tolist()
     return {"preference_accuracy": float((logps[:, 0] > logps[:, 1]).float().mean()),
             "length_normalized_accuracy": float((per_token[:, 0] > per_token[:, 1]).float().mean()),
             **dict(zip(METRICS, means, strict=True))}

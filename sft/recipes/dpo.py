@@ -22,14 +22,15 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from sft.config import DPOConfig
-from sft.data.pairs import encode_pairs
-from sft.data.prepared import read_preferences
+from sft.data.pairs import encode_pairs, encode_unpaired
+from sft.data.prepared import read_preferences, read_unpaired
 from sft.errors import ConfigError, DataError
 from sft.modeling.models import resolve_model_path
 from sft.recipes.skeleton import Encoded, Recipe
 from sft.training.arguments import training_arguments
 from sft.training.dpo_trainer import PreferenceTrainer
-from sft.training.preference import PairCollator
+from sft.training.preference.collate import PairCollator, with_mismatched_completions
+from sft.training.preference.losses import loss_type_flag, preference_loss
 from sft.training.reference import attach_reference_logps, cached_reference_logps, reference_identity
 from sft.training.stages import Runtime
 
@@ -48,9 +49,20 @@ class DPO(Recipe):
         if self.config.training.group_by_length:
             raise ConfigError("training.group_by_length: not used by DPO, whose pairs are packed per micro-batch; "
                               "set it to false")
+        try:
+            preference_loss(self.config.dpo.loss_type).check(self.config.dpo)
+        except ConfigError as exc:
+            raise ConfigError(f"dpo.{exc}") from None
+
+    @classmethod
+    def flag_options(cls) -> dict[str, dict[str, Any]]:
+        """``--loss-type``'s choices and help, from the loss registry."""
+        return {"loss_type": loss_type_flag()}
 
     def encode(self, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> Encoded:
         """Token ids of the training and validation pairs, and what happened to each pair."""
+        if not preference_loss(self.config.dpo.loss_type).paired:
+            return encode_unpaired_data(self.config, tokenizer, runtime)
         data = self.config.data
         encoded, report = {}, {}
         for split, path in (("train", data.train_file), ("val", data.val_file)):
@@ -70,7 +82,9 @@ class DPO(Recipe):
 
     def with_reference(self, runtime: Runtime, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
                        sft_adapter: Path | None, data: Encoded) -> Encoded:
-        """The pairs with the reference's log-probabilities of their answers."""
+        """The pairs with the reference's log-probabilities of their answers (none for a loss without a reference)."""
+        if not preference_loss(self.config.dpo.loss_type).needs_reference:
+            return data
         scored = with_reference_logps(self.config, runtime, model, sft_adapter, pair_collator(self.config, tokenizer),
                                       train=data.train, val=data.val)
         return Encoded(scored["train"], scored["val"], data.report)
@@ -80,6 +94,30 @@ class DPO(Recipe):
         return build_trainer(self.config, runtime, model, tokenizer, data.train, data.val, resumed=resumed,
                              callbacks=callbacks)
 
+
+
+def encode_unpaired_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> Encoded:
+    """Token ids of the training and validation examples of a loss on unpaired examples (KTO),
+    each with the mismatched completion its KL term scores, and what happened to each example."""
+    data = config.data
+    encoded, report = {}, {}
+    for split, path in (("train", data.train_file), ("val", data.val_file)):
+        examples, stats = encode_unpaired(tokenizer, read_unpaired(path), data.max_seq_length, data.system_prompt,
+                                          desc=f"tokenizing {split} examples", progress=runtime.main_process)
+        encoded[split], report[split] = with_mismatched_completions(examples, data.max_seq_length), stats.as_dict()
+    if not encoded["train"]:
+        raise DataError(f"{data.train_file}: no example has a completion token within max_seq_length="
+                        f"{data.max_seq_length}")
+    train = report["train"]
+    runtime.say(f"train: {train['kept']} examples ({train['desirable']} desirable, {train['undesirable']} "
+                f"undesirable; {train['truncated']} truncated, {train['dropped_no_answer_tokens']} dropped with no "
+                f"completion token left); val: {report['val']['kept']} examples")
+    dpo = config.dpo
+    balance = dpo.desirable_weight * train["desirable"] / max(dpo.undesirable_weight * train["undesirable"], 1e-12)
+    if not 1 <= balance <= 4 / 3:
+        runtime.say(f"note: desirable_weight x desirable examples / (undesirable_weight x undesirable examples) is "
+                    f"{balance:.3g}; the KTO paper keeps it in [1, 4/3]")
+    return Encoded(encoded["train"], encoded["val"], report)
 
 def with_reference_logps(config: DPOConfig, runtime: Runtime, model: torch.nn.Module, sft_adapter: Path | None,
                          collator: PairCollator, **splits: list[dict]) -> dict[str, list[dict]]:

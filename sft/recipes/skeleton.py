@@ -87,7 +87,7 @@ class Recipe(ABC):
     @classmethod
     def build_parser(cls) -> argparse.ArgumentParser:
         parser = StrictArgumentParser(prog=cls.command, description=cls.description, epilog=cls.epilog)
-        add_config_arguments(parser, cls.config_class)
+        add_config_arguments(parser, cls.config_class, cls.flag_options())
         cls.add_arguments(parser)
         parser.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                             help="continue from the newest intact checkpoint in --output-dir, or from the given one")
@@ -95,6 +95,12 @@ class Recipe(ABC):
                             help="delete a previous run's files in --output-dir (only those) instead of refusing "
                                  "to start")
         return parser
+
+    @classmethod
+    def flag_options(cls) -> dict[str, dict[str, Any]]:
+        """Choices and help of some configuration flags, by field name, from a registry the
+        configuration does not import (none by default)."""
+        return {}
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

@@ -52,12 +52,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_weight_grad else None
-        rows = min(chunk_tokens, hidden.shape[0])
-        # one float32 logits buffer for every chunk (see chunk_log_probs)
-        buffer = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=hidden.device)
-        # a soft cap's derivative, 1 - tanh^2, differs per logit: it needs a buffer of its own
-        slopes = torch.empty_like(buffer) if rule.softcap is not None and (needs_hidden_grad or needs_weight_grad) \
-            else None
+        buffer, slopes = chunk_buffers(hidden, weight, chunk_tokens, rule, needs_hidden_grad or needs_weight_grad)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 h = hidden[start:start + chunk_tokens].to(dtype)
@@ -84,6 +79,17 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
                 None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
                 None, None, None)
+
+
+def chunk_buffers(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int, rule: LogitRule,
+                  with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 logits buffer every chunk of ``hidden`` reuses (see chunk_log_probs), and, where
+    a soft cap needs them for a gradient, the slopes buffer: the derivative of a soft cap, 1 - tanh^2,
+    differs per logit."""
+    buffer = torch.empty(min(chunk_tokens, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
+                         device=hidden.device)
+    slopes = torch.empty_like(buffer) if rule.softcap is not None and with_grad else None
+    return buffer, slopes
 
 
 def _apply_rule_(logits: torch.Tensor, rule: LogitRule, slopes: torch.Tensor | None) -> torch.Tensor | float:
@@ -156,7 +162,7 @@ def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torc
     inside a forward call: FSDP shards the head's weight outside it. Same loss, more memory. The
     same path runs for a model whose logits are not its head's output under a transform sft knows
     (sft.modeling.head); known transforms (soft caps, logit scaling) run inside the head's chunks."""
-    inputs = {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+    inputs = model_inputs(batch)
     shift_labels = batch["shift_labels"]
     supervised = shift_labels != IGNORE_INDEX
     rule = None if logits_in_forward else logit_rule(model, head)
@@ -170,15 +176,28 @@ def supervised_forward(model: torch.nn.Module, batch: dict[str, Any], head: torc
             logits, targets = outputs.logits[supervised], shift_labels[supervised]
         nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
         return nll, supervised.sum(), outputs
-    outputs = model(**inputs, output_hidden_states=True, use_cache=False,
-                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
-    head = head if head is not None else model.get_output_embeddings()
     positions = batch.get(SUPERVISED_POSITIONS)
     if positions is None:  # a batch from another collator: the boolean mask (a sync on a GPU)
         positions = supervised.flatten().nonzero().squeeze(1)
-    hidden = outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions)
-    nll = linear_cross_entropy_sum(hidden, head.weight, shift_labels.flatten().index_select(0, positions), rule=rule)
+    hidden, weight, outputs = supervised_hidden_states(model, inputs, positions, head)
+    nll = linear_cross_entropy_sum(hidden, weight, shift_labels.flatten().index_select(0, positions), rule=rule)
     return nll, positions.new_tensor(positions.numel()), outputs
+
+
+def model_inputs(batch: dict[str, Any], not_model_inputs: tuple[str, ...] = NOT_MODEL_INPUTS) -> dict[str, Any]:
+    """The entries of a batch the model takes: all but ``not_model_inputs``, which the loss reads."""
+    return {key: value for key, value in batch.items() if key not in not_model_inputs}
+
+
+def supervised_hidden_states(model: torch.nn.Module, inputs: dict[str, Any], positions: torch.Tensor,
+                             head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """The last hidden states at ``positions`` of the flattened batch (row-major), the weight of the
+    head that scores them (``head``, by default the model's output embeddings) and the model's
+    outputs. The model stops before its head: it computes no logits at all."""
+    outputs = model(**inputs, output_hidden_states=True, use_cache=False,
+                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=positions.device))
+    head = head if head is not None else model.get_output_embeddings()
+    return outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions), head.weight, outputs
 
 
 def supervised_totals(model: torch.nn.Module, batches: Iterable[tuple[dict[str, Any], bool]],

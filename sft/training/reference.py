@@ -4,6 +4,8 @@ DPO compares the trained model's log-probability of each answer with the referen
 reference never changes during a run, so its log-probabilities are computed in one pass before
 training, from the very model that is about to be trained (before its new adapter is added, or
 with the adapter disabled): no second model in memory, and no reference forward pass per step.
+The same holds for KTO, whose records are an example's completion and the mismatched one its KL
+term scores; a loss without a reference (SimPO, ORPO) skips all of this.
 
 They are stored in the run's output directory (``reference_logps.safetensors``, one tensor per
 split: train, val), each under a key made of:
@@ -34,7 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sft.files import atomic_paths, sha256_of_files
-from sft.training.preference import REFERENCE_KEY, PairCollator, pairs_answer_logps
+from sft.training.preference.collate import REFERENCE_KEY, PairCollator, answer_ids
+from sft.training.preference.logps import pairs_answer_logps
 
 REFERENCE_FILE = "reference_logps.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -58,10 +61,11 @@ def reference_identity(model_path: str, sft_adapter: str | None, dtype: torch.dt
 
 
 def cache_key(pairs: list[dict[str, Any]], identity: dict[str, Any]) -> str:
-    """A hash of every pair's token ids, in order, and of the reference identity."""
+    """A hash of every record's token ids (prompt, then its two answers), in order, and of the
+    reference identity."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for pair in pairs:
-        digest.update(json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]]).encode())
+        digest.update(json.dumps([pair["prompt_ids"], *answer_ids(pair)]).encode())
     return digest.hexdigest()
 
 

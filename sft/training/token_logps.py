@@ -21,15 +21,16 @@ import torch.nn.functional as F
 
 from sft.data.collate import SUPERVISED_POSITIONS
 from sft.modeling.head import LogitRule, logit_rule
-from sft.training.loss import CHUNK_TOKENS, DEFAULT_CHUNK_TOKENS, NOT_MODEL_INPUTS, _matmul_dtype, chunk_log_probs
-
-
-def _buffers(hidden: torch.Tensor, weight: torch.Tensor, chunk_tokens: int, rule: LogitRule,
-             with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    buffer = torch.empty(min(chunk_tokens, hidden.shape[0]), weight.shape[0], dtype=torch.float32,
-                         device=hidden.device)
-    slopes = torch.empty_like(buffer) if rule.softcap is not None and with_grad else None
-    return buffer, slopes
+from sft.training.loss import (
+    CHUNK_TOKENS,
+    DEFAULT_CHUNK_TOKENS,
+    NOT_MODEL_INPUTS,
+    _matmul_dtype,
+    chunk_buffers,
+    chunk_log_probs,
+    model_inputs,
+    supervised_hidden_states,
+)
 
 
 class _LinearTokenLogProbs(torch.autograd.Function):
@@ -41,7 +42,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         head = weight.to(dtype)
         log_probs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         unit_grad_hidden = torch.empty_like(hidden) if needs_hidden_grad else None
-        buffer, slopes = _buffers(hidden, weight, chunk_tokens, rule, needs_hidden_grad)
+        buffer, slopes = chunk_buffers(hidden, weight, chunk_tokens, rule, needs_hidden_grad)
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
@@ -65,7 +66,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             dtype = _matmul_dtype(hidden, weight)
             head = weight.to(dtype)
             grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-            buffer, slopes = _buffers(hidden, weight, ctx.chunk_tokens, ctx.rule, True)
+            buffer, slopes = chunk_buffers(hidden, weight, ctx.chunk_tokens, ctx.rule, True)
             with torch.autocast(hidden.device.type, enabled=False):
                 for start in range(0, hidden.shape[0], ctx.chunk_tokens):
                     rows = slice(start, start + ctx.chunk_tokens)
@@ -92,16 +93,12 @@ def answer_token_logps(model: torch.nn.Module, batch: dict[str, Any], head: torc
     ``shift_labels`` is not -100), flat, in batch order (row-major), float32. ``head`` defaults to
     the model's output embeddings (pass it when ``model`` is wrapped); ``not_model_inputs`` are
     the batch keys the model must not see."""
-    inputs = {key: value for key, value in batch.items() if key not in not_model_inputs}
-    shift_labels = batch["shift_labels"]
+    inputs = model_inputs(batch, not_model_inputs)
     positions = batch[SUPERVISED_POSITIONS]
-    targets = shift_labels.flatten().index_select(0, positions)
+    targets = batch["shift_labels"].flatten().index_select(0, positions)
     rule = logit_rule(model, head)
     if rule is None:  # a final-logit transform sft does not know: the model's own logits
         logits = model(**inputs, use_cache=False).logits.flatten(0, 1).index_select(0, positions).float()
         return F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
-    outputs = model(**inputs, output_hidden_states=True, use_cache=False,
-                    logits_to_keep=torch.zeros(0, dtype=torch.long, device=shift_labels.device))
-    head = head if head is not None else model.get_output_embeddings()
-    hidden = outputs.hidden_states[-1].flatten(0, 1).index_select(0, positions)
-    return linear_token_log_probs(hidden, head.weight, targets, rule=rule)
+    hidden, weight, _ = supervised_hidden_states(model, inputs, positions, head)
+    return linear_token_log_probs(hidden, weight, targets, rule=rule)

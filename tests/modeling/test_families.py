@@ -27,7 +27,8 @@ from sft.modeling.head import LogitRule, logit_rule, rule_from_config
 from sft.modeling.lora import add_lora
 from sft.modeling.models import load_model
 from sft.training.loss import linear_cross_entropy_sum, supervised_forward
-from sft.training.preference import PairCollator, answer_logps
+from sft.training.preference.collate import PairCollator
+from sft.training.preference.logps import answer_logps
 from tests.families import FAMILIES, WINDOW, build_family_model_dir
 from tests.tiny import build_tokenizer
 

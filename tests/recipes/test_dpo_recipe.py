@@ -26,7 +26,9 @@ from sft.recipes import dpo as dpo_recipe
 from sft.recipes.sft import main as sft_main
 from sft.training import reference as reference_module
 from sft.training import stages
-from sft.training.preference import METRICS, PairCollator, pairs_answer_logps
+from sft.training.preference.collate import PairCollator
+from sft.training.preference.logps import pairs_answer_logps
+from sft.training.preference.metrics import METRICS
 from sft.training.reference import REFERENCE_FILE
 from tests.tiny import as_flags, logged, tiny_run_overrides, write_prepared_split
 from tests.training.tiny_pairs import write_preference_split
@@ -170,7 +172,7 @@ def test_without_an_sft_adapter_the_base_is_the_reference(tiny_model_dir: Path, 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--beta", "0"], "dpo.beta: must be > 0"),
-    (["--loss-type", "kto"], "dpo.loss_type: expected one of sigmoid, ipo, hinge"),
+    (["--loss-type", "kto", "--label-smoothing", "0.1"], "dpo.label_smoothing: applies to loss_type sigmoid only"),
     (["--loss-type", "hinge", "--label-smoothing", "0.1"], "label_smoothing: applies to loss_type sigmoid only"),
     (["--sft-adapter", "no/such/run"], "no/such/run: no such directory"),
     (["--group-by-length", "true"], "group_by_length: not used by DPO"),

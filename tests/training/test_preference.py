@@ -14,7 +14,9 @@ import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
 from sft.config.dpo import DPOSettings
 from sft.data.pairs import encode_pairs
 from sft.training.dpo_trainer import PreferenceTrainer
-from sft.training.preference import METRICS, REFERENCE_KEY, PairCollator, answer_logps
+from sft.training.preference.collate import DESIRABLE_KEY, REFERENCE_KEY, PairCollator, with_mismatched_completions
+from sft.training.preference.logps import answer_logps
+from sft.training.preference.metrics import METRICS
 from sft.training.reference import attach_reference_logps, compute_reference_logps
 from tests.training.tiny_pairs import preference_records
 
@@ -36,10 +38,11 @@ def _model(model_dir: Path, attention: str = "varlen_sdpa", trained_lora: bool =
                                             init_lora_weights=not trained_lora))
 
 
-def _plain_answer_logps(model: torch.nn.Module, pair: dict) -> list[float]:
+def _plain_answer_logps(model: torch.nn.Module, pair: dict,
+                        sides: tuple[str, str] = ("chosen", "rejected")) -> list[float]:
     """Sum of answer-token log-probabilities from a plain full-logits forward pass of one sequence."""
     result = []
-    for side in ("chosen", "rejected"):
+    for side in sides:
         ids = torch.tensor([pair["prompt_ids"] + pair[f"{side}_ids"]], device=model.device)
         with torch.no_grad():
             logits = model(input_ids=ids).logits[0, :-1].double()
@@ -72,6 +75,40 @@ def test_batched_pair_logps_equal_one_sequence_at_a_time(tiny_model_dir: Path, p
     expected = torch.tensor([_plain_answer_logps(model, pair) for pair in pairs], dtype=torch.float64)
     assert batched.shape == (len(pairs), 2)
     assert torch.allclose(batched.double(), expected, atol=tolerance, rtol=0)
+
+
+def _unpaired(pairs: list[dict]) -> list[dict]:
+    """Each pair's answers as a desirable and an undesirable example, with their mismatched completions."""
+    examples = [{"prompt_ids": pair["prompt_ids"], "completion_ids": pair[f"{side}_ids"], "label": side == "chosen"}
+                for side in ("chosen", "rejected") for pair in pairs]
+    return with_mismatched_completions(examples, 128)
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_unpaired_examples_score_their_completion_and_the_mismatched_one(tiny_model_dir: Path, pairs: list[dict],
+                                                                        packing: bool, chatml_tokenizer) -> None:
+    model = _model(tiny_model_dir).eval()
+    examples = _unpaired(pairs[:4])
+    batch = PairCollator(packing, chatml_tokenizer.pad_token_id)(examples)
+    assert batch[DESIRABLE_KEY].tolist() == [True] * 4 + [False] * 4
+    with torch.no_grad():
+        batched = answer_logps(model, batch)
+    expected = [_plain_answer_logps(model, example, ("completion", "kl")) for example in examples]
+    assert torch.allclose(batched.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_each_prompts_examples_take_the_previous_prompts_completions() -> None:
+    def example(prompt: int, completion: list[int]) -> dict:
+        return {"prompt_ids": [prompt] * 3, "completion_ids": completion, "label": True}
+
+    examples = [example(1, [11]), example(2, [21, 22, 23]), example(1, [12]), example(3, [31]), example(3, [32]),
+                example(3, [33])]
+    mismatched = [e["kl_ids"] for e in with_mismatched_completions(examples, max_seq_length=5)]
+    # prompts in first-seen order 1, 2, 3: prompt 1 takes 3's completions, 2 takes 1's, 3 takes 2's (cut to 2 tokens)
+    assert mismatched == [[31], [11], [32], [21, 22], [21, 22], [21, 22]]
+    assert all(e.items() >= original.items() for e, original in zip(with_mismatched_completions(examples, 5), examples))
+    one_prompt = [example(1, [11]), example(1, [12]), example(1, [13])]
+    assert [e["kl_ids"] for e in with_mismatched_completions(one_prompt, 8)] == [[13], [11], [12]]
 
 
 def test_reference_logps_are_the_base_models_with_the_adapter_disabled(tiny_model_dir: Path,

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
 from sft.data.pairs import encode_pairs
 from sft.training import reference as reference_module
-from sft.training.preference import PairCollator
+from sft.training.preference.collate import PairCollator
 from sft.training.reference import REFERENCE_FILE, cached_reference_logps, reference_identity
 from tests.training.tiny_pairs import preference_records
 
