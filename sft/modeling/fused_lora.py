@@ -26,13 +26,14 @@ sharded apart, as FSDP does), the layers run PEFT's forward unchanged. Weights t
 (``model.to("cuda")`` copies each tensor on its own, as the Trainer does after the adapters are
 added) are joined again at the group's next call.
 
+The autograd functions are sft.modeling.kernels'; this module decides which layers run them.
+
 The dropout mask is FastDropout's (16 random bits per element, p rounded to a multiple of
 2**-16), drawn in the same order, so fused and unfused training draw the same masks.
 """
 
 from __future__ import annotations
 
-import itertools
 import sys
 import weakref
 from collections.abc import Sequence
@@ -42,7 +43,10 @@ from peft.tuners.lora import Linear as LoraLinear
 
 from sft.modeling.attention import VARLEN_KEYS, PackedRotaryAttention, example_lengths
 from sft.modeling.devices import release_mapped_pages
-from sft.modeling.lora import FastDropout, apply_keep_mask, random_keep_mask
+from sft.modeling.kernels.lora_linear import FusedLoraFunction, Rebuild, offsets
+from sft.modeling.kernels.rms_norm import RMSNormFunction, rms_norm_output
+from sft.modeling.kernels.swiglu import SwiGLUDownFunction
+from sft.modeling.lora import FastDropout
 
 GROUPS = {("q_proj", "k_proj", "v_proj"): (False, False, True), ("gate_proj", "up_proj"): (False, False)}
 """Sibling layers that read the same input, fused when all of them carry an adapter, with whether
@@ -54,184 +58,6 @@ which it rotates first), so v is copied out, and the rest of the tensor is freed
 REBUILD = "_sft_rebuild"
 """Attribute of a tensor: (function, tensors, version) giving the tensor again from tensors kept
 anyway, as long as the tensor's version (its count of in-place changes) is still ``version``."""
-
-
-def _compute_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """Autocast's dtype where autocast is on, else the base weight's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return weight.dtype
-
-
-def _lora_forward(flat: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, p: float, alphas: Sequence[float],
-                  sizes: Sequence[int], ranks: Sequence[int], a_cat: torch.Tensor, b_list: Sequence[torch.Tensor],
-                  scratch: bool = False):
-    """The group's output [rows, sum of sizes] for flat [rows, d], all in one dtype; with the
-    dropout mask (None without dropout) and the rank-r products. ``scratch``: flat is the
-    caller's own and may be overwritten (by its dropped-out copy, after the base matmul read it)."""
-    out = flat @ w.T if bias is None else torch.addmm(bias, flat, w.T)
-    keep = random_keep_mask(flat.shape, p, flat.device) if p > 0.0 else None
-    dropped = flat if keep is None else apply_keep_mask(flat, keep, out=flat if scratch else None)
-    low = dropped @ a_cat.T
-    for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
-        out[:, col:col + size].addmm_(low[:, row:row + rank], b.T, alpha=alpha)
-    return out, keep, low
-
-
-def _lora_backward(grad_out: torch.Tensor, w: torch.Tensor, a_cat: torch.Tensor, b_list: Sequence[torch.Tensor],
-                   dropped: torch.Tensor, keep: torch.Tensor | None, low: torch.Tensor, alphas: Sequence[float],
-                   sizes: Sequence[int], ranks: Sequence[int], input_grad: bool, own_dropped: bool = False):
-    """Gradients of _lora_forward's output: for flat (None unless ``input_grad``), each A, each B.
-    ``own_dropped``: ``dropped`` is the caller's own, free once read, and takes flat's gradient
-    (writing into memory just used is faster than into a new tensor)."""
-    grad_low, grad_b = [], []
-    for col, row, size, rank, b, alpha in zip(_offsets(sizes), _offsets(ranks), sizes, ranks, b_list, alphas):
-        g = grad_out[:, col:col + size]
-        grad_low.append((g @ b).mul_(alpha))
-        # as [rank, size] and transposed: g read row by row, not down its columns (2x faster)
-        grad_b.append((low[:, row:row + rank].T @ g).mul_(alpha).T)
-    grad_low = torch.cat(grad_low, dim=1)
-    grad_a = list((grad_low.T @ dropped).split(list(ranks)))
-    grad_flat = None
-    if input_grad:
-        # the adapters' part first, masked in place; the base matmul then adds itself into it
-        # inside the matmul kernel (beta 1), where adding it afterwards would be one more pass
-        grad_flat = torch.mm(grad_low, a_cat, out=dropped) if own_dropped else grad_low @ a_cat
-        if keep is not None:
-            apply_keep_mask(grad_flat, keep, out=grad_flat)
-        grad_flat.addmm_(grad_out, w)
-    return grad_flat, grad_a, grad_b
-
-
-class _FusedLoraFunction(torch.autograd.Function):
-    """outputs_i = x @ W_i.T + bias_i + alpha_i * (dropout(x) @ A_i.T) @ B_i.T for a group of layers.
-
-    ``weight`` is the group's base weights concatenated ([sum of outputs, d]), ``alphas`` the LoRA
-    scalings (times 1 / (1 - p) with dropout), ``sizes`` the layers' output widths."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: float,  # type: ignore[override]
-                alphas: tuple[float, ...], sizes: tuple[int, ...], ranks: tuple[int, ...],
-                own_storage: tuple[bool, ...], *adapters: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        count = len(sizes)
-        dtype = _compute_dtype(x, weight)
-        ctx.input_dtype, ctx.input_shape = x.dtype, x.shape
-        w, a_cat = weight.to(dtype), torch.cat([a.to(dtype) for a in adapters[:count]])
-        b_list = [b.to(dtype) for b in adapters[count:]]
-        flat = x.reshape(-1, x.shape[-1]).to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            out, keep, low = _lora_forward(flat, w, None if bias is None else bias.to(dtype),
-                                           p, alphas, sizes, ranks, a_cat, b_list)
-        # Keep the input, not its dropped-out copy (rebuilt in the backward pass), and where it is
-        # an RMSNorm's output still as the norm left it, what the norm keeps anyway instead: the
-        # attention output the output projection reads is kept by attention too, so neither costs
-        # memory of its own. (A copy converted under autocast is the one tensor kept of its size.)
-        recipe = getattr(x, REBUILD, None)
-        as_is = flat.dtype == x.dtype and flat.data_ptr() == x.data_ptr()
-        if recipe is not None and recipe[2] == x._version and as_is:
-            ctx.rebuild, kept = recipe[:2]
-        else:
-            ctx.rebuild, kept = None, (flat,)
-        ctx.save_for_backward(w, a_cat, *b_list, keep, low, *kept)
-        ctx.meta = (alphas, sizes, ranks)
-        ctx.adapter_dtypes = [t.dtype for t in adapters]
-        lead = x.shape[:-1]
-        return tuple(out[:, start:start + size].clone().view(*lead, size) if own else
-                     out[:, start:start + size].view(*lead, size)
-                     for start, size, own in zip(_offsets(sizes), sizes, own_storage))
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor | None):  # type: ignore[override]
-        alphas, sizes, ranks = ctx.meta
-        count = len(sizes)
-        w, a_cat, *rest = ctx.saved_tensors
-        b_list, (keep, low, *kept) = rest[:count], rest[count:]
-        rebuilt = ctx.rebuild is not None
-        flat = ctx.rebuild(*kept).reshape(-1, w.shape[1]) if rebuilt else kept[0]
-        # a rebuilt input is this pass's own: its dropped-out copy overwrites it
-        keep = None if keep is None else keep.to(w.dtype)  # converted once for both of its uses
-        dropped = flat if keep is None else apply_keep_mask(flat, keep, out=flat if rebuilt else None)
-        rows, lead = dropped.shape[0], ctx.input_shape[:-1]
-        grad_out = _side_by_side(grads, rows, w.dtype)
-        if grad_out is None:
-            # cat reads strided gradients as they are (a reshape first would copy each of them)
-            grad_out = torch.cat([torch.zeros(*lead, size, dtype=w.dtype, device=w.device) if g is None
-                                  else g.to(w.dtype) for g, size in zip(grads, sizes)], dim=-1).view(rows, -1)
-        grad_x, grad_a, grad_b = _lora_backward(grad_out, w, a_cat, b_list, dropped, keep, low, alphas, sizes, ranks,
-                                                ctx.needs_input_grad[0], own_dropped=rebuilt or keep is not None)
-        if grad_x is not None:
-            grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
-        adapter_grads = [g.to(d) for g, d in zip((*grad_a, *grad_b), ctx.adapter_dtypes)]
-        return (grad_x, None, None, None, None, None, None, None, *adapter_grads)
-
-
-class _SwiGLUDownFunction(torch.autograd.Function):
-    """down(silu(gate) * up) for a fused down projection (a group of one), keeping only gate, up
-    (which the gate/up group's output holds anyway), the dropout mask and the rank-r product:
-    the activation, the product and its dropped-out copy are recomputed in the backward pass."""
-
-    @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                p: float, alphas: tuple[float, ...], sizes: tuple[int, ...], ranks: tuple[int, ...],
-                own_storage: tuple[bool, ...], a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        dtype = _compute_dtype(gate, weight)
-        ctx.input_dtypes = (gate.dtype, up.dtype)
-        w, a_cast, b_cast = weight.to(dtype), a.to(dtype), b.to(dtype)
-        with torch.autocast(gate.device.type, enabled=False):
-            hidden = torch.nn.functional.silu(gate.to(dtype)).mul_(up.to(dtype)).view(-1, gate.shape[-1])
-            out, keep, low = _lora_forward(hidden, w, None if bias is None else bias.to(dtype), p, alphas, sizes,
-                                           ranks, a_cast, [b_cast], scratch=True)
-        ctx.save_for_backward(gate, up, w, a_cast, b_cast, keep, low)
-        ctx.meta = (alphas, sizes, ranks, dtype)
-        ctx.adapter_dtypes = (a.dtype, b.dtype)
-        return out.view(*gate.shape[:-1], sizes[0])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        gate, up, w, a_cat, b, keep, low = ctx.saved_tensors
-        alphas, sizes, ranks, dtype = ctx.meta
-        shape = gate.shape
-        gate, up = (t.to(dtype).view(-1, t.shape[-1]) for t in (gate, up))
-        # gate's and up's gradients side by side in one tensor, as the gate/up group's output lies,
-        # so that its backward reads them without concatenating; up's is the activation times the
-        # product's gradient, computed in place where the activation lies
-        width = gate.shape[-1]
-        joined = gate.new_empty(gate.shape[0], 2 * width)
-        activation = torch.ops.aten.silu.out(gate, out=joined[:, width:])
-        hidden = activation * up
-        keep = None if keep is None else keep.to(dtype)  # converted once for both of its uses
-        dropped = hidden if keep is None else apply_keep_mask(hidden, keep, out=hidden)
-        grad_hidden, grad_a, grad_b = _lora_backward(grad.reshape(-1, sizes[0]).to(dtype), w, a_cat, [b], dropped,
-                                                     keep, low, alphas, sizes, ranks, True, own_dropped=True)
-        grad_up = activation.mul_(grad_hidden)
-        grad_gate = torch.ops.aten.silu_backward.grad_input(grad_hidden.mul_(up), gate, grad_input=joined[:, :width])
-        return (grad_gate.view(shape).to(ctx.input_dtypes[0]), grad_up.view(shape).to(ctx.input_dtypes[1]),
-                None, None, None, None, None, None, None,
-                grad_a[0].to(ctx.adapter_dtypes[0]), grad_b[0].to(ctx.adapter_dtypes[1]))
-
-
-def _side_by_side(grads: Sequence[torch.Tensor | None], rows: int, dtype: torch.dtype) -> torch.Tensor | None:
-    """The gradients as one [rows, sum of widths] tensor without a copy, where they are column
-    blocks of one such tensor, in order (as _SwiGLUDownFunction returns them); else None."""
-    if any(g is None or g.dtype != dtype for g in grads):
-        return None
-    total = sum(g.shape[-1] for g in grads)
-    expected = grads[0].data_ptr()
-    for g in grads:
-        try:
-            flat = g.view(rows, g.shape[-1])
-        except RuntimeError:  # strides that no [rows, width] view has
-            return None
-        if (flat.stride(1) != 1 or (rows > 1 and flat.stride(0) != total) or flat.data_ptr() != expected
-                or g.untyped_storage().data_ptr() != grads[0].untyped_storage().data_ptr()):
-            return None
-        expected += g.shape[-1] * g.element_size()
-    return grads[0].as_strided((rows, total), (total, 1))
-
-
-def _offsets(sizes: Sequence[int]) -> list[int]:
-    """Where each of ``sizes`` starts when they are laid one after another."""
-    return list(itertools.accumulate(sizes[:-1], initial=0))
 
 
 class _Group:
@@ -275,7 +101,7 @@ class _Group:
         arguments = self._arguments(x)
         if arguments is None:
             return None
-        outputs = _FusedLoraFunction.apply(x, *arguments)
+        outputs = FusedLoraFunction.apply(x, self.own_storage, _rebuild(x), *arguments)
         self.input = weakref.ref(x)
         self.pending = {i: out for i, out in enumerate(outputs) if i != index}
         return outputs[index]
@@ -326,7 +152,13 @@ class _Group:
         self.fused_calls += 1
         sizes = tuple(m.base_layer.weight.shape[0] for m in self.members)
         return (weight, bias, p, tuple(alpha * keep_scale for alpha in alphas), sizes, tuple(ranks),
-                self.own_storage, *a_list, *b_list)
+                *a_list, *b_list)
+
+
+def _rebuild(x: torch.Tensor) -> Rebuild | None:
+    """How to rebuild ``x`` from tensors kept anyway, where it is a fused norm's output unchanged."""
+    recipe = getattr(x, REBUILD, None)
+    return recipe[:2] if recipe is not None and recipe[2] == x._version else None
 
 
 def concatenated(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -447,7 +279,7 @@ def _join(members: Sequence[LoraLinear]) -> torch.Tensor | None:
         return None
     joined = torch.cat([w.detach() for w in weights])
     old = [w.data for w in weights]
-    for weight, start in zip(weights, _offsets([len(w) for w in weights])):
+    for weight, start in zip(weights, offsets([len(w) for w in weights])):
         weight.data = joined[start:start + len(weight)]
     # Weights read from a mapped checkpoint would stay resident beside their copy.
     release_mapped_pages(old)
@@ -464,46 +296,11 @@ def _make_group(members: Sequence[LoraLinear], own_storage: tuple[bool, ...]) ->
         member.__dict__["_fused_index"] = index
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """Llama's RMSNorm, weight * (x / rms(x)) computed in float32 and cast back to x's dtype before
-    the weight, as transformers computes it; keeps x and the reciprocal rms, as autograd does, but
-    its backward is three passes over x instead of autograd's eight (2.2 ms against 4.8 ms forward
-    and backward for 1,767 x 576 float32 on 2 CPU cores)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
-                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
-        ctx.save_for_backward(x, rstd, weight)
-        ctx.mark_non_differentiable(rstd)
-        return _rms_norm_output(x, rstd, weight), rstd
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, _: torch.Tensor | None):  # type: ignore[override]
-        x, rstd, weight = ctx.saved_tensors
-        x32 = x.float()
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            normalized = (x32 * rstd).to(x.dtype)
-            grad_weight = (grad * normalized).flatten(0, -2).sum(0).to(weight.dtype)
-        grad_normalized = (grad * weight).float()
-        # d/dx of x * rstd: rstd * g - x * rstd^3 * mean(g * x)
-        coefficient = torch.linalg.vecdot(grad_normalized, x32).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
-        grad_x = grad_normalized.mul_(rstd).addcmul_(x32, coefficient, value=-1.0)
-        return grad_x.to(x.dtype), grad_weight, None
-
-
-def _rms_norm_output(x: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    normalized = (x.float() * rstd).to(x.dtype)  # a new tensor: the weight multiplies it in place
-    return normalized.mul_(weight) if weight.dtype == normalized.dtype else weight * normalized
-
-
 def _fused_rms_norm_forward(self: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    output, rstd = _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+    output, rstd = RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
     if torch.is_grad_enabled():
         # what a fused group reading this output keeps in its place: the norm keeps these anyway
-        setattr(output, REBUILD, (_rms_norm_output, (hidden_states, rstd, self.weight), output._version))
+        setattr(output, REBUILD, (rms_norm_output, (hidden_states, rstd, self.weight), output._version))
     return output
 
 
@@ -528,7 +325,7 @@ def _fused_mlp_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     arguments = self.down_proj._fused_group._arguments(gate)
     if arguments is None:
         return self.down_proj(self.act_fn(gate) * up)
-    return _SwiGLUDownFunction.apply(gate, up, *arguments)
+    return SwiGLUDownFunction.apply(gate, up, *arguments)
 
 
 def _same_code(function: object, reference: object) -> bool:
