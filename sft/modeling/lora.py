@@ -72,15 +72,11 @@ def peft_wrapping() -> Iterator[None]:
         yield
 
 
-def add_lora(model: torch.nn.Module, config: LoraConfig, device: str, fused: bool = False) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters; on CPU their dropout is FastDropout. ``fused`` runs the
-    adapted layers that read one input as one function (sft.modeling.fused_lora)."""
+def add_lora(model: torch.nn.Module, config: LoraConfig, device: str) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters; on CPU their dropout is FastDropout. (sft.modeling.fusion
+    then runs the adapted layers that read one input as one function.)"""
     with peft_wrapping():
         model = get_peft_model(model, config)
-    if fused:
-        from sft.modeling.fused_lora import fuse_lora_projections
-
-        fuse_lora_projections(model)
     if device == "cpu" and config.lora_dropout > 0:
         shared = _LastInput()
         for module in model.modules():
