@@ -295,7 +295,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     seconds = sum(step_times[timed])
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     if args.contender == "sft":  # whether q/k/v and gate/up ran fused on this device, not only asked to
-        from sft.modeling.fused_lora import fused_group_counts
+        from sft.modeling.fusion import fused_group_counts
 
         settings["fused_groups_ran"] = "{} of {}".format(*fused_group_counts(flop_model))
     return {

@@ -17,7 +17,7 @@ import torch
 
 from sft.config import ConfigError, build_config
 from sft.modeling.devices import DevicePolicy, device_policy
-from sft.modeling.fused_lora import FusedLinear
+from sft.modeling.fusion import FusedLinear
 from sft.modeling.models import check_4bit_supported
 from sft.recipes.sft import train
 from sft.training.loss import linear_cross_entropy_sum
@@ -193,9 +193,9 @@ def test_fused_projections_survive_the_trainer_moving_the_model(tiny_model_dir: 
 
 def test_a_run_whose_groups_did_not_fuse_says_so(tiny_model_dir: Path, data: tuple[Path, Path], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    import sft.modeling.fused_lora
+    import sft.modeling.fusion
 
-    monkeypatch.setattr(sft.modeling.fused_lora, "concatenated", lambda weights: None)  # as if they stayed apart
+    monkeypatch.setattr(sft.modeling.fusion, "concatenated", lambda weights: None)  # as if they stayed apart
     run = train(build_config(None, tiny_run_overrides(tiny_model_dir, *data, tmp_path / "run", max_steps=1)))
     assert all(group.fused_calls == 0 for group in _fused_groups(run) if len(group.members) > 1)
     assert "Note: 4 of 4 fused LoRA groups (q/k/v, gate/up) ran PEFT's separate layers" in capsys.readouterr().out

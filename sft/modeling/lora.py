@@ -1,19 +1,15 @@
 """LoRA adapters through PEFT, with a cheaper dropout on CPU.
 
 PEFT applies ``nn.Dropout`` to the input of every adapted layer. On CPU that dropout costs more
-than the adapter's own matmuls: drawing one float per element through ``bernoulli_`` is a large
-share of a training step (docs/performance.md), and its float mask doubles the memory the input
-costs. FastDropout draws 16 random bits per element (four elements per 64-bit draw) and keeps a
-one-byte mask. The drop probability is rounded to a multiple of 1/65,536 (0.05 -> 0.0500031).
-Adapters that read the same input (q, k, v; gate, up) share one mask, as in a fused QKV adapter,
-where PEFT draws one per adapter. The adapters, their names and the saved files are PEFT's own;
-on other devices PEFT's dropout is kept.
+than the adapter's own matmuls; FastDropout draws 16 random bits per element and keeps a one-byte
+mask (sft.modeling.kernels.dropout says why and how). Adapters that read the same input (q, k, v;
+gate, up) share one mask, as in a fused QKV adapter, where PEFT draws one per adapter. The
+adapters, their names and the saved files are PEFT's own; on other devices PEFT's dropout is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any
 import warnings
@@ -26,42 +22,7 @@ from peft.tuners.lora import LoraLayer
 
 from sft.config.sections import MAX_LORA_SCALE
 from sft.errors import ModelNotFoundError
-
-_INT16_MIN = -(2**15)
-
-
-def random_keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A boolean mask, True with probability 1 - p (p rounded to a multiple of 2**-16 on CPU and
-    CUDA; elsewhere, MPS say, drawn as floats, where 64-bit integer draws are not a given)."""
-    if device.type not in ("cpu", "cuda"):
-        return torch.rand(shape, device=device) >= p
-    count = math.prod(shape)
-    words = torch.randint(-(2**63), 2**63 - 1, ((count + 3) // 4,), dtype=torch.int64, device=device)
-    bits = words.view(torch.int16)[:count].view(shape)
-    return bits >= _INT16_MIN + round(p * 2**16)
-
-
-def apply_keep_mask(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x with the elements the boolean mask drops set to zero: a product with the mask's bytes (0
-    or 1), which PyTorch runs vectorized. ``torch.where`` and a product with the boolean mask
-    itself run element by element (slower; measured in docs/performance.md). (The product
-    converts the bytes to x's dtype on the way: a caller applying one
-    mask twice may convert it once and pass the converted mask.)"""
-    return torch.mul(x, keep.view(torch.uint8) if keep.dtype == torch.bool else keep, out=out)
-
-
-class _DropoutFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:  # type: ignore[override]
-        keep = random_keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
-        return apply_keep_mask(x, keep).mul_(ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (keep,) = ctx.saved_tensors
-        return apply_keep_mask(grad, keep).mul_(ctx.scale), None
+from sft.modeling.kernels.dropout import DropoutFunction
 
 
 class _LastInput:
@@ -93,7 +54,7 @@ class FastDropout(torch.nn.Module):
         slot = self.shared
         if slot is not None and slot.input is not None and slot.input() is x:
             return slot.output
-        output = _DropoutFunction.apply(x, self.p)
+        output = DropoutFunction.apply(x, self.p)
         if slot is not None:
             slot.input, slot.output = weakref.ref(x), output
         return output
@@ -111,15 +72,11 @@ def peft_wrapping() -> Iterator[None]:
         yield
 
 
-def add_lora(model: torch.nn.Module, config: LoraConfig, device: str, fused: bool = False) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters; on CPU their dropout is FastDropout. ``fused`` runs the
-    adapted layers that read one input as one function (sft.modeling.fused_lora)."""
+def add_lora(model: torch.nn.Module, config: LoraConfig, device: str) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters; on CPU their dropout is FastDropout. (sft.modeling.fusion
+    then runs the adapted layers that read one input as one function.)"""
     with peft_wrapping():
         model = get_peft_model(model, config)
-    if fused:
-        from sft.modeling.fused_lora import fuse_lora_projections
-
-        fuse_lora_projections(model)
     if device == "cpu" and config.lora_dropout > 0:
         shared = _LastInput()
         for module in model.modules():

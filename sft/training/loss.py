@@ -17,6 +17,7 @@ import torch
 from sft.data.collate import SUPERVISED_POSITIONS
 from sft.data.tokenize import IGNORE_INDEX
 from sft.modeling.head import LogitRule, logit_rule
+from sft.modeling.kernels.dtypes import compute_dtype as _matmul_dtype
 
 NOT_MODEL_INPUTS = ("labels", "shift_labels", SUPERVISED_POSITIONS)
 """Batch keys the loss reads and the model must not see."""
@@ -29,24 +30,13 @@ fewer, larger chunks. The GPU value is a reasoned default, not yet a measured on
 DEFAULT_CHUNK_TOKENS = 512
 
 
-def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype the head's matmul runs in: autocast's where autocast is on, else the weight's.
-
-    Hidden states and head weight need not agree: LoRA layers in float32 over a bfloat16 base
-    promote the residual stream to float32 while the head stays bfloat16, and under fp16 autocast
-    the weights are float32. Both operands are cast to one dtype, and everything after the matmul
-    (log-sum-exp, the loss, its gradient) is accumulated in float32."""
-    device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return weight.dtype
-
-
 class _LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 chunk_tokens: int, rule: LogitRule) -> torch.Tensor:
         needs_hidden_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # the head's matmul in one dtype for both operands; everything after it (log-sum-exp, the
+        # loss, its gradient) accumulates in float32
         dtype = _matmul_dtype(hidden, weight)
         head = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)

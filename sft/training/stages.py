@@ -39,6 +39,7 @@ from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe
 from sft.files import atomic_write_text, unwritable_reason
 from sft.modeling.attention import resolve_attention
 from sft.modeling.devices import DevicePolicy, describe_precision, device_policy, keep_freed_cpu_memory
+from sft.modeling.fusion import fuse, fused_group_counts
 from sft.modeling.lora import add_lora
 from sft.modeling.models import check_4bit_supported, load_config, load_model, load_tokenizer, resolve_model_path
 from sft.outputs import MANIFEST_FILE, Manifest, remove_stale_staging, writer_lock
@@ -280,14 +281,13 @@ def load_lora_model(config: SFTConfig, runtime: Runtime,
     check_lora_targets(model, lora, config.model.model)
     model = add_lora(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                        target_modules=peft_targets(lora), task_type="CAUSAL_LM"),
-                     policy.device, fused=lora.fused)
+                     policy.device)
+    fusion = fuse(model) if lora.fused else None
     _keep_users_readme(model)
     if runtime.main_process:
         model.print_trainable_parameters()
-        if lora.fused:
-            from sft.modeling.fused_lora import fusion_report
-
-            runtime.say(fusion_report(model))
+        if fusion is not None:
+            runtime.say(fusion.line())
     return model
 
 
@@ -429,8 +429,6 @@ def finish(trainer: Trainer, metrics: dict[str, Any], runtime: Runtime) -> None:
 def report_unfused_groups(model: torch.nn.Module, runtime: Runtime) -> None:
     """Say so when fused LoRA groups (q/k/v, gate/up) trained through PEFT's separate layers: the
     run is correct but slower than it could be, and the speed the user measures is not ours."""
-    from sft.modeling.fused_lora import fused_group_counts
-
     ran, groups = fused_group_counts(model)
     if ran < groups:
         runtime.say(f"Note: {groups - ran} of {groups} fused LoRA groups (q/k/v, gate/up) ran PEFT's separate layers "

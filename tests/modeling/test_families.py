@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from sft.data.collate import PackingCollator, PaddingCollator, shifted_labels
 from sft.data.tokenize import IGNORE_INDEX
 from sft.modeling.attention import VARLEN_SDPA
-from sft.modeling.fused_lora import fusion_report
+from sft.modeling.fusion import fuse
 from sft.modeling.generate import generate_greedy
 from sft.modeling.head import LogitRule, logit_rule, rule_from_config
 from sft.modeling.lora import add_lora
@@ -94,7 +94,9 @@ def _reference(model_dir):
 
 def _ours(model_dir, fused: bool):
     model = load_model(str(model_dir), torch.float32, VARLEN_SDPA, device="cpu")
-    model = add_lora(model, _lora_config("all-linear"), "cpu", fused=fused)
+    model = add_lora(model, _lora_config("all-linear"), "cpu")
+    if fused:
+        fuse(model)
     _randomize_adapters(model)
     return model.train()
 
@@ -229,14 +231,12 @@ def test_the_head_kernel_applies_soft_caps_and_scaling_with_their_gradients():
 
 
 def test_the_fusion_report_names_what_runs_its_own_code(family_dirs):
-    llama = add_lora(AutoModelForCausalLM.from_pretrained(family_dirs["llama"]), _lora_config("all-linear"), "cpu",
-                     fused=True)
-    assert fusion_report(llama) == ("LoRA fusion: 14 adapted layers run as 8 fused functions "
-                                    "(q/k/v and gate/up joined)")
-    gemma = add_lora(AutoModelForCausalLM.from_pretrained(family_dirs["gemma2"]), _lora_config("all-linear"), "cpu",
-                     fused=True)
-    report = fusion_report(gemma)
+    llama = fuse(add_lora(AutoModelForCausalLM.from_pretrained(family_dirs["llama"]), _lora_config("all-linear"),
+                          "cpu"))
+    assert llama.line() == "LoRA fusion: 14 adapted layers run as 8 fused functions (q/k/v and gate/up joined)"
+    gemma = fuse(add_lora(AutoModelForCausalLM.from_pretrained(family_dirs["gemma2"]), _lora_config("all-linear"),
+                          "cpu"))
+    report = gemma.line()
     assert "Gemma2MLP x2 (not Llama's SwiGLU MLP" in report and "Gemma2RMSNorm x9" in report
-    phi = add_lora(AutoModelForCausalLM.from_pretrained(family_dirs["phi3"]), _lora_config("all-linear"), "cpu",
-                   fused=True)
-    assert fusion_report(phi).startswith("LoRA fusion: 8 adapted layers run as 8 fused functions")
+    phi = fuse(add_lora(AutoModelForCausalLM.from_pretrained(family_dirs["phi3"]), _lora_config("all-linear"), "cpu"))
+    assert phi.line().startswith("LoRA fusion: 8 adapted layers run as 8 fused functions")

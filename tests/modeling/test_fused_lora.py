@@ -12,7 +12,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sft.modeling.fused_lora import FusedLinear, fuse_lora_projections
+from sft.modeling.fusion import FusedLinear, Unfused, fuse
 from sft.modeling.lora import add_lora
 from sft.modeling.models import load_model
 
@@ -35,7 +35,10 @@ def _pair(model_dir: Path, dropout: float, dtype: torch.dtype = torch.float32, t
             model.enable_input_require_grads()
         torch.manual_seed(3)
         config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, target_modules=targets)
-        models.append(add_lora(model, config, device, fused=fused).train())
+        model = add_lora(model, config, device)
+        if fused:
+            fuse(model)
+        models.append(model.train())
     return models[0], models[1]
 
 
@@ -77,17 +80,17 @@ def test_gate_up_backward_reads_the_swiglu_gradients_in_place(tiny_model_dir: Pa
     """The fused MLP hands gate's and up's gradients over as column blocks of one tensor, so the
     gate/up group's backward reads them without a concatenation (as o's reads its one gradient);
     q/k/v's gradients come apart from attention and are joined."""
-    from sft.modeling import fused_lora
+    from sft.modeling.kernels import lora_linear
 
     found = []
-    original = fused_lora._side_by_side
+    original = lora_linear.side_by_side
 
     def recording(grads, rows, dtype):
         joined = original(grads, rows, dtype)
         found.append((tuple(g.shape[-1] for g in grads), joined is not None))
         return joined
 
-    monkeypatch.setattr(fused_lora, "_side_by_side", recording)
+    monkeypatch.setattr(lora_linear, "side_by_side", recording)
     _, fused = _pair(tiny_model_dir, 0.1)
     _loss_and_grads(fused, INPUT)
     config = fused.base_model.model.config
@@ -95,14 +98,6 @@ def test_gate_up_backward_reads_the_swiglu_gradients_in_place(tiny_model_dir: Pa
     layers = config.num_hidden_layers
     assert sorted(shapes for shapes, joined in found if joined) == [(config.hidden_size,)] * layers + [gate_up] * layers
     assert [len(shapes) for shapes, joined in found if not joined] == [3] * layers
-
-    rows = torch.zeros(6, 10)
-    left, right = rows[:, :4], rows[:, 4:]
-    assert original([left, right], 6, torch.float32).data_ptr() == rows.data_ptr()
-    assert original([right, left], 6, torch.float32) is None  # out of order
-    assert original([rows[:, :3], rows[:, 4:]], 6, torch.float32) is None  # a gap between them
-    assert original([left, torch.zeros(6, 6)], 6, torch.float32) is None  # apart
-    assert original([left, right], 6, torch.bfloat16) is None
 
 
 def _saved_bytes_per_token(model: torch.nn.Module, tokens: int) -> float:
@@ -177,8 +172,9 @@ def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_mode
     """A packed row (as the trainer feeds it) through the fused layers, whose attention runs the
     rotary embedding and per-example attention as one function, against PEFT's layers and
     transformers' attention."""
-    from sft.modeling import fused_lora
+    from sft.modeling import fusion
     from sft.modeling.attention import PackedRotaryAttention
+    from sft.modeling.kernels import lora_linear
 
     calls = []
 
@@ -188,16 +184,16 @@ def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_mode
             calls.append(args[5])
             return PackedRotaryAttention.apply(*args)
 
-    monkeypatch.setattr(fused_lora, "PackedRotaryAttention", Counting)
+    monkeypatch.setattr(fusion, "PackedRotaryAttention", Counting)
     joined = []
-    side_by_side = fused_lora._side_by_side
+    side_by_side = lora_linear.side_by_side
 
     def recording(grads, rows, dtype):
         found = side_by_side(grads, rows, dtype)
         joined.append((len(grads), found is not None))
         return found
 
-    monkeypatch.setattr(fused_lora, "_side_by_side", recording)
+    monkeypatch.setattr(lora_linear, "side_by_side", recording)
     plain, fused = _pair(tiny_model_dir, dropout, attention="varlen_sdpa")
     assert [type(layer.self_attn).__name__ for layer in fused.base_model.model.model.layers] == [
         "FusedLlamaAttention"] * 2
@@ -377,7 +373,8 @@ def test_fusing_a_mapped_checkpoint_leaves_no_second_resident_copy(tmp_path: Pat
     before = _resident_file_kb()
     torch.manual_seed(3)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False, target_modules=ALL_PROJECTIONS)
-    fused = add_lora(model, lora, "cpu", fused=True)
+    fused = add_lora(model, lora, "cpu")
+    fuse(fused)
     assert before - _resident_file_kb() > 0.9 * fusable_kb
     assert all(torch.equal(w, v) for w, v in zip(fusable, values))  # the originals read back from the file
     attention = fused.base_model.model.model.layers[1].self_attn
@@ -456,13 +453,51 @@ def test_quantized_or_custom_base_layers_are_left_to_peft(tiny_model_dir: Path) 
     model = add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]), "cpu")
     attention = model.base_model.model.model.layers[0].self_attn
     attention.v_proj.base_layer = _OtherLinear(32, attention.v_proj.base_layer.out_features)
-    assert fuse_lora_projections(model) == 1  # layer 1's q, k, v; layer 0's v is not a plain Linear
+    report = fuse(model)
+    assert report.joined == 1  # layer 1's q, k, v; layer 0's v is not a plain Linear
+    assert [module for module in report.unfused if module.reason.endswith("PEFT's layer")] == [
+        Unfused("base_model.model.model.layers.0.self_attn.v_proj", "v_proj", "a _OtherLinear base: PEFT's layer")]
     assert type(attention.v_proj) is not FusedLinear
     assert type(attention.q_proj) is FusedLinear and len(attention.q_proj._fused_group.members) == 1
 
 
 class _OtherLinear(torch.nn.Linear):
     pass
+
+
+def test_a_group_with_and_without_biases_is_left_to_peft(tiny_model_dir: Path) -> None:
+    """q with a bias beside k and v without: the group cannot run as one function with one bias,
+    so the build leaves its layers to PEFT, says why, and the model computes PEFT's output."""
+    models = []
+    for _ in range(2):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        q = model.model.layers[0].self_attn.q_proj
+        q.bias = torch.nn.Parameter(torch.linspace(-1, 1, q.out_features))
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "k_proj", "v_proj"])
+        torch.manual_seed(3)
+        models.append(add_lora(model, config, "cpu"))
+    report = fuse(models[1])
+    attention = models[1].base_model.model.model.layers[0].self_attn
+    assert all(type(getattr(attention, name)) is not FusedLinear for name in ("q_proj", "k_proj", "v_proj"))
+    assert report.joined == 1  # layer 1's q, k, v
+    assert [(module.module.rsplit(".", 1)[-1], module.reason) for module in report.unfused
+            if module.reason.endswith("PEFT's layer")] == [
+        (name, "biased and unbiased layers in one group: PEFT's layer") for name in ("q_proj", "k_proj", "v_proj")]
+    assert "q_proj x1 (biased and unbiased layers in one group: PEFT's layer)" in report.line()
+    with torch.no_grad():
+        plain, fused = (model(input_ids=INPUT).logits for model in models)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_the_report_line_counts_what_was_left_and_why() -> None:
+    from sft.modeling.fusion import FusionReport
+
+    report = FusionReport(layers=3, functions=2, joined=1, unfused=[
+        Unfused("a.q_proj", "q_proj", "a Conv1D base: PEFT's layer"), Unfused("a.mlp", "GeluMLP", "not Llama's"),
+        Unfused("b.q_proj", "q_proj", "a Conv1D base: PEFT's layer")])
+    assert report.line() == ("LoRA fusion: 3 adapted layers run as 2 fused functions (q/k/v and gate/up joined); "
+                             "left to their own code: q_proj x2 (a Conv1D base: PEFT's layer), GeluMLP x1 (not Llama's)")
+    assert FusionReport().line() == "LoRA fusion: 0 adapted layers run as 0 fused functions (q/k/v and gate/up joined)"
 
 
 @CUDA
@@ -499,7 +534,7 @@ def test_fused_rms_norm_gives_transformers_values_and_gradients(x_dtype: torch.d
     """float32; bfloat16 (the CUDA policy); a bfloat16 stream through a float32 norm (QLoRA's)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from sft.modeling.fused_lora import fuse_rms_norms
+    from sft.modeling.fusion import fuse_rms_norms
 
     torch.manual_seed(0)
     norms = [LlamaRMSNorm(48, eps=1e-5).to(weight_dtype) for _ in range(2)]
