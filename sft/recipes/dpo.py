@@ -15,6 +15,7 @@ base before its own adapter. Without it the base model is the reference.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +65,9 @@ class DPO(Recipe):
         if not preference_loss(self.config.dpo.loss_type).paired:
             return encode_unpaired_data(self.config, tokenizer, runtime)
         data = self.config.data
-        encoded, report = {}, {}
-        for split, path in (("train", data.train_file), ("val", data.val_file)):
-            encoded[split], stats = encode_pairs(tokenizer, read_preferences(path), data.max_seq_length,
-                                                 data.system_prompt, desc=f"tokenizing {split} pairs",
-                                                 progress=runtime.main_process)
-            report[split] = stats.as_dict()
+        encoded, report = encode_splits(self.config, runtime, lambda path, split: encode_pairs(
+            tokenizer, read_preferences(path), data.max_seq_length, data.system_prompt,
+            desc=f"tokenizing {split} pairs", progress=runtime.main_process))
         if not encoded["train"]:
             raise DataError(f"{data.train_file}: no pair has an answer token within max_seq_length="
                             f"{data.max_seq_length} that tells its two answers apart")
@@ -96,15 +94,28 @@ class DPO(Recipe):
 
 
 
+
+def encode_splits(config: DPOConfig, runtime: Runtime, encode: Callable[[str, str], tuple[list[dict], Any]]
+                  ) -> tuple[dict[str, list[dict]], dict[str, dict[str, Any]]]:
+    """``encode(path, split)`` of the training and validation files: the encoded examples and each
+    split's statistics as a dict, by split."""
+    encoded, report = {}, {}
+    for split, path in (("train", config.data.train_file), ("val", config.data.val_file)):
+        encoded[split], stats = encode(path, split)
+        report[split] = stats.as_dict()
+    return encoded, report
+
 def encode_unpaired_data(config: DPOConfig, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> Encoded:
     """Token ids of the training and validation examples of a loss on unpaired examples (KTO),
     each with the mismatched completion its KL term scores, and what happened to each example."""
     data = config.data
-    encoded, report = {}, {}
-    for split, path in (("train", data.train_file), ("val", data.val_file)):
+
+    def encode(path: str, split: str) -> tuple[list[dict], Any]:
         examples, stats = encode_unpaired(tokenizer, read_unpaired(path), data.max_seq_length, data.system_prompt,
                                           desc=f"tokenizing {split} examples", progress=runtime.main_process)
-        encoded[split], report[split] = with_mismatched_completions(examples, data.max_seq_length), stats.as_dict()
+        return with_mismatched_completions(examples, data.max_seq_length), stats
+
+    encoded, report = encode_splits(config, runtime, encode)
     if not encoded["train"]:
         raise DataError(f"{data.train_file}: no example has a completion token within max_seq_length="
                         f"{data.max_seq_length}")
