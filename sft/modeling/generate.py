@@ -142,13 +142,32 @@ class Sampling:
             probs = probs / probs.sum(-1, keepdim=True)
         order = None
         if self.top_p < 1:
-            probs, order = probs.sort(dim=-1, descending=True)
+            probs, order = _likeliest_reaching(probs, self.top_p)
             # keep each token whose likelier tokens hold less than top_p: the smallest set reaching it
             probs = probs * ((probs.cumsum(dim=-1) - probs) < self.top_p)
         cumulative = probs.cumsum(dim=-1)
         threshold = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]
         index = torch.searchsorted(cumulative, threshold, right=True).clamp(max=probs.shape[-1] - 1)
         return (index if order is None else order.gather(1, index)).squeeze(1)
+
+
+NUCLEUS_START = 256
+"""Tokens looked at first for top-p: a nucleus is nearly always far smaller than the vocabulary."""
+
+
+def _likeliest_reaching(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The likeliest tokens of each row, in descending order, and their ids: enough of them that
+    every row's nucleus (the likeliest tokens holding top_p) lies inside. Sorting the whole
+    vocabulary of a batch costs as much as the model's step on a CPU; a top-k of a few hundred
+    costs a fifteenth of it and, where the nucleus fits, keeps exactly the tokens a full sort keeps,
+    in the same order (the cumulative sums of a prefix are the prefix of the cumulative sums). Where
+    it does not fit, k grows fourfold, up to the whole vocabulary."""
+    k = min(NUCLEUS_START, probs.shape[-1])
+    while True:
+        top, order = probs.topk(k, dim=-1)
+        if k == probs.shape[-1] or bool((top.cumsum(dim=-1)[:, -1] >= top_p).all()):
+            return top, order
+        k = min(4 * k, probs.shape[-1])
 
 
 def generate_sampled(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
