@@ -66,6 +66,20 @@ def test_adapter_run_scores_base_and_adapter_into_the_run_report(run_dir: Path, 
     assert answers(out / "base" / "responses.jsonl") == base
 
 
+def test_skip_base_answers_and_scores_the_adapter_alone(run_dir: Path, input_data: Path) -> None:
+    args = ["--adapter", str(run_dir), "--input-data", str(input_data), "--max-new-tokens", "4", "--skip-base"]
+    assert main(args) == 0
+    out = run_dir / "eval" / "ifeval"
+    assert not (out / "base").exists()
+    assert len(answers(out / "adapter" / "responses.jsonl")) == 3
+    assert json.loads((out / "adapter" / "scores.json").read_text())["prompts"] == 3
+    report = (out / "report.md").read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| |"))
+    assert header.count("|") == 3 and header.endswith(" + run |")  # one column: the adapter's
+    with pytest.raises(SystemExit):
+        main(["--model", "smollm2-135m-instruct", "--out", str(out), "--skip-base", "--input-data", str(input_data)])
+
+
 def test_a_rerun_continues_where_the_last_one_stopped(tiny_model_dir: Path, input_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--model", str(tiny_model_dir), "--out", str(out), "--input-data", str(input_data),

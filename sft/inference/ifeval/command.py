@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, metavar="N", help="only the first N prompts, for a quick look")
     parser.add_argument("--batch-size", type=int, default=64,
                         help="prompts answered together; more is faster until memory runs short (default: %(default)s)")
+    parser.add_argument("--skip-base", action="store_true",
+                        help="with --adapter: answer and score base + adapter only, not the base model too (its "
+                             "answers at 1,280 tokens take as long again; its scores do not change between runs)")
     parser.add_argument("--device", default="auto", help="auto, cpu, mps or cuda (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="replace files in --out of the names it writes that sft did not write (default: refuse)")
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--out DIR is required with --responses and --model")
     if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         parser.error("--max-new-tokens, --batch-size and --limit must be >= 1")
+    if args.skip_base and not args.adapter:
+        parser.error("--skip-base goes with --adapter (it leaves out the base model's answers)")
     return run_command(lambda: run(args))
 
 
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out or Path(args.adapter, "eval", "ifeval"))
     run_dir = Path(args.adapter) if args.adapter else None
     root = run_dir if run_dir and out.resolve().is_relative_to(run_dir.resolve()) else out
-    variants = [out] if args.responses else [out / "base", *([out / "adapter"] if run_dir else [])]
+    variants = [out] if args.responses else [*([] if args.skip_base else [out / "base"]),
+                                             *([out / "adapter"] if run_dir else [])]
     written = [folder / name for folder in variants for name in SCORE_FILES] + ([] if args.responses
                                                                                  else [out / "report.md"])
     # What ifeval reads back (the answers so far, the run's report it adds to) it checks itself.
@@ -136,7 +142,7 @@ def _score(args: argparse.Namespace, out: Path) -> None:
     positions = run.max_positions
     check_prompt_fits(run, max(len(encode_question(run.tokenizer, p.prompt, system_prompt, positions))
                                for p in prompts), args.max_new_tokens)
-    variants = {"base": (run.model_name, None)}
+    variants = {} if args.skip_base else {"base": (run.model_name, None)}
     if args.adapter:
         adapter = Path(args.adapter).resolve()
         variants["adapter"] = (f"{run.model_name} + {adapter.name}", str(adapter))
