@@ -140,34 +140,43 @@ class Sampling:
             kth = logits.topk(self.top_k, dim=-1).values[:, -1:]
             probs = probs * (logits >= kth)
             probs = probs / probs.sum(-1, keepdim=True)
-        order = None
-        if self.top_p < 1:
-            probs, order = _likeliest_reaching(probs, self.top_p)
-            # keep each token whose likelier tokens hold less than top_p: the smallest set reaching it
-            probs = probs * ((probs.cumsum(dim=-1) - probs) < self.top_p)
-        cumulative = probs.cumsum(dim=-1)
-        threshold = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]
-        index = torch.searchsorted(cumulative, threshold, right=True).clamp(max=probs.shape[-1] - 1)
-        return (index if order is None else order.gather(1, index)).squeeze(1)
+        if self.top_p >= 1:
+            return _inverse_cdf(probs, uniforms, None)
+        # The nucleus of most rows lies within the likeliest few hundred tokens: a top-k of those
+        # costs a fifteenth of sorting the whole vocabulary, which costs as much as the model's own
+        # step on a CPU. The rows whose nucleus reaches further (a flat distribution) are sorted
+        # whole, alone, so one of them does not make the whole batch pay. Either way the kept tokens,
+        # their order and every draw are those of a full sort: the cumulative sums of a prefix are
+        # the prefix of the cumulative sums.
+        top, order = probs.topk(min(NUCLEUS_PREFIX, probs.shape[-1]), dim=-1)
+        wide = top.cumsum(dim=-1)[:, -1] < self.top_p if top.shape[-1] < probs.shape[-1] else None
+        if wide is None or not bool(wide.any()):
+            return _nucleus(top, order, uniforms, self.top_p)
+        chosen = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+        narrow = ~wide
+        if bool(narrow.any()):
+            chosen[narrow] = _nucleus(top[narrow], order[narrow], uniforms[narrow], self.top_p)
+        chosen[wide] = _nucleus(*probs[wide].sort(dim=-1, descending=True), uniforms[wide], self.top_p)
+        return chosen
 
 
-NUCLEUS_START = 256
-"""Tokens looked at first for top-p: a nucleus is nearly always far smaller than the vocabulary."""
+NUCLEUS_PREFIX = 256
+"""Likeliest tokens looked at first for top-p: a nucleus is nearly always far smaller than the vocabulary."""
 
 
-def _likeliest_reaching(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The likeliest tokens of each row, in descending order, and their ids: enough of them that
-    every row's nucleus (the likeliest tokens holding top_p) lies inside. Sorting the whole
-    vocabulary of a batch costs as much as the model's step on a CPU; a top-k of a few hundred
-    costs a fifteenth of it and, where the nucleus fits, keeps exactly the tokens a full sort keeps,
-    in the same order (the cumulative sums of a prefix are the prefix of the cumulative sums). Where
-    it does not fit, k grows fourfold, up to the whole vocabulary."""
-    k = min(NUCLEUS_START, probs.shape[-1])
-    while True:
-        top, order = probs.topk(k, dim=-1)
-        if k == probs.shape[-1] or bool((top.cumsum(dim=-1)[:, -1] >= top_p).all()):
-            return top, order
-        k = min(4 * k, probs.shape[-1])
+def _nucleus(ordered: torch.Tensor, order: torch.Tensor, uniforms: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Draw from probabilities in descending order (``order`` their token ids), keeping each
+    token whose likelier tokens hold less than top_p: the smallest set reaching it."""
+    return _inverse_cdf(ordered * ((ordered.cumsum(dim=-1) - ordered) < top_p), uniforms, order)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """The first token of each row whose cumulative probability passes its uniform number (scaled
+    to the row's total), as a vocabulary id (``order`` maps positions to ids where given)."""
+    cumulative = probs.cumsum(dim=-1)
+    threshold = uniforms.to(cumulative)[:, None] * cumulative[:, -1:]
+    index = torch.searchsorted(cumulative, threshold, right=True).clamp(max=probs.shape[-1] - 1)
+    return (index if order is None else order.gather(1, index)).squeeze(1)
 
 
 def generate_sampled(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],

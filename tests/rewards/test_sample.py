@@ -57,27 +57,30 @@ def test_a_token_is_drawn_by_its_uniform_number_within_the_filters() -> None:
 
 
 def test_top_p_over_the_likeliest_prefix_draws_what_a_full_sort_draws(monkeypatch) -> None:
-    """Top-p looks at the likeliest few hundred tokens first and grows that prefix where a row's
-    nucleus does not fit: every draw equals the one from sorting the whole vocabulary."""
+    """Top-p looks at the likeliest few hundred tokens; a row whose nucleus does not fit there is
+    sorted whole, alone: every draw equals the one from sorting the whole vocabulary of every row."""
     from sft.modeling import generate
 
     generator = torch.Generator().manual_seed(0)
     # peaked rows (the nucleus fits in 256 tokens) and flat rows (it needs thousands), 5,000 tokens
-    logits = torch.randn(12, 5000, generator=generator) * torch.tensor([8.0] * 6 + [0.5] * 6)[:, None]
+    logits = torch.randn(12, 5000, generator=generator) * torch.tensor([8.0] * 9 + [0.5] * 3)[:, None]
     uniforms = torch.rand(12, generator=generator)
-    topks = []
-    original_topk = torch.Tensor.topk
-    monkeypatch.setattr(torch.Tensor, "topk", lambda self, k, *a, **kw: topks.append(k) or original_topk(self, k, *a, **kw))
+    sorted_rows = []
+    original_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda self, *a, **kw: sorted_rows.append(len(self))
+                        or original_sort(self, *a, **kw))
     for top_p in (0.5, 0.9, 0.95, 0.999):
         sampling = Sampling(temperature=0.8, top_p=top_p)
         probs = torch.softmax(logits / 0.8, dim=-1)
-        ordered, order = probs.sort(dim=-1, descending=True)
+        ordered, order = original_sort(probs, dim=-1, descending=True)
         ordered = ordered * ((ordered.cumsum(dim=-1) - ordered) < top_p)
         cumulative = ordered.cumsum(dim=-1)
-        index = torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:], right=True)
-        assert sampling.choose(logits, uniforms).tolist() == order.gather(1, index).squeeze(1).tolist()
-        assert sampling.choose(logits[:6], uniforms[:6]).tolist() == order[:6].gather(1, index[:6]).squeeze(1).tolist()
-    assert topks[0] == generate.NUCLEUS_START and max(topks) > generate.NUCLEUS_START  # grew for the flat rows
+        expected = order.gather(1, torch.searchsorted(cumulative, uniforms[:, None] * cumulative[:, -1:],
+                                                      right=True)).squeeze(1).tolist()
+        assert sampling.choose(logits, uniforms).tolist() == expected
+        assert sampling.choose(logits[:9], uniforms[:9]).tolist() == expected[:9]   # all narrow
+        assert sampling.choose(logits[9:], uniforms[9:]).tolist() == expected[9:]   # all wide
+    assert generate.NUCLEUS_PREFIX < 5000 and sorted_rows and max(sorted_rows) <= 3  # only flat rows were sorted
 
 
 def test_seeded_sampling_repeats_whatever_the_batch(model_and_tokenizer) -> None:
