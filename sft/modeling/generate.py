@@ -230,16 +230,27 @@ def _generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
 def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, stop_ids: set[int],
                   pad_id: int, device: torch.device, cache: Cache,
                   choose: Chooser) -> Iterator[tuple[int, list[int]]]:
-    """Decode one left-padded batch, yielding (row, new tokens) as each row completes."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    """Decode one left-padded batch, yielding (row, new tokens) as each row completes.
+
+    A prompt that appears several times in the batch (k answers to one prompt, a GRPO group) is
+    read once: its keys, values and last logits are copied to each of its rows after the prompt
+    pass, which is most of the work of short answers to long prompts."""
+    distinct: dict[tuple[int, ...], int] = {}
+    first = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    unique = [list(p) for p in distinct]
+    width = max(len(p) for p in unique)
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in unique], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in unique], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    if len(unique) < len(prompts):
+        rows_of = torch.tensor(first, device=device)
+        cache.batch_select_indices(rows_of)
+        logits, attention_mask, position_ids = logits[rows_of], attention_mask[rows_of], position_ids[rows_of]
     rows = list(range(len(prompts)))  # the prompt row of each live batch slot
     tokens: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_ids = choose(logits, rows)
         live = []
         for slot, (row, token) in enumerate(zip(rows, next_ids.tolist())):
@@ -255,6 +266,7 @@ def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
             cache.batch_select_indices(keep)
             next_ids, attention_mask, position_ids = next_ids[keep], attention_mask[keep], position_ids[keep]
             rows = [rows[slot] for slot in live]
-        input_ids = next_ids[:, None]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
+        logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -88,7 +88,13 @@ def test_seeded_sampling_repeats_whatever_the_batch(model_and_tokenizer) -> None
     prompts = [tokenizer(p).input_ids for p in PROMPTS] * 2
     seeds = [11, 12, 13, 14, 21, 22, 23, 24]
     sampling = Sampling(temperature=1.0, top_k=50, top_p=0.95)
+    prompt_rows = []  # rows of each prompt pass (more than one token a row)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: prompt_rows.append(len(kwargs["input_ids"]))
+        if kwargs["input_ids"].shape[1] > 1 else None, with_kwargs=True)
     batched = generate_sampled(model, tokenizer, prompts, 10, [-1], seeds, sampling, batch_size=8)
+    hook.remove()
+    assert prompt_rows == [4]  # 8 answers to 4 prompts: each prompt read once, its cache copied to its rows
     alone = [generate_sampled(model, tokenizer, [p], 10, [-1], [s], sampling, batch_size=1)[0]
              for p, s in zip(prompts, seeds)]
     assert batched == alone and [a.token_ids for a in batched] == [a.token_ids for a in alone]
