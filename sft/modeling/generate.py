@@ -4,8 +4,10 @@ GRPO and benchmarks.
 Prompts of different lengths are left-padded into one batch, so every row's next token lands in
 the same column and one forward pass extends all rows by a token; a KV cache keeps each step to
 that one new token. Position ids count only real tokens, so a left-padded prompt is seen exactly
-as it would be alone. A row that ends its turn leaves the batch at once (its cache rows are
-dropped), so the short answers stop paying for the steps of the long ones. Prompts are batched
+as it would be alone. A row that ends its turn leaves the batch (its cache rows are dropped)
+once a quarter of the batch has ended, so the short answers stop paying for the steps of the long
+ones without a copy of the whole cache at every ending. A prompt repeated in a batch (k answers,
+a GRPO group) is read once and its cache copied to its rows. Prompts are batched
 in order of length, which keeps padding small. The logits are computed for the last position
 only: the full [tokens, vocabulary] matrix of a long prompt would dwarf the model's own
 activations. The cache writes each new token's keys and values into spare room of a buffer that
@@ -248,25 +250,33 @@ def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
         rows_of = torch.tensor(first, device=device)
         cache.batch_select_indices(rows_of)
         logits, attention_mask, position_ids = logits[rows_of], attention_mask[rows_of], position_ids[rows_of]
-    rows = list(range(len(prompts)))  # the prompt row of each live batch slot
+    rows: list[int | None] = list(range(len(prompts)))  # the prompt row of each batch slot; None: ended
     tokens: list[list[int]] = [[] for _ in prompts]
     for step in range(max_new_tokens):
-        next_ids = choose(logits, rows)
-        live = []
-        for slot, (row, token) in enumerate(zip(rows, next_ids.tolist())):
+        live = [slot for slot, row in enumerate(rows) if row is not None]
+        chosen = choose(logits[live] if len(live) < len(rows) else logits, [rows[slot] for slot in live]).tolist()
+        next_ids = [pad_id] * len(rows)
+        for slot, token in zip(live, chosen):
+            row = rows[slot]
             tokens[row].append(token)
             if token in stop_ids or step == max_new_tokens - 1:
                 yield row, tokens[row]
+                rows[slot] = None
             else:
-                live.append(slot)
+                next_ids[slot] = token
+        live = [slot for slot, row in enumerate(rows) if row is not None]
         if not live:
             return
-        if len(live) < len(rows):
+        # Dropping ended rows copies every layer's cache, the largest tensors here: done once a
+        # quarter of the rows have ended, not at every ending, the ended rows meanwhile decoding
+        # padding that nothing reads (rows never see each other, so the live rows' tokens are the same).
+        ids = torch.tensor(next_ids, device=device)
+        if 4 * (len(rows) - len(live)) >= len(rows):
             keep = torch.tensor(live, device=device)
             cache.batch_select_indices(keep)
-            next_ids, attention_mask, position_ids = next_ids[keep], attention_mask[keep], position_ids[keep]
+            ids, attention_mask, position_ids = ids[keep], attention_mask[keep], position_ids[keep]
             rows = [rows[slot] for slot in live]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
-        logits = model(input_ids=next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids,
+        logits = model(input_ids=ids[:, None], attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]

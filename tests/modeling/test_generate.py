@@ -87,3 +87,33 @@ def test_long_answers_grow_the_cache_and_still_equal_transformers_generate(model
             model(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
     layer = cache.layers[0]
     assert layer.keys.shape[-2] == len(prompts[2]) + 70 and layer._buffers[0].shape[-2] >= layer.keys.shape[-2]
+
+
+def test_ended_rows_leave_the_batch_a_quarter_at_a_time(model_and_tokenizer, monkeypatch) -> None:
+    """In a batch of 10, rows end at different steps; an ended row keeps its slot (decoding padding
+    nothing reads) until a quarter of the batch has ended, and the live rows' answers are those of
+    transformers' generate run alone."""
+    from sft.modeling.generate import GrowingLayer
+
+    model, tokenizer = model_and_tokenizer
+    words = "the quick brown fox jumps over the lazy dog while birds sing in warm evening light".split()
+    prompts = [tokenizer(" ".join(words[i:i + 3 + i % 4])).input_ids for i in range(10)]
+    free_run = [reference_tokens(model, p, 30, stop_ids=[-1]) for p in prompts]
+    stop_ids = sorted({free_run[0][4], free_run[5][11], free_run[8][20]})
+    expected = [reference_tokens(model, p, 30, stop_ids) for p in prompts]
+    ends = sorted(len(tokens) for tokens in expected if tokens[-1] in stop_ids)
+    assert len(set(ends)) >= 3 and len(ends) < 10  # several endings at different steps, some rows run on
+
+    selections = []
+    original = GrowingLayer.batch_select_indices
+    monkeypatch.setattr(GrowingLayer, "batch_select_indices",
+                        lambda self, indices: selections.append(len(indices)) or original(self, indices))
+    batched = generate_greedy(model, tokenizer, prompts, 30, stop_ids, batch_size=10)
+    for answer, tokens in zip(batched, expected):
+        assert answer.new_tokens == len(tokens) and answer.finished == (tokens[-1] in stop_ids)
+        assert answer.text == tokenizer.decode(tokens[:-1] if answer.finished else tokens,
+                                               skip_special_tokens=True).strip()
+    layers = len(model.model.layers)
+    compactions = len(selections) // layers
+    assert 0 < compactions < len(set(ends))  # fewer cache copies than steps at which rows ended
+    assert all(rows < 10 for rows in selections)
