@@ -37,6 +37,8 @@ from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
 
 SAMPLES_FILE = "samples.jsonl"
 SETTINGS_FILE = "sampling.json"
+WINDOW_BATCHES = 8
+"""Batches whose prompts are sorted by length together (see sample_answers)."""
 SAMPLER = "inverse-cdf"
 """How a token is drawn from its seed (Sampling.choose), recorded so that answers drawn another way
 are never resumed into the same file."""
@@ -85,7 +87,13 @@ def sample_answers(run: LoadedRun, prompts: list[ConstraintPrompt], k: int, samp
             save(record)
             done[(prompt.id, j)] = record
 
-        # One batch at a time in file order: an interrupted run has answered a prefix.
+        # Batches in file order, a window of WINDOW_BATCHES batches at a time, sorted by prompt
+        # length within it: a batch pads its prompts to its longest, and every step attends over
+        # that width, so similar lengths together save most of it; an interrupted run has still
+        # answered a prefix of the file's windows.
+        window = WINDOW_BATCHES * batch_size
+        todo = [item for start in range(0, len(todo), window)
+                for item in sorted(todo[start:start + window], key=lambda item: len(ids[item[0].id]))]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             generate_sampled(run.model, run.tokenizer, [ids[prompt.id] for prompt, _ in chunk], max_new_tokens,
