@@ -16,6 +16,10 @@ them. Out of that, in OUT:
   failing one of the same prompt (the lowest reward, then the lowest j), in the prepared
   preference layout ``{"id", "source", "prompt", "chosen", "rejected"}``; ``--pairs-per-prompt``
   pairs further passing answers with further failing ones;
+- with ``--repair``, a prompt without a passing answer gets its best failing answer (that ended
+  its turn) edited by rule to follow the instructions about form it failed (sft.rewards.repair),
+  kept only if the checkers then pass it: an SFT example and a pair over the unedited answer,
+  both with ``"source": "verified-repair"``;
 - ``report.json``: pass rates (answers, prompts with a pass, pairs), the mean reward and each
   instruction type's share followed.
 
@@ -36,6 +40,7 @@ from sft.errors import ConfigError, DataError, run_command
 from sft.files import atomic_files, sha256_of_files
 from sft.inference.answer_log import read_state
 from sft.inference.ifeval.scoring import judge
+from sft.rewards.repair import repair
 from sft.rewards.sample import SETTINGS_FILE, read_samples
 from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
 
@@ -45,6 +50,7 @@ PAIRS_FILE = "verified_pairs.jsonl"
 REPORT_FILE = "report.json"
 SFT_SOURCE = "rejection-sampling"
 PAIRS_SOURCE = "verified-on-policy"
+REPAIR_SOURCE = "verified-repair"
 
 
 def check_sampled_from(samples: Path, prompts: Path) -> None:
@@ -71,14 +77,39 @@ def score_samples(prompts: list[ConstraintPrompt], samples: dict[tuple[str, int]
     return scored
 
 
+def repaired_answer(prompt: ConstraintPrompt, answers: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best failing answer that ended its turn (highest reward, then lowest j) whose verified
+    repair follows every instruction, as an answer record with the repair as its response and
+    ``repaired_from`` the original; None if no answer repairs."""
+    for answer in sorted((a for a in answers if a["reward"] < 1.0 and a["finished"]),
+                         key=lambda a: (-a["reward"], a["sample"])):
+        edited = repair(prompt, answer["response"])
+        if edited is not None:
+            return answer | {"response": edited, "reward": 1.0, "repaired_from": answer}
+    return None
+
+
 def training_data(prompts: list[ConstraintPrompt], scored: dict[str, list[dict[str, Any]]],
-                  pairs_per_prompt: int = 1) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The rejection-sampling conversations and the verified preference pairs."""
+                  pairs_per_prompt: int = 1, with_repairs: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rejection-sampling conversations and the verified preference pairs; ``with_repairs``:
+    a prompt without a passing answer gets its best repairable answer's verified repair instead,
+    chosen over that answer unedited."""
     conversations, pairs = [], []
     for prompt in prompts:
         answers = scored.get(prompt.id, [])
         passing = [a for a in answers if a["reward"] == 1.0 and a["finished"]]
         failing = sorted((a for a in answers if a["reward"] < 1.0), key=lambda a: (a["reward"], a["sample"]))
+        if not passing and with_repairs:
+            repaired = repaired_answer(prompt, answers)
+            if repaired is not None:
+                original = repaired["repaired_from"]
+                conversations.append({"id": f"{prompt.id}-s{original['sample']}-repaired", "source": REPAIR_SOURCE,
+                                       "messages": [*prompt.messages,
+                                                    {"role": "assistant", "content": repaired["response"]}]})
+                pairs.append({"id": f"{prompt.id}-s{original['sample']}-repaired", "source": REPAIR_SOURCE,
+                              "prompt": prompt.messages, "chosen": repaired["response"],
+                              "rejected": original["response"]})
+            continue
         if passing:
             best = passing[0]
             conversations.append({"id": f"{prompt.id}-s{best['sample']}", "source": SFT_SOURCE,
@@ -111,6 +142,8 @@ def report(prompts: list[ConstraintPrompt], scored: dict[str, list[dict[str, Any
         "answer_pass_rate": _share(sum(a["reward"] == 1.0 for a in answers), len(answers)),
         "prompt_pass_rate": _share(sum(any(a["reward"] == 1.0 for a in scored[p.id]) for p in sampled), len(sampled)),
         "sft_examples": len(conversations), "pairs": len(pairs),
+        "sft_examples_repaired": sum(c["source"] == REPAIR_SOURCE for c in conversations),
+        "pairs_repaired": sum(p["source"] == REPAIR_SOURCE for p in pairs),
         "followed_by_instruction": {instruction_id: {"followed": counts[0], "judged": counts[1],
                                                      "rate": _share(counts[0], counts[1])}
                                     for instruction_id, counts in sorted(by_type.items())},
@@ -125,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, metavar="DIR", help="where the rewards, data and report go")
     parser.add_argument("--loose", action="store_true", help="judge loosely (IFEval's loose accuracy)")
     parser.add_argument("--pairs-per-prompt", type=int, default=1, help="most pairs per prompt (default: %(default)s)")
+    parser.add_argument("--repair", action="store_true",
+                        help="a prompt without a passing answer gets its best answer edited by rule to follow "
+                             "instructions about form (case, quotes, title, ending, ...), kept only if it then "
+                             "follows all of them: an SFT example and a pair over the unedited answer")
     args = parser.parse_args(argv)
 
     def run() -> None:
@@ -139,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         check_sampled_from(Path(args.samples), Path(args.prompts))
         prompts = read_constraint_prompts(args.prompts)
         scored = score_samples(prompts, read_samples(args.samples), args.loose, args.samples)
-        conversations, pairs = training_data(prompts, scored, args.pairs_per_prompt)
+        conversations, pairs = training_data(prompts, scored, args.pairs_per_prompt, args.repair)
         summary = report(prompts, scored, conversations, pairs, args.loose)
         out.mkdir(parents=True, exist_ok=True)
         with atomic_files(outputs) as (rewards_file, sft_file, pairs_file, report_file):
@@ -153,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{summary['answers']} answers to {summary['prompts_sampled']} prompts: mean reward "
               f"{summary['mean_reward']:.3f}, {100 * summary['answer_pass_rate']:.1f}% of answers and "
               f"{100 * summary['prompt_pass_rate']:.1f}% of prompts pass ({summary['judgment']}); wrote "
-              f"{len(conversations)} SFT examples ({outputs[1]}) and {len(pairs)} pairs ({outputs[2]})")
+              f"{len(conversations)} SFT examples ({outputs[1]}) and {len(pairs)} pairs ({outputs[2]})"
+              + (f", {summary['sft_examples_repaired']} of each repaired" if args.repair else ""))
 
     return run_command(run)
 
