@@ -2,7 +2,7 @@
 #   make demo       virtualenv, install, fetch the demo data and the bundled model, prepare -> train -> evaluate
 #   make demo-dpo   the same set-up, then a short SFT run and DPO on top of it, base vs SFT vs DPO on held-out pairs
 #   make demo-rlvr  the same set-up, then verifiable rewards: constraint prompts -> sampled answers -> verified
-#                   data -> rejection-sampling SFT -> IFEval, base vs adapter
+#                   and repaired data -> rejection-sampling SFT -> IFEval, base vs adapter
 #   make test       virtualenv, install, run the test suite
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +14,7 @@ DPO_DEMO_PREPARED := data/demo_dpo/processed
 DPO_DEMO_SFT := models/dpo_demo_sft
 IFEVAL_PROMPTS := data/ifeval/input_data.jsonl
 RLVR_DEMO := data/demo_rlvr
-RLVR_DEMO_PROMPTS ?= 96
+RLVR_DEMO_PROMPTS ?= 256
 
 .PHONY: install demo demo-data demo-ifeval demo-dpo demo-dpo-data demo-rlvr test clean
 
@@ -63,11 +63,13 @@ demo-dpo: demo-data demo-dpo-data
 
 # Verifiable rewards (docs/rewards.md#the-recipe): checkable instructions attached to the demo's
 # training prompts (any sharing an 8-gram with IFEval's test prompts dropped), 4 answers sampled
-# per prompt from the bundled model, each verified; the answers that follow every instruction
-# train a rejection-sampling SFT adapter, whose validation loss on the demo's SFT validation set
-# shows what it costs in general ability; then IFEval, base vs adapter, on the first 64 prompts
-# at 256 tokens (the full benchmark: sft ifeval --adapter models/rlvr_demo_sft). IFEval's prompts
-# come from GitHub: they are needed to decontaminate, so without network the demo stops there.
+# per prompt for the first RLVR_DEMO_PROMPTS of them from the bundled model, each verified; the
+# answers that follow every instruction, and failing answers repaired by rule to follow
+# instructions about form, train a rejection-sampling SFT adapter (its validation loss on the
+# demo's SFT validation set shows what it costs in general ability); then IFEval, base vs adapter,
+# on the first 64 prompts at 256 tokens (the full benchmark: sft ifeval --adapter
+# models/rlvr_demo_sft). IFEval's prompts come from GitHub and are needed to decontaminate: without
+# network the demo stops there with one line.
 demo-rlvr: demo-data
 	@[ -f $(IFEVAL_PROMPTS) ] || $(BIN)/sft fetch-eval-data --out $(IFEVAL_PROMPTS)
 	$(BIN)/sft constraints --source $(DEMO_PREPARED)/sft_train.jsonl --ifeval-prompts $(IFEVAL_PROMPTS) \
@@ -75,7 +77,7 @@ demo-rlvr: demo-data
 	$(BIN)/sft sample --prompts $(RLVR_DEMO)/constraints.jsonl --model smollm2-135m-instruct --limit $(RLVR_DEMO_PROMPTS) \
 		--k 4 --temperature 0.8 --top-p 0.95 --max-new-tokens 192 --batch-size 128 --out $(RLVR_DEMO)/base
 	$(BIN)/sft verify --prompts $(RLVR_DEMO)/constraints.jsonl --samples $(RLVR_DEMO)/base/samples.jsonl \
-		--out $(RLVR_DEMO)/base
+		--repair --out $(RLVR_DEMO)/base
 	$(BIN)/sft train --config configs/rlvr-demo.yaml --overwrite-output-dir
 	$(BIN)/sft ifeval --adapter models/rlvr_demo_sft --input-data $(IFEVAL_PROMPTS) --limit 64 --max-new-tokens 256 \
 		--out models/rlvr_demo_sft/eval/ifeval-quick
