@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/cuda_check.sh OUT_DIR              # tests, then batch 8, then batch 32
 #   bash benchmarks/cuda_check.sh OUT_DIR b32          # only some of them: tests, b8, b32
+#   ROUNDS=1 bash benchmarks/cuda_check.sh OUT_DIR b8  # one round per contender instead of 2
 #
 # Each benchmark runs 5 contenders x 2 rounds, each in a fresh process that loads the 1.1B model
 # and trains 12 steps: expect minutes per batch size. Under a per-command time
@@ -65,17 +66,17 @@ for name in ("flash_attn", "bitsandbytes", "trl"):
     print(name, "installed" if importlib.util.find_spec(name) else "missing")
 PY
 if [[ $stages == *" tests "* ]]; then
-    python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py tests/modeling 2>&1 | tee "$out/tests.txt"
-    # DPO on CUDA: packed pair log-probs against one sequence at a time (float32 and bfloat16), and the
+    # The tests that take a CUDA path (the CPU-only ones run everywhere else): precision policy and fused
+    # adapters after the move, packed against separate log-probs, DPO's packed pair log-probs and its
     # first step at ln 2 in the device policy's precision.
-    python3 -m pytest -q -rs -p no:cacheprovider tests/training/test_preference.py tests/recipes/test_dpo_recipe.py \
-        -k cuda 2>&1 | tee "$out/tests-dpo.txt"
+    python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py tests/test_packing.py tests/modeling/test_fused_lora.py \
+        tests/training/test_preference.py tests/recipes/test_dpo_recipe.py -k "cuda or gpu" 2>&1 | tee "$out/tests.txt"
     echo "tests done at ${SECONDS} s"
 fi
 for batch in 8 32; do
     [[ $stages == *" b$batch "* ]] || continue
     python3 benchmarks/throughput.py --assets benchmarks/assets --device cuda --models tinyllama-arch \
         --contenders sft,sft_unfused,trl,trl_padding_free,hf_trainer --batch-size "$batch" --tinyllama-steps 10 --warmup 2 \
-        --rounds 2 --out "$out/throughput-cuda-b$batch.json" 2>&1 | tee "$out/throughput-b$batch.txt"
+        --rounds "${ROUNDS:-2}" --out "$out/throughput-cuda-b$batch.json" 2>&1 | tee "$out/throughput-b$batch.txt"
     echo "batch $batch done at ${SECONDS} s"
 done
