@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from sft.config import ConfigError, build_config
+from sft.modeling import devices
 from sft.modeling.devices import DevicePolicy, device_policy
 from sft.modeling.fusion import FusedLinear
 from sft.modeling.models import check_4bit_supported
@@ -42,7 +43,10 @@ def test_cuda_precision_is_bf16_where_supported_else_fp16_with_loss_scaling(
         ("cuda", load_dtype, bf16, fp16, compute)
 
 
-def test_cpu_and_mps_stay_float32() -> None:
+def test_a_cpu_without_native_bf16_stays_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a CPU with native bf16 autocasts to it: tests/modeling/test_precision.py)
+    monkeypatch.delenv("SFT_CPU_BF16", raising=False)
+    monkeypatch.setattr(devices, "cpu_features", lambda: {"avx2", "fma"})
     policy = device_policy("cpu", "auto")
     assert (policy.load_dtype, policy.bf16, policy.fp16, policy.compute_dtype) == (torch.float32, False, False,
                                                                                    torch.float32)

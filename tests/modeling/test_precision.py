@@ -14,6 +14,12 @@ from sft.recipes.sft import main as train_main
 from tests.tiny import as_flags, logged, tiny_run_overrides
 
 
+@pytest.fixture(autouse=True)
+def _cpu_precision_unpinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests decide the CPU precision themselves: lift the suite's float32 pin (conftest)."""
+    monkeypatch.delenv("SFT_CPU_BF16", raising=False)
+
+
 @pytest.mark.parametrize(("features", "autocast"), [
     ({"fpu", "avx512f", "avx512_bf16"}, True), ({"fpu", "amx_bf16", "amx_tile"}, True),
     ({"fp", "asimd", "bf16"}, True), ({"fpu", "avx512f", "avx2"}, False),

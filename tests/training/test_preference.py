@@ -64,7 +64,9 @@ ON_DEVICES = [
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_batched_pair_logps_equal_one_sequence_at_a_time(tiny_model_dir: Path, pairs: list[dict], packing: bool,
                                                          chatml_tokenizer, device: str, dtype: torch.dtype,
-                                                         tolerance: float) -> None:
+                                                         tolerance: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    if device == "cuda":  # float32 means float32 matmuls, not TF32 (the trainer's CUDA setting)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False, raising=False)
     model = _model(tiny_model_dir).eval().to(device, dtype)
     batch = PairCollator(packing, chatml_tokenizer.pad_token_id)(pairs)
     if packing:
