@@ -173,6 +173,70 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+# ----------------------------------------------------------------------------------------- profile
+PROFILED_STEPS = 3
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+"""Where the host waits for the device: a tensor read into Python (.item(), a bool of a tensor,
+.tolist()) and explicit synchronizations. The step timer's own synchronize is one per step."""
+
+
+class StepProfiler:
+    """torch.profiler over a few timed steps: where a step's time goes on the host and on the device,
+    how many kernels it launches and where it waits for the device (with the Python lines that wait)."""
+
+    def __init__(self, device: str) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        self.device = device
+        self.profile = profile(activities=activities, with_stack=True)
+        self.step_seconds: list[float] = []
+
+    def start(self) -> None:
+        self.profile.__enter__()
+
+    def stop(self, step_seconds: list[float]) -> None:
+        _sync(self.device)
+        self.profile.__exit__(None, None, None)
+        self.step_seconds = list(step_seconds)
+
+    def report(self) -> str:
+        from torch.autograd import DeviceType
+
+        steps = len(self.step_seconds)
+        events = self.profile.events()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(getattr(e, "device_time", 0.0) for e in kernels) / 1e6  # microseconds -> s
+        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+        lines = [f"steps profiled: {steps}, wall per step {sum(self.step_seconds) / steps:.4f} s (under the profiler)",
+                 f"device kernels per step: {len(kernels) / steps:.0f}, kernel launches per step: "
+                 f"{launches / steps:.0f}, device busy per step: {busy / steps:.4f} s"]
+        for name in SYNC_EVENTS:
+            count = sum(1 for e in events if e.name == name)
+            if count:
+                lines.append(f"{name} per step: {count / steps:.1f}")
+        waits: dict[str, int] = {}
+        for event in events:
+            if event.name in SYNC_EVENTS[:2]:
+                frames, parent = [], event.cpu_parent
+                while parent is not None and len(frames) < 4:  # the Python lines above the wait
+                    if ".py(" in parent.name and "torch/" not in parent.name.split("(")[0]:
+                        frames.append(parent.name)
+                    parent = parent.cpu_parent
+                where = f"{event.name}: " + " <- ".join(frames)
+                waits[where] = waits.get(where, 0) + 1
+        lines.append("\nwhere the host waits for the device (count per step, the Python lines above it):")
+        for where, count in sorted(waits.items(), key=lambda item: -item[1])[:15]:
+            lines.append(f"  {count / steps:7.1f}  {where}")
+        plain = self.profile.key_averages()
+        lines.append("\nhost time by operator:")
+        lines.append(plain.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        if kernels:
+            lines.append("\ndevice time by operator:")
+            lines.append(plain.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60))
+        return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------- worker
 def contender_set_up(config: Any, contender: str, seed: int) -> tuple[Any, Any]:
     """(runtime, device policy) for a contender: ours (sft*) through our runtime set-up; a peer as
@@ -232,14 +296,21 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     step_times: list[float] = []
 
+    profiled = min(PROFILED_STEPS, args.steps) if args.profile else 0
+    profiler = StepProfiler(policy.device) if profiled else None
+
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_: Any, **__: Any) -> None:
             _sync(policy.device)
+            if profiler is not None and len(step_times) == args.warmup:
+                profiler.start()
             self.start = time.perf_counter()
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
             _sync(policy.device)
             step_times.append(time.perf_counter() - self.start)
+            if profiler is not None and len(step_times) == args.warmup + profiled:
+                profiler.stop(step_times[args.warmup:])
 
     if args.contender.startswith("sft"):
         model = load_lora_model(config, runtime)
@@ -298,6 +369,11 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         from sft.modeling.fusion import fused_group_counts
 
         settings["fused_groups_ran"] = "{} of {}".format(*fused_group_counts(flop_model))
+    if profiler is not None:
+        report = Path(args.profile) / f"profile-{args.model}-{args.contender}-b{args.batch_size}.txt"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(f"{args.contender} on {args.model}, batch {args.batch_size}, {policy.device}, "
+                          f"{str(policy.load_dtype).removeprefix('torch.')}\n{profiler.report()}", encoding="utf-8")
     return {
         "contender": args.contender, "model": args.model, "device": policy.device,
         "dtype": str(policy.load_dtype).removeprefix("torch."), "settings": settings,
@@ -319,7 +395,7 @@ def run_round(args: argparse.Namespace, model: str, contender: str, steps: int, 
                *(["--assets", args.assets] if args.assets else []),
                "--warmup", str(warmup), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--lora-rank", str(args.lora_rank), "--lora-dropout", str(args.lora_dropout),
-               "--seed", str(args.seed), "--device", args.device]
+               "--seed", str(args.seed), "--device", args.device, *(["--profile", args.profile] if args.profile else [])]
     env = dict(os.environ, TQDM_DISABLE="1", TRANSFORMERS_VERBOSITY="error")
     if args.precision != "auto":  # every contender takes its CPU precision from our policy
         env[CPU_BF16_VARIABLE] = "1" if args.precision == "bf16" else "0"
@@ -353,12 +429,13 @@ def table(results: list[dict[str, Any]], peak: float) -> str:
 
         trl, hf = peer("trl"), peer("hf_trainer")
         vs_hf = f"{r['supervised_tokens_per_s'] / hf['supervised_tokens_per_s']:.2f}x" if hf else "-"
+        vs_trl = f"{r['supervised_tokens_per_s'] / trl['supervised_tokens_per_s']:.2f}x" if trl else "-"
         mem = r["peak_gpu_gb"] if r["peak_gpu_gb"] is not None else r["peak_rss_gb"]
         lines.append(
             f"| {r['model']} | {r['contender']} ({r.get('precision', 'auto')}) | {r['supervised_tokens_per_s']:.1f} | {r['real_tokens_per_s']:.1f} | "
             f"{r['seconds_per_step']:.2f} | {mem:.2f} | {r['useful_gflops_per_s']:.1f} | "
             f"{100 * r['useful_gflops_per_s'] / peak:.0f}% | "
-            f"{r['supervised_tokens_per_s'] / trl['supervised_tokens_per_s']:.2f}x | {vs_hf} | "
+            f"{vs_trl} | {vs_hf} | "
             f"{r['losses'][0]:.4f}, {r['losses'][-1]:.4f} |")
     return "\n".join(lines)
 
@@ -387,6 +464,10 @@ def main() -> int:
     parser.add_argument("--assets", help="read the tokenized examples and tokenizer from this folder (no network)")
     parser.add_argument("--export-assets", metavar="DIR",
                         help="write the tokenized examples and the tokenizer into DIR for --assets, then exit")
+    parser.add_argument("--profile", metavar="DIR",
+                        help=f"also profile {PROFILED_STEPS} timed steps of each contender (torch.profiler: host and "
+                             "device time by operator, kernel launches, where the host waits for the device) into "
+                             "DIR/profile-MODEL-CONTENDER-bBATCH.txt; the profiler slows the timed steps")
     parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--model", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -407,7 +488,7 @@ def main() -> int:
     precisions = args.precisions.split(",")
     if not set(precisions) <= {"auto", "float32", "bf16"}:
         raise SystemExit("--precisions: expected a comma-separated list of auto, float32, bf16")
-    if "trl" not in contenders:
+    if "trl" not in contenders and not args.profile:
         raise SystemExit("the trl contender is the reference of the ratios; keep it in --contenders")
     from sft.modeling.devices import device_policy
 
