@@ -223,7 +223,7 @@ class StepProfiler:
                     if ".py(" in parent.name and "torch/" not in parent.name.split("(")[0]:
                         frames.append(parent.name)
                     parent = parent.cpu_parent
-                where = f"{event.name}: " + " <- ".join(frames)
+                where = f"{event.name}: " + (" <- ".join(frames) or "(no Python line recorded above it)")
                 waits[where] = waits.get(where, 0) + 1
         lines.append("\nwhere the host waits for the device (count per step, the Python lines above it):")
         for where, count in sorted(waits.items(), key=lambda item: -item[1])[:15]:
