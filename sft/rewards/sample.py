@@ -79,7 +79,7 @@ def sample_answers(run: LoadedRun, prompts: list[ConstraintPrompt], k: int, samp
         return done
     ids = {prompt.id: prompt_ids(run, prompt) for prompt, _ in todo}
     check_prompt_fits(run, max(map(len, ids.values())), max_new_tokens)
-    with log.appending(len(prompts) * k, len(prompts) * k - len(todo), "sampling") as save:
+    with run.merged(), log.appending(len(prompts) * k, len(prompts) * k - len(todo), "sampling") as save:
         def on_answer(chunk: list[tuple[ConstraintPrompt, int]], index: int, answer: Answer) -> None:
             prompt, j = chunk[index]
             record = {"id": prompt.id, "sample": j, "seed": sample_seed(seed, prompt.id, j), "response": answer.text,

@@ -148,7 +148,7 @@ def _score(args: argparse.Namespace, out: Path) -> None:
         variants["adapter"] = (f"{run.model_name} + {adapter.name}", str(adapter))
     named_scores, generation = {}, {}
     for variant, (label, adapter) in variants.items():
-        with run.adapter(enabled=adapter is not None):
+        with run.adapter(enabled=adapter is not None), (run.merged() if adapter else contextlib.nullcontext()):
             settings = {"model": run.model_name, "adapter": adapter, "system_prompt": system_prompt,
                         "max_new_tokens": args.max_new_tokens}
             if adapter is not None:  # a run resumed or retrained in place keeps its path, not its answers
