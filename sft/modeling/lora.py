@@ -10,11 +10,11 @@ adapters, their names and the saved files are PEFT's own; on other devices PEFT'
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Any
 import warnings
 import weakref
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -107,3 +107,39 @@ def check_adapter_config(path: Path, adapter_config: dict[str, Any]) -> None:
     if modules is not None and not isinstance(modules, str) and not (
             isinstance(modules, list) and all(isinstance(name, str) for name in modules)):
         raise refuse(f"target_modules must be a list of module names, got {modules!r}"[:300])
+
+
+@contextlib.contextmanager
+def merged_weights(model: torch.nn.Module) -> Iterator[bool]:
+    """A context in which each LoRA layer's base weight is replaced by base + the active adapter's
+    update, so a layer is one matmul where it was three (long sampling through a model that is
+    still being trained: `sft grpo`). The base tensors are set aside, not changed, and put back as
+    they were on leaving: bit for bit, in any precision, which PEFT's merge and unmerge (adding
+    the update in and taking it out again) are not. The cost is a merged copy of the adapted
+    weights while inside. Yields whether it merged: a model with other adapters than plain LoRA on
+    a plain ``nn.Linear`` (4-bit, DoRA, sharded weights), disabled or already merged ones, runs as
+    it is."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    mergeable = bool(layers) and all(
+        isinstance(m.base_layer, torch.nn.Linear) and type(m.base_layer.weight.data) is torch.Tensor
+        and not m.disable_adapters and not m.merged and not getattr(m, "lora_variant", None)
+        and all(a in m.lora_A for a in m.active_adapters) for m in layers)
+    if not mergeable:
+        yield False
+        return
+    saved: list[tuple[LoraLayer, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.base_layer.weight
+                merged = weight.detach().float()
+                for adapter in layer.active_adapters:
+                    merged = merged + layer.get_delta_weight(adapter).float()
+                saved.append((layer, weight.data))
+                weight.data = merged.to(weight.dtype)
+                layer.merged_adapters = list(layer.active_adapters)
+        yield True
+    finally:
+        for layer, original in saved:
+            layer.base_layer.weight.data = original
+            layer.merged_adapters = []

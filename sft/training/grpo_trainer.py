@@ -34,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from sft.config.grpo import GRPOSettings
 from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
 from sft.files import atomic_write_text
+from sft.modeling.lora import merged_weights
 from sft.training.grpo import dapo_loss, group_advantages, per_token, token_terms
 from sft.training.grpo_rewards import Rewards
 from sft.training.grpo_sampling import answer_seed, sample_answers
@@ -110,7 +111,9 @@ class GRPOTrainer(SupervisedTrainer):
         seeds = [answer_seed(self.args.seed, step, first + position, sample)
                  for position in range(len(items)) for sample in range(group)]
         start = time.perf_counter()
-        with self.compute_loss_context_manager():
+        # Sampled through the adapter merged into a copy of the weights: one matmul a layer, and the
+        # base weights untouched (sft.modeling.lora.merged_weights)
+        with self.compute_loss_context_manager(), merged_weights(model):
             sampled = sample_answers(model, self.processing_class, prompts, seeds, grpo.max_answer_tokens,
                                      self.stop_ids, grpo.temperature, grpo.top_p, grpo.generation_batch_size)
         seconds = time.perf_counter() - start

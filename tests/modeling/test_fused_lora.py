@@ -559,3 +559,41 @@ def test_fused_rms_norm_gives_transformers_values_and_gradients(x_dtype: torch.d
                                atol=1e-5 if exact else 2e-2)
     torch.testing.assert_close(fused_grad_w.float(), grad_w.float(), rtol=1e-5 if exact else 2e-2,
                                atol=1e-5 if exact else 5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16-weights"])
+def test_merged_weights_give_the_adapters_output_and_put_the_base_back_bit_for_bit(tiny_model_dir: Path,
+                                                                                  dtype: torch.dtype) -> None:
+    """Sampling through a model in training (sft grpo) merges into a copy of the weights: the same
+    logits as base + adapter, and afterwards the very same base tensors, fused groups and all."""
+    from peft.tuners.lora import LoraLayer
+
+    from sft.modeling.lora import merged_weights
+
+    _, model = _pair(tiny_model_dir, 0.0, dtype)
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    before = [(m.base_layer.weight.data_ptr(), m.base_layer.weight.detach().clone()) for m in layers]
+    with torch.no_grad():
+        adapted = model(input_ids=INPUT).logits.float()
+        with merged_weights(model) as merged:
+            assert merged and all(m.merged for m in layers)
+            assert all(m.base_layer.weight.data_ptr() != ptr for m, (ptr, _) in zip(layers, before))
+            merged_logits = model(input_ids=INPUT).logits.float()
+        base_again = [m.base_layer.weight for m in layers]
+        after = model(input_ids=INPUT).logits.float()
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16 rounds the merged weights
+    assert torch.allclose(merged_logits, adapted, atol=tolerance)
+    assert torch.equal(after, adapted)
+    assert not any(m.merged for m in layers)
+    assert all(w.data_ptr() == ptr and torch.equal(w, saved) for w, (ptr, saved) in zip(base_again, before))
+    if dtype == torch.float32:  # the groups still run fused: their weights are one tensor again
+        assert _fused_groups_ran(model) > 0
+
+    # an error inside puts everything back too; a disabled adapter is not merged
+    with pytest.raises(RuntimeError, match="inside"), merged_weights(model):
+        raise RuntimeError("inside")
+    assert all(m.base_layer.weight.data_ptr() == ptr for m, (ptr, _) in zip(layers, before))
+    assert not any(m.merged for m in layers)
+    with model.disable_adapter(), merged_weights(model) as merged:
+        assert not merged

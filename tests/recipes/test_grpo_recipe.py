@@ -207,3 +207,34 @@ def test_fewer_prompts_than_a_step_takes_is_refused_before_the_model_loads(
     assert capsys.readouterr().err == (f"error: {prompt_file}: 6 usable prompts, fewer than the 8 one optimizer step "
                                        f"takes (batch_size x gradient_accumulation_steps x processes); lower "
                                        f"--batch-size or --gradient-accumulation-steps\n")
+
+
+def test_answers_are_sampled_through_merged_weights_and_training_runs_on_the_base(
+        tiny_model_dir: Path, prompt_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling, the long part of a step, runs each adapted layer as one matmul (the adapter merged
+    into a copy of the weights); the gradient steps see the base weights and the adapter apart."""
+    from peft.tuners.lora import LoraLayer
+
+    from sft.training import grpo_trainer
+
+    merged_while_sampling, base_pointers = [], []
+    real = grpo_trainer.sample_answers
+
+    def recording(model, *args, **kwargs):
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        merged_while_sampling.append(all(m.merged for m in layers))
+        return real(model, *args, **kwargs)
+
+    real_loss = grpo_trainer.GRPOTrainer.compute_loss
+
+    def recording_loss(self, model, *args, **kwargs):
+        layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        base_pointers.append((not any(m.merged for m in layers),
+                              tuple(m.base_layer.weight.data_ptr() for m in layers)))
+        return real_loss(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_trainer, "sample_answers", recording)
+    monkeypatch.setattr(grpo_trainer.GRPOTrainer, "compute_loss", recording_loss)
+    assert cli_main(["grpo", *as_flags(_overrides(tiny_model_dir, prompt_file, tmp_path / "grpo"))]) == 0
+    assert merged_while_sampling == [True, True]
+    assert len(base_pointers) == 2 and base_pointers[0] == base_pointers[1] and base_pointers[0][0]  # unmerged
