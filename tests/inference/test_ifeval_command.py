@@ -168,3 +168,17 @@ def test_the_adapter_answers_with_its_update_merged_into_the_base(run_dir: Path,
                  "--batch-size", "3"]) == 0
     # the base answers first, with the adapter off (nothing merged); then the adapter, merged
     assert seen == [False, True]
+
+
+def test_the_runs_report_written_from_another_out_folder_stays_the_runs_own(run_dir: Path, input_data: Path,
+                                                                            tmp_path: Path) -> None:
+    """With --out outside the run, the IFEval section still goes into the run's eval/report.md,
+    and the run's manifest lists it: `sft eval` of the run may then replace it."""
+    from sft.outputs import Manifest
+
+    out = tmp_path / "elsewhere"
+    assert main(["--adapter", str(run_dir), "--input-data", str(input_data), "--max-new-tokens", "3", "--skip-base",
+                 "--out", str(out)]) == 0
+    assert "## Instruction following (IFEval)" in (run_dir / "eval" / "report.md").read_text()
+    assert Manifest.load(run_dir).owns("eval/report.md")
+    assert Manifest.load(out).owns("report.md")

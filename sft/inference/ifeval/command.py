@@ -119,6 +119,11 @@ def run(args: argparse.Namespace) -> None:
         _score(args, out)
         Manifest.load(root).record(*(relative(path) for path in state
                                      if path.exists() and path.resolve().is_relative_to(root.resolve())))
+        run_report = Path(run_dir, "eval", "report.md") if run_dir else None
+        if run_report is not None and root != run_dir and run_report.exists():
+            # the run's own report, written outside --out: listed in the run's manifest, so that
+            # `sft eval` of the run replaces it as sft's own
+            Manifest.load(run_dir).record("eval/report.md")
 
 
 def _score(args: argparse.Namespace, out: Path) -> None:
