@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,22 +66,6 @@ class LoadedRun:
         if enabled or not self.has_adapter:
             return contextlib.nullcontext()
         return self.model.disable_adapter()
-
-    @contextlib.contextmanager
-    def merged(self) -> Iterator[None]:
-        """A context in which the adapter's update is added into the base weights (PEFT's
-        ``merge_adapter``), for long generation: each adapted layer is then one matmul, not a base
-        matmul plus two adapter ones (about 1.5x the tokens/s of the bundled model on a CPU). On
-        leaving, the update is subtracted again: the base weights come back to within float
-        rounding, not bit for bit. A 4-bit base, which merging would dequantize, stays unmerged."""
-        if not self.has_adapter or getattr(self.model, "is_loaded_in_4bit", False):
-            yield
-            return
-        self.model.merge_adapter()
-        try:
-            yield
-        finally:
-            self.model.unmerge_adapter()
 
     @property
     def max_positions(self) -> int | None:

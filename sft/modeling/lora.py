@@ -112,8 +112,8 @@ def check_adapter_config(path: Path, adapter_config: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def merged_weights(model: torch.nn.Module) -> Iterator[bool]:
     """A context in which each LoRA layer's base weight is replaced by base + the active adapter's
-    update, so a layer is one matmul where it was three (long sampling through a model that is
-    still being trained: `sft grpo`). The base tensors are set aside, not changed, and put back as
+    update, so a layer is one matmul where it was three: long generation (`sft ifeval`, `sft
+    sample`, and sampling through a model still being trained: `sft grpo`). The base tensors are set aside, not changed, and put back as
     they were on leaving: bit for bit, in any precision, which PEFT's merge and unmerge (adding
     the update in and taking it out again) are not. The cost is a merged copy of the adapted
     weights while inside. Yields whether it merged: a model with other adapters than plain LoRA on

@@ -33,6 +33,7 @@ from sft.inference.answer_log import AnswerLog, read_saved_answers
 from sft.inference.ifeval.command import adapter_fingerprint
 from sft.inference.loading import LoadedRun, check_prompt_fits, load_run, run_config
 from sft.modeling.generate import Answer, Sampling, generate_sampled
+from sft.modeling.lora import merged_weights
 from sft.rewards.verify import ConstraintPrompt, read_constraint_prompts
 
 SAMPLES_FILE = "samples.jsonl"
@@ -79,7 +80,7 @@ def sample_answers(run: LoadedRun, prompts: list[ConstraintPrompt], k: int, samp
         return done
     ids = {prompt.id: prompt_ids(run, prompt) for prompt, _ in todo}
     check_prompt_fits(run, max(map(len, ids.values())), max_new_tokens)
-    with run.merged(), log.appending(len(prompts) * k, len(prompts) * k - len(todo), "sampling") as save:
+    with merged_weights(run.model), log.appending(len(prompts) * k, len(prompts) * k - len(todo), "sampling") as save:
         def on_answer(chunk: list[tuple[ConstraintPrompt, int]], index: int, answer: Answer) -> None:
             prompt, j = chunk[index]
             record = {"id": prompt.id, "sample": j, "seed": sample_seed(seed, prompt.id, j), "response": answer.text,

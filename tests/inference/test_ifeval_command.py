@@ -130,7 +130,7 @@ def test_answers_longer_than_the_model_reads_are_refused(tiny_model_dir: Path, i
 
 def test_the_adapter_answers_with_its_update_merged_into_the_base(run_dir: Path, input_data: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Long generation runs base + adapter as one matmul a layer (LoadedRun.merged); the answers
+    """Long generation runs base + adapter as one matmul a layer (merged_weights); the answers
     are those of the unmerged adapter, and the base is put back afterwards."""
     import torch
     from peft.tuners.lora import LoraLayer
@@ -139,6 +139,7 @@ def test_the_adapter_answers_with_its_update_merged_into_the_base(run_dir: Path,
     from sft.inference.ifeval import command
     from sft.inference.loading import load_run, run_config
     from sft.modeling.generate import generate_greedy
+    from sft.modeling.lora import merged_weights
 
     run = load_run(run_dir, run_config(run_dir), device="cpu")
     layers = [m for m in run.model.modules() if isinstance(m, LoraLayer)]
@@ -147,14 +148,14 @@ def test_the_adapter_answers_with_its_update_merged_into_the_base(run_dir: Path,
     with torch.no_grad():
         unmerged = generate_greedy(run.model, run.tokenizer, ids, 8, end_of_turn_ids(run.tokenizer), 3)
         unmerged_logits = run.model(input_ids=torch.tensor([ids[0]])).logits
-        with run.merged():
+        with merged_weights(run.model):
             assert all(m.merged for m in layers)
             merged = generate_greedy(run.model, run.tokenizer, ids, 8, end_of_turn_ids(run.tokenizer), 3)
             merged_logits = run.model(input_ids=torch.tensor([ids[0]])).logits
     assert [a.text for a in merged] == [a.text for a in unmerged]
     assert torch.allclose(merged_logits, unmerged_logits, atol=1e-4)
     assert not any(m.merged for m in layers)
-    assert all(torch.allclose(m.base_layer.weight, before[id(m)], atol=1e-6) for m in layers)
+    assert all(torch.equal(m.base_layer.weight, before[id(m)]) for m in layers)
 
     seen = []
     real = command.generate_greedy

@@ -43,6 +43,7 @@ from sft.inference.loading import (
     run_config,
 )
 from sft.modeling.generate import Answer, generate_greedy
+from sft.modeling.lora import merged_weights
 from sft.outputs import Manifest, check_outputs, writer_lock, writing_into
 
 REFERENCE_MAX_NEW_TOKENS = 1280
@@ -105,7 +106,8 @@ def run(args: argparse.Namespace) -> None:
     # What ifeval reads back (the answers so far, the run's report it adds to) it checks itself.
     # (scoring a --responses file generates nothing: no answers of its own to read back)
     state = [] if args.responses else [folder / name for folder in variants for name in (ANSWERS_FILE, GENERATION_FILE)]
-    state += [run_dir / "eval" / "report.md"] if run_dir else []
+    run_report = run_dir / "eval" / "report.md" if run_dir else None
+    state += [run_report] if run_report else []
     inputs = [args.responses, args.input_data]
     check_outputs(state, inputs, force=True)
 
@@ -119,7 +121,6 @@ def run(args: argparse.Namespace) -> None:
         _score(args, out)
         Manifest.load(root).record(*(relative(path) for path in state
                                      if path.exists() and path.resolve().is_relative_to(root.resolve())))
-        run_report = Path(run_dir, "eval", "report.md") if run_dir else None
         if run_report is not None and root != run_dir and run_report.exists():
             # the run's own report, written outside --out: listed in the run's manifest, so that
             # `sft eval` of the run replaces it as sft's own
@@ -153,7 +154,9 @@ def _score(args: argparse.Namespace, out: Path) -> None:
         variants["adapter"] = (f"{run.model_name} + {adapter.name}", str(adapter))
     named_scores, generation = {}, {}
     for variant, (label, adapter) in variants.items():
-        with run.adapter(enabled=adapter is not None), (run.merged() if adapter else contextlib.nullcontext()):
+        # answered with the adapter merged into a copy of the weights (one matmul a layer); with the
+        # adapter off, merged_weights leaves the model as it is
+        with run.adapter(enabled=adapter is not None), merged_weights(run.model):
             settings = {"model": run.model_name, "adapter": adapter, "system_prompt": system_prompt,
                         "max_new_tokens": args.max_new_tokens}
             if adapter is not None:  # a run resumed or retrained in place keeps its path, not its answers
