@@ -12,6 +12,9 @@ Greedy (the default):
 - ``sft``: ``sft.modeling.generate.generate_greedy`` as evaluation, chat and ``sft ifeval`` run
   it: left-padded batches in order of length, finished rows leave the batch, logits of the last
   position only, and a KV cache that writes into spare room (GrowingCache);
+- ``sft-row-major``: the same loop with the weights left in the row-major layout they are loaded
+  in, where ``sft`` lays them out for decoding on a CPU (``sft.modeling.generate.decode_layout``):
+  what that layout buys;
 - ``sft-dynamic``: the same loop with transformers' DynamicCache, which concatenates every
   layer's keys and values at every step: what the growing cache buys;
 - ``hf-generate``: ``model.generate(do_sample=False)`` on the same left-padded batches, as a user
@@ -24,6 +27,7 @@ Sampled (``--sampling``; temperature 0.8 and top-p 0.95 unless told, as `sft sam
 
 - ``sft``: ``sft.modeling.generate.generate_sampled``, the sampler of `sft sample` and `sft grpo`,
   in float32, answer i drawn from its own generator seeded by ``--seed`` + i;
+- ``sft-row-major``: as in the greedy runs; its answers are held to ``sft``'s;
 - ``sft-bf16``: the same with the model's weights cast to bfloat16. Its answers are compared with
   the float32 ones at the same seeds: float32 is the reference, and a cheaper dtype is only worth
   having where it leaves the answers (nearly) as they are. On a CPU without bfloat16 dot products
@@ -57,11 +61,12 @@ hf-generate's at the same batch size, and writes it with the settings to ``--out
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +74,27 @@ import torch
 import transformers
 from transformers import DynamicCache, PreTrainedTokenizerBase, StaticCache
 
+import sft.modeling.generate as generate_module
 from sft.data.templates import end_of_turn_ids
 from sft.inference.ifeval.command import encode_question
 from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, read_prompts
 from sft.inference.loading import load_run, run_config
 from sft.modeling.generate import Answer, Sampling, generate_greedy, generate_sampled
 
-CONTENDERS = ("sft", "sft-dynamic", "hf-generate")
-SAMPLED_CONTENDERS = ("sft", "sft-bf16", "sft-compiled", "hf-generate")
-DEFAULT_SAMPLED_CONTENDERS = ("sft", "sft-bf16", "hf-generate")
+CONTENDERS = ("sft", "sft-row-major", "sft-dynamic", "hf-generate")
+SAMPLED_CONTENDERS = ("sft", "sft-row-major", "sft-bf16", "sft-compiled", "hf-generate")
+DEFAULT_SAMPLED_CONTENDERS = ("sft", "sft-row-major", "sft-bf16", "hf-generate")
+
+
+@contextlib.contextmanager
+def row_major_weights() -> Iterator[None]:
+    """Our loop with the weights in the layout they are loaded in: decode_layout made a no-op."""
+    original = generate_module.decode_layout
+    generate_module.decode_layout = lambda model: contextlib.nullcontext(0)
+    try:
+        yield
+    finally:
+        generate_module.decode_layout = original
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_fp16")
 """The CPU features that decide how a bfloat16 matmul runs: without avx512_bf16 or amx_bf16 it
 converts to float32 first."""
@@ -306,6 +323,11 @@ def main() -> None:
         "hf-generate": lambda size: hf_generate(model, tokenizer, prompts, args.max_new_tokens, stop_ids, size,
                                                 sampling, args.full_length),
     }
+    def row_major(size: int) -> list[Answer]:
+        with row_major_weights():
+            return runners["sft"](size)
+
+    runners["sft-row-major"] = row_major
     if sampling is None:
         runners["sft"] = lambda size: generate_greedy(model, tokenizer, prompts, args.max_new_tokens, loop_stop_ids,
                                                       size)

@@ -26,6 +26,7 @@ resumed. It is the one sampler of the package: `sft sample` and `sft grpo` both 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,53 @@ class GrowingCache(Cache):
 
     def __init__(self) -> None:
         super().__init__(layer_class_to_replicate=GrowingLayer)
+
+
+@contextmanager
+def decode_layout(model: torch.nn.Module) -> Iterator[int]:
+    """A context in which, on a CPU, every linear layer's weight is stored column by column (the
+    transposed matrix laid out contiguously, seen as the same [out, in] matrix): the same values,
+    read in the order a matmul of a few rows wants. A decoding step multiplies each weight by one
+    row per answer; with the weight in its usual row-major layout the CPU's matmul for a few rows
+    runs several times below its speed on the transposed layout (SmolLM2-135M's linear layers at
+    16 rows: 127 ms a step against 63 ms on the 2 cores measured; at 64 rows and beyond, and for
+    the thousands of rows of a training step, the two are equal). Each weight is re-laid in place,
+    one at a time, so the cost is one matrix of memory at a time and two copies of the weights per
+    call, not a second copy of the model. On leaving, each weight is laid out row by row again: the
+    same values bit for bit (a copy), the same Parameter objects. Elsewhere (CUDA, MPS) nothing
+    changes. Yields the number of weights re-laid.
+
+    The copies are made with inference mode off, even where the caller has it on: a weight copied
+    in inference mode would be an inference tensor, which a later training step could not use."""
+    changed: list[tuple[torch.nn.Parameter, int]] = []
+    seen: set[int] = set()
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for module in model.modules():
+                weight = getattr(module, "weight", None)
+                if (not isinstance(module, torch.nn.Linear) or not isinstance(weight, torch.nn.Parameter)
+                        or id(weight) in seen or type(weight.data) is not torch.Tensor or weight.dim() != 2
+                        or not weight.is_floating_point() or not weight.is_contiguous() or min(weight.shape) < 2):
+                    continue  # a merged copy (sft.modeling.lora.merged_weights) comes laid out already
+                seen.add(id(weight))
+                laid = laid_for_decoding(weight.data)
+                if laid is not weight.data:
+                    weight.data = laid
+                    changed.append((weight, weight.data_ptr()))
+        yield len(changed)
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for weight, pointer in changed:
+                if weight.data_ptr() == pointer:  # still ours: nothing replaced it meanwhile
+                    weight.data = weight.data.contiguous()
+
+
+def laid_for_decoding(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in] CPU weight as :func:`decode_layout` lays it out (the same matrix, stored
+    transposed); the weight itself elsewhere, or if laid out so already."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or weight.stride() == (1, weight.shape[0]):
+        return weight
+    return weight.t().contiguous().t()
 
 
 @dataclass(frozen=True)
@@ -216,7 +264,7 @@ def _generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     by_length = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     answers: list[Answer | None] = [None] * len(prompts)
 
-    with torch.inference_mode():
+    with decode_layout(model), torch.inference_mode():
         for start in range(0, len(by_length), batch_size):
             batch = by_length[start:start + batch_size]
             for row, tokens in _decode_batch(model, [prompts[i] for i in batch], max_new_tokens, set(stop_ids),

@@ -22,6 +22,7 @@ from peft.tuners.lora import LoraLayer
 
 from sft.config.sections import MAX_LORA_SCALE
 from sft.errors import ModelNotFoundError
+from sft.modeling.generate import laid_for_decoding
 from sft.modeling.kernels.dropout import DropoutFunction
 
 
@@ -118,7 +119,8 @@ def merged_weights(model: torch.nn.Module) -> Iterator[bool]:
     the update in and taking it out again) are not. The cost is a merged copy of the adapted
     weights while inside. Yields whether it merged: a model with other adapters than plain LoRA on
     a plain ``nn.Linear`` (4-bit, DoRA, sharded weights), disabled or already merged ones, runs as
-    it is."""
+    it is. On a CPU the merged copy is stored transposed, as :func:`sft.modeling.generate.decode_layout`
+    lays out the weights for answering."""
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     mergeable = bool(layers) and all(
         isinstance(m.base_layer, torch.nn.Linear) and type(m.base_layer.weight.data) is torch.Tensor
@@ -136,7 +138,9 @@ def merged_weights(model: torch.nn.Module) -> Iterator[bool]:
                 for adapter in layer.active_adapters:
                     merged = merged + layer.get_delta_weight(adapter).float()
                 saved.append((layer, weight.data))
-                weight.data = merged.to(weight.dtype)
+                # on a CPU in the layout decoding wants (sft.modeling.generate.decode_layout),
+                # made so here rather than re-laid there: the copy is dropped on leaving anyway
+                weight.data = laid_for_decoding(merged.to(weight.dtype))
                 layer.merged_adapters = list(layer.active_adapters)
         yield True
     finally:

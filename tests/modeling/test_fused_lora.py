@@ -579,6 +579,8 @@ def test_merged_weights_give_the_adapters_output_and_put_the_base_back_bit_for_b
         with merged_weights(model) as merged:
             assert merged and all(m.merged for m in layers)
             assert all(m.base_layer.weight.data_ptr() != ptr for m, (ptr, _) in zip(layers, before))
+            # on the CPU each copy comes laid out for decoding (sft.modeling.generate.decode_layout)
+            assert all(m.base_layer.weight.stride() == (1, m.base_layer.weight.shape[0]) for m in layers)
             merged_logits = model(input_ids=INPUT).logits.float()
         base_again = [m.base_layer.weight for m in layers]
         after = model(input_ids=INPUT).logits.float()

@@ -117,3 +117,60 @@ def test_ended_rows_leave_the_batch_a_quarter_at_a_time(model_and_tokenizer, mon
     compactions = len(selections) // layers
     assert 0 < compactions < len(set(ends))  # fewer cache copies than steps at which rows ended
     assert all(rows < 10 for rows in selections)
+
+
+def linear_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {name: module.weight for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_layout_lays_weights_column_major_and_puts_them_back_bit_for_bit(tied: bool) -> None:
+    """Inside, each linear weight (a tied head once) is the same Parameter seen as the same matrix,
+    stored transposed; the logits agree with the row-major ones to float rounding; on leaving each
+    weight is row-major again with the very same bits, and none is an inference tensor although the
+    caller had inference mode on."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sft.modeling.generate import decode_layout
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = LlamaForCausalLM(config).eval()
+    weights = linear_weights(model)
+    before = {name: weight.detach().clone() for name, weight in weights.items()}
+    ids = torch.randint(0, 96, (3, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with torch.inference_mode(), decode_layout(model) as relaid:
+        assert relaid == len(weights)  # 7 a layer and the head, tied or not: each Parameter once
+        for name, weight in linear_weights(model).items():
+            assert weight is weights[name] and weight.stride() == (1, weight.shape[0]), name
+            assert torch.equal(weight, before[name]), name
+        if tied:
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+        inside = model(input_ids=ids).logits
+    torch.testing.assert_close(inside, expected, rtol=1e-5, atol=1e-5)
+    for name, weight in linear_weights(model).items():
+        assert weight is weights[name] and weight.is_contiguous() and not weight.is_inference(), name
+        assert torch.equal(weight, before[name]), name
+
+
+def test_generation_leaves_a_lora_model_trainable_with_row_major_weights(tiny_model_dir: Path) -> None:
+    """Answering re-lays the weights for its steps only: afterwards the base weights are contiguous
+    again and equal to what they were, and a training step through the adapter runs."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.eval()
+    generate_greedy(model, tokenizer, [tokenizer(p).input_ids for p in PROMPTS], 6, [tokenizer.eos_token_id],
+                    batch_size=3)
+    for name, p in model.named_parameters():
+        assert p.is_contiguous() and torch.equal(p, before[name]), name
+    model.train()
+    ids = torch.tensor([tokenizer(PROMPTS[2]).input_ids])
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)

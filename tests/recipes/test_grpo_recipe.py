@@ -233,8 +233,11 @@ def test_answers_are_sampled_through_merged_weights_and_training_runs_on_the_bas
                               tuple(m.base_layer.weight.data_ptr() for m in layers)))
         return real_loss(self, model, *args, **kwargs)
 
+    allocator = []
     monkeypatch.setattr(grpo_trainer, "sample_answers", recording)
     monkeypatch.setattr(grpo_trainer.GRPOTrainer, "compute_loss", recording_loss)
+    monkeypatch.setattr(grpo_trainer, "map_large_cpu_tensors", lambda: allocator.append("mapped"))
     assert cli_main(["grpo", *as_flags(_overrides(tiny_model_dir, prompt_file, tmp_path / "grpo"))]) == 0
+    assert allocator == ["mapped"]  # on a CPU: sampling's and training's tensors do not add up
     assert merged_while_sampling == [True, True]
     assert len(base_pointers) == 2 and base_pointers[0] == base_pointers[1] and base_pointers[0][0]  # unmerged
