@@ -19,6 +19,7 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,6 +199,17 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 _ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or None off glibc (macOS, musl) and where the user tuned the allocator
+    through its environment variables, which are left to rule."""
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in _ALLOCATOR_SETTINGS):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_cpu_memory() -> bool:
     """Have glibc's allocator keep the memory a training step frees for the next step's tensors.
 
@@ -208,42 +220,32 @@ def keep_freed_cpu_memory() -> bool:
     kept, a step reuses the previous step's pages: faster (same section), and the peak resident set
     is no larger (the allocator keeps what the step needs at its peak anyway, and fragments less).
 
-    Returns whether the setting took: not off glibc (macOS, musl), and not where the user tuned
-    the allocator through its environment variables, which are left to rule."""
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _ALLOCATOR_SETTINGS):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
+    Returns whether the setting took (see _mallopt)."""
+    mallopt = _mallopt()
     # older glibc releases refuse mmap thresholds above 32 MB: take that where 512 MB is refused
-    if not (mallopt(_M_MMAP_THRESHOLD, 512 << 20) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)):
+    if mallopt is None or not (mallopt(_M_MMAP_THRESHOLD, 512 << 20) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)):
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-
-
-_MADV_PAGEOUT = 21  # Linux 5.4+ (asm-generic/mman-common.h)
 
 
 def map_large_cpu_tensors() -> bool:
     """Have glibc's allocator map every allocation of 1 MB or more on its own and hand it back to
     the system when freed, for runs that alternate phases of different shapes: GRPO samples (a
     merged copy of the weights, KV caches of a few rows) and then trains (activations of
-    thousands of packed tokens). Memory kept from one phase for reuse (keep_freed_cpu_memory) fits
-    the other's tensors badly, so the phases' tensors add up instead of replacing each other: with
-    the setting, `sft grpo`'s peak resident set in benchmarks/grpo_throughput.py fell from 3.74 to
-    3.13 GB at the same speed (docs/performance.md, GRPO against TRL).
+    thousands of packed tokens). Memory kept for reuse (keep_freed_cpu_memory) fits the next
+    phase's tensors badly, so they add up instead of replacing each other: with this setting,
+    `sft grpo`'s peak resident set in benchmarks/grpo_throughput.py fell from 3.64-3.75 to
+    3.13-3.15 GB, for the page faults of mapping each step's activations afresh (about 4 s more
+    system CPU time a step there; docs/performance.md, GRPO against TRL).
 
-    Returns whether the setting took: not off glibc, and not where the user tuned the allocator
-    through its environment variables, which are left to rule."""
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _ALLOCATOR_SETTINGS):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
+    Returns whether the setting took (see _mallopt)."""
+    mallopt = _mallopt()
     # a fixed mmap threshold also stops glibc raising it as mapped blocks are freed
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 128 << 10))
+    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, 1 << 20)) \
+        and bool(mallopt(_M_TRIM_THRESHOLD, 128 << 10))
+
+
+_MADV_PAGEOUT = 21  # Linux 5.4+ (asm-generic/mman-common.h)
 
 
 def release_mapped_pages(tensors: list[torch.Tensor]) -> int:
