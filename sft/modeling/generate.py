@@ -114,8 +114,9 @@ def decode_layout(model: torch.nn.Module) -> Iterator[int]:
                         or not weight.is_floating_point() or not weight.is_contiguous() or min(weight.shape) < 2):
                     continue  # a merged copy (sft.modeling.lora.merged_weights) comes laid out already
                 seen.add(id(weight))
-                laid = laid_for_decoding(weight.data)
-                if laid is not weight.data:
+                data = weight.data  # a new tensor object at every access: compare with this one
+                laid = laid_for_decoding(data)
+                if laid is not data:
                     weight.data = laid
                     changed.append((weight, weight.data_ptr()))
         yield len(changed)

@@ -34,7 +34,6 @@ from transformers import PreTrainedTokenizerBase
 from sft.config.grpo import GRPOSettings
 from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
 from sft.files import atomic_write_text
-from sft.modeling.devices import map_large_cpu_tensors
 from sft.modeling.lora import merged_weights
 from sft.training.grpo import dapo_loss, group_advantages, per_token, token_terms
 from sft.training.grpo_rewards import Rewards
@@ -60,8 +59,6 @@ class GRPOTrainer(SupervisedTrainer):
     def __init__(self, *args: Any, grpo: GRPOSettings, rewards: Rewards, stop_ids: list[int], packing: bool = True,
                  **kwargs: Any) -> None:
         super().__init__(*args, data_collator=keep_prompts, **kwargs)
-        if self.args.device.type == "cpu":
-            map_large_cpu_tensors()  # sampling's and training's tensors replace each other, not add up
         self.grpo, self.rewards, self.stop_ids = grpo, rewards, stop_ids
         tokenizer: PreTrainedTokenizerBase = self.processing_class
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]

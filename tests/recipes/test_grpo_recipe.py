@@ -236,7 +236,10 @@ def test_answers_are_sampled_through_merged_weights_and_training_runs_on_the_bas
     allocator = []
     monkeypatch.setattr(grpo_trainer, "sample_answers", recording)
     monkeypatch.setattr(grpo_trainer.GRPOTrainer, "compute_loss", recording_loss)
-    monkeypatch.setattr(grpo_trainer, "map_large_cpu_tensors", lambda: allocator.append("mapped"))
+    from sft.training import stages
+
+    monkeypatch.setattr(stages, "map_large_cpu_tensors", lambda: allocator.append("mapped") or True)
+    monkeypatch.setattr(stages, "keep_freed_cpu_memory", lambda: allocator.append("kept") or True)
     assert cli_main(["grpo", *as_flags(_overrides(tiny_model_dir, prompt_file, tmp_path / "grpo"))]) == 0
     assert allocator == ["mapped"]  # on a CPU: sampling's and training's tensors do not add up
     assert merged_while_sampling == [True, True]
