@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import sft.modeling.attention  # registers varlen_sdpa
+from sft.modeling.attention import packed_segments
 from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
 from sft.data.tokenize import encode_records
 from sft.training.loss import linear_cross_entropy_sum, supervised_forward
@@ -322,7 +323,7 @@ def test_block_diagonal_attention_equals_per_example_attention() -> None:
 
     query, key, value, boundaries = _packed_qkv([5, 1, 9, 3])
     assert torch.allclose(_block_diagonal(query, key, value, boundaries, 0.0, None),
-                          _per_example(query, key, value, boundaries, 0.0, None), atol=1e-6)
+                          _per_example(query, key, value, packed_segments(boundaries), 0.0, None), atol=1e-6)
 
 
 def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options):  # noqa: ANN001, ANN202
@@ -360,7 +361,7 @@ def test_torch_varlen_kernel_is_called_right_for_each_torch_release(monkeypatch,
         kwargs = {"cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32), "max_length_q": 7}
         scale = 0.3 if "scale" in release else None
         actual = attention._flash_varlen(query, key, value, kwargs, boundaries, scale)
-        expected = attention._per_example(query, key, value, boundaries, 0.0, scale)
+        expected = attention._per_example(query, key, value, packed_segments(boundaries), 0.0, scale)
         assert torch.allclose(actual, expected, atol=1e-6)
     finally:
         attention.torch_varlen_attention.cache_clear()
@@ -409,7 +410,7 @@ def test_every_packed_attention_path_honours_a_sliding_window(monkeypatch, windo
         query, key, value, boundaries = _packed_qkv([5, 1, 9, 3])
         expected = _windowed_reference(query, key, value, boundaries, window)
         kwargs = {"cu_seq_lens_q": torch.tensor(boundaries, dtype=torch.int32), "max_length_q": 9}
-        for actual in (attention._per_example(query, key, value, boundaries, 0.0, None, window),
+        for actual in (attention._per_example(query, key, value, packed_segments(boundaries), 0.0, None, window),
                        attention._block_diagonal(query, key, value, boundaries, 0.0, None, window),
                        attention._flash_varlen(query, key, value, kwargs, boundaries, None, window)):
             torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
@@ -426,3 +427,55 @@ def test_soft_capped_attention_runs_the_exact_eager_path_on_packed_rows() -> Non
                                           softcap=0.5, sliding_window=window)
         torch.testing.assert_close(output, _windowed_reference(query, key, value, boundaries, window, softcap=0.5),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompts_pack_each_prompt_once_with_the_same_targets() -> None:
+    """pack_shared_prompts: a group's prompt once (less its last token), then per answer that
+    token and the answer, positions continuing the prompt's; the scored targets are exactly the
+    answers' tokens in order, as with a copy of the prompt per answer."""
+    from sft.data.collate import PACKED_PARENTS, pack_shared_prompts
+
+    sequences = [{"prompt_ids": [5, 6, 7], "answer_ids": [20, 21]}, {"prompt_ids": [5, 6, 7], "answer_ids": [22]},
+                 {"prompt_ids": [9], "answer_ids": [23, 24, 25]}, {"prompt_ids": [9], "answer_ids": []},
+                 {"prompt_ids": [5, 6, 7], "answer_ids": [26]}]
+    batch = pack_shared_prompts(sequences)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 20, 21, 7, 22, 9, 23, 24, 25, 9, 5, 6, 7, 26]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3, 0, 1, 2, 3, 0, 0, 1, 2, 3]]
+    assert batch["packed_boundaries"] == [0, 2, 5, 7, 11, 12, 14, 16]
+    # a one-token prompt has no segment of its own; a new run of a prompt starts a new group
+    assert batch[PACKED_PARENTS] == [-1, 0, 0, -1, -1, -1, 5]
+    copied = PackingCollator()([{"input_ids": s["prompt_ids"] + s["answer_ids"],
+                                 "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"]}
+                                for s in sequences])
+    targets = [batch["shift_labels"].flatten()[batch["supervised_positions"]].tolist(),
+               copied["shift_labels"].flatten()[copied["supervised_positions"]].tolist()]
+    assert targets[0] == targets[1] == [20, 21, 22, 23, 24, 25, 26]
+    assert "cu_seq_lens_q" not in batch  # a varlen kernel would take the answers for separate examples
+
+
+def test_shared_prefix_attention_is_the_same_on_the_masked_and_per_segment_paths() -> None:
+    """The masked path (MPS, CUDA) and the CPU's per-segment kernel agree with shared prefixes,
+    and both with a reference that gives each answer its own copy of the prompt; GQA included."""
+    from sft.modeling.attention import _block_diagonal, _per_example
+
+    query, key, value, boundaries = _packed_qkv([4, 3, 1, 5, 2, 6])
+    parents = [-1, 0, 0, -1, 3, -1]
+    masked = _block_diagonal(query, key, value, boundaries, 0.0, None, parents=parents)
+    per_segment = _per_example(query, key, value, packed_segments(boundaries, parents), 0.0, None)
+    torch.testing.assert_close(masked, per_segment, atol=1e-6, rtol=1e-5)
+    expected = []
+    for start, end, parent in zip(boundaries, boundaries[1:], parents):
+        span = [] if parent < 0 else list(range(boundaries[parent], boundaries[parent + 1]))
+        keys = span + list(range(start, end))
+        out = F.scaled_dot_product_attention(query[:, :, keys], key[:, :, keys], value[:, :, keys], is_causal=True,
+                                             enable_gqa=True)
+        expected.append(out[:, :, len(span):].transpose(1, 2))
+    torch.testing.assert_close(per_segment, torch.cat(expected, dim=1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("parents", "message"), [([-1, 0], "2 entries for 3 segments"),
+                                                  ([-1, 0, 1], "segment 2 continues segment 1"),
+                                                  ([1, -1, -1], "segment 0 continues segment 1")])
+def test_packed_parents_must_point_back_to_a_segment_without_a_parent(parents: list[int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        packed_segments([0, 3, 5, 9], parents)

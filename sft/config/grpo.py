@@ -37,6 +37,11 @@ class GRPOSettings:
     """Score answers with the built-in instruction verifier: the share of a record's
     ``instruction_id_list`` (IFEval's checkers, strict) the answer follows. Every record must then
     carry ``instruction_id_list`` and ``kwargs``. Rewards of --reward functions are added to it."""
+    share_prompts: bool | None = None
+    """Train each prompt once per group: its G answers packed after one copy of it, each attending
+    to it and not to its siblings (the same log-probabilities as G copies, for fewer tokens).
+    Needs packing and attn_implementation varlen_sdpa; None (auto) shares on the CPU, where it is
+    measured (docs/performance.md), and not on other devices, where it takes the masked path."""
     sft_adapter: str | None = None
     """Directory of an SFT run (or its checkpoint-N) to start from: its adapter is merged into the
     base in memory, that model is the reference, and a new adapter is trained on top (as DPO does)."""

@@ -84,3 +84,56 @@ class PackingCollator:
             "max_length_k": max(lengths),
             "packed_boundaries": boundaries,
         }
+
+
+PACKED_PARENTS = "packed_parents"
+"""Batch key of a row with shared prefixes: per segment, the index of the segment it continues, or -1."""
+
+
+def pack_shared_prompts(sequences: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """Prompt + answer sequences (``prompt_ids``, ``answer_ids``) packed into one row with each
+    prompt once: consecutive sequences with the same prompt (GRPO's group) become one segment,
+    the prompt less its last token, followed by one segment per answer, that last token and the
+    answer. An answer's segment attends to the prompt's (``packed_parents``: read by
+    sft.modeling.attention's ``varlen_sdpa`` alone) and its positions continue the prompt's, so
+    every answer token sees what it would see packed with its own copy of the prompt, and the
+    scored positions (``shift_labels``) are the same, in the same order: each answer's tokens,
+    the first predicted from the prompt's last token. No ``cu_seq_lens``: a kernel reading them
+    would take the answers for separate examples."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    labels: list[int] = []
+    shift_labels: list[int] = []
+    boundaries, parents = [0], []
+    previous: list[int] | None = None
+    parent = -1
+    for sequence in sequences:
+        prompt, answer = sequence["prompt_ids"], sequence["answer_ids"]
+        if not prompt:
+            raise ValueError("pack_shared_prompts: a sequence has an empty prompt")
+        if prompt != previous:
+            previous, parent = prompt, -1
+            if len(prompt) > 1:  # the prompt's own segment; its last token starts each answer's
+                input_ids += prompt[:-1]
+                positions += range(len(prompt) - 1)
+                labels += [IGNORE_INDEX] * (len(prompt) - 1)
+                shift_labels += [IGNORE_INDEX] * (len(prompt) - 1)
+                boundaries.append(len(input_ids))
+                parents.append(-1)
+                parent = len(parents) - 1
+        input_ids += [prompt[-1], *answer]
+        positions += range(len(prompt) - 1, len(prompt) + len(answer))
+        labels += [IGNORE_INDEX, *answer]
+        shift_labels += [*answer, IGNORE_INDEX]
+        boundaries.append(len(input_ids))
+        parents.append(parent)
+    shifted = torch.tensor([shift_labels])
+    return {
+        "input_ids": torch.tensor([input_ids]),
+        "position_ids": torch.tensor([positions]),
+        "labels": torch.tensor([labels]),
+        "shift_labels": shifted,
+        SUPERVISED_POSITIONS: supervised_positions(shifted),
+        "packed_boundaries": boundaries,
+        PACKED_PARENTS: parents,
+    }

@@ -20,6 +20,13 @@ on CUDA when installed; ``sdpa``/``eager`` let transformers build the block-diag
 restarting position ids (only without a KV cache, so training runs with ``use_cache=False``).
 Unpacked inputs (padded evaluation, generation with a KV cache) go through plain SDPA, so a model
 loaded with ``varlen_sdpa`` works everywhere.
+
+A packed row may also share prefixes (``packed_parents``, one entry per segment: the index of
+the segment it continues, or -1): GRPO packs each prompt once, followed by its G answers, and an
+answer's tokens attend to its prompt and causally to themselves, never to a sibling answer
+(``Segment.prefix``). On the CPU each answer is one FlashAttention call over its prompt's keys and
+its own, with a mask that makes the call causal from the prompt's end; elsewhere it is the masked
+call (only ``varlen_sdpa`` reads the parents, so the trainer shares prefixes with it alone).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ import functools
 import importlib.util
 import inspect
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,21 +71,25 @@ def varlen_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             return eager_attention(query, key, value, mask, dropout, scaling, softcap), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    if window is not None and window >= max(example_lengths(boundaries)):
-        window = None  # no example is longer than the window: plain causal attention
+    segments = packed_segments(boundaries, kwargs.get("packed_parents"))
+    shared = any(segment.prefix is not None for segment in segments)
+    if window is not None and window >= longest_context(segments):
+        window = None  # no token sees as far back as the window: plain causal attention
     kind = query.device.type
     # The kernels below are called past autocast, which SDPA would have applied: under autocast q,
     # k and v arrive in mixed dtypes (v from the autocast projection, q and k rotated in float32)
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else query.dtype
     query, key, value = (tensor.to(dtype) for tensor in (query, key, value))
     if softcap is not None:
-        mask = block_diagonal_causal_mask(boundaries, query.device, window)
+        mask = block_diagonal_causal_mask(boundaries, query.device, window, kwargs.get("packed_parents"))
         return eager_attention(query, key, value, mask, dropout, scaling, softcap), None
-    if kind == "cuda" and query.dtype in HALF_DTYPES and dropout == 0.0 and torch_varlen_attention(window) is not None:
+    if (kind == "cuda" and not shared and query.dtype in HALF_DTYPES and dropout == 0.0
+            and torch_varlen_attention(window) is not None):
         return _flash_varlen(query, key, value, kwargs, boundaries, scaling, window), None
-    if kind == "cpu":
-        return _per_example(query, key, value, boundaries, dropout, scaling, window), None
-    return _block_diagonal(query, key, value, boundaries, dropout, scaling, window), None
+    if kind == "cpu" and (not shared or (dropout == 0.0 and window is None)):
+        return _per_example(query, key, value, segments, dropout, scaling, window), None
+    return _block_diagonal(query, key, value, boundaries, dropout, scaling, window,
+                           kwargs.get("packed_parents")), None
 
 
 def eager_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -116,12 +128,56 @@ def example_lengths(boundaries: list[int]) -> list[int]:
     return [end - start for start, end in itertools.pairwise(boundaries)]
 
 
-def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
+@dataclass(frozen=True)
+class Segment:
+    """A span of a packed row, [start, end): its tokens attend causally to each other and to all
+    of ``prefix`` (the span of the segment it continues, earlier in the row), if any."""
+    start: int
+    end: int
+    prefix: tuple[int, int] | None = None
+
+
+def packed_segments(boundaries: Sequence[int], parents: Sequence[int] | None = None) -> list[Segment]:
+    """The segments of a packed row from its boundaries and, where prefixes are shared, each
+    segment's parent (the index of the segment it continues, or -1). A parent comes before its
+    children and continues nothing itself (one level: a prompt and its answers)."""
+    spans = list(itertools.pairwise(boundaries))
+    if parents is None:
+        return [Segment(start, end) for start, end in spans]
+    if len(parents) != len(spans):
+        raise ValueError(f"packed_parents: {len(parents)} entries for {len(spans)} segments")
+    segments = []
+    for index, ((start, end), parent) in enumerate(zip(spans, parents)):
+        if parent < 0:
+            segments.append(Segment(start, end))
+            continue
+        if parent >= index or parents[parent] >= 0:
+            raise ValueError(f"packed_parents: segment {index} continues segment {parent}, which is not an "
+                             f"earlier segment without a parent")
+        segments.append(Segment(start, end, spans[parent]))
+    return segments
+
+
+def longest_context(segments: Sequence[Segment]) -> int:
+    """The most keys any token of the row attends to: its segment's length plus its prefix's."""
+    return max(segment.end - segment.start + (segment.prefix[1] - segment.prefix[0] if segment.prefix else 0)
+               for segment in segments)
+
+
+@functools.lru_cache(maxsize=256)
+def _after_prefix_mask(prefix: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[length, prefix + length] additive mask: every query sees the whole prefix and, causally,
+    its own segment (the CPU kernel's ``is_causal`` aligns the diagonal to the first key instead)."""
+    allowed = torch.ones(length, prefix + length, dtype=torch.bool, device=device).tril_(prefix)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
+def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: list[Segment],
                  dropout: float, scaling: float | None, window: int | None = None) -> torch.Tensor:
     gqa = query.shape[1] != key.shape[1]
-    lengths = example_lengths(boundaries)
     if dropout == 0.0 and window is None:
-        return _PerExampleAttention.apply(query, key, value, lengths, scaling)
+        return _PerExampleAttention.apply(query, key, value, segments, scaling)
+    lengths = [segment.end - segment.start for segment in segments]  # no shared prefixes here
     # split, not slicing: the backward of a split is one concatenation, while each slice's
     # backward writes a zero-filled gradient of the whole row (examples x tokens of work).
     outputs = [
@@ -147,22 +203,39 @@ class _PerExampleAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
-                lengths: list[int], scale: float | None) -> torch.Tensor:
-        output, log_sum_exps = _attend(query, key, value, lengths, scale)
+                segments: list[Segment], scale: float | None) -> torch.Tensor:
+        output, log_sum_exps = _attend(query, key, value, segments, scale)
         ctx.save_for_backward(query, key, value, output, *log_sum_exps)
-        ctx.lengths, ctx.scale = lengths, scale
+        ctx.segments, ctx.scale = segments, scale
         return output
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         query, key, value, output, *log_sum_exps = ctx.saved_tensors
-        grads = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-        for results, targets in zip(_attend_backward(grad, query, key, value, output, log_sum_exps, ctx.lengths,
-                                                     ctx.scale),
-                                    zip(*(t.split(ctx.lengths, dim=2) for t in grads))):
-            for target, result in zip(targets, results):
-                target.copy_(result)
-        return *grads, None, None
+        dq, dk, dv = torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+        for segment, grad_q, grad_k, grad_v in _attend_backward(grad, query, key, value, output, log_sum_exps,
+                                                                ctx.segments, ctx.scale):
+            own = slice(segment.start, segment.end)
+            dq[:, :, own].copy_(grad_q)
+            for target, result in ((dk, grad_k), (dv, grad_v)):
+                _write_keys(target, result, segment, lambda part, span: part)
+        return dq, dk, dv, None, None
+
+
+def _write_keys(target: torch.Tensor, result: torch.Tensor, segment: Segment,
+                transform: Callable[[torch.Tensor, slice], torch.Tensor]) -> None:
+    """Write a segment's key (or value) gradient, [1, heads, prefix + length, dim], into the row's
+    [1, heads, tokens, dim] ``target``: its own part copied, its prefix's part added (the prefix's
+    own segment, earlier in the row, has already been written). ``transform(part, span)`` maps a
+    part to what is written (the transposed rotary embedding of the span's positions)."""
+    own = slice(segment.start, segment.end)
+    if segment.prefix is None:
+        target[:, :, own].copy_(transform(result, own))
+        return
+    start, end = segment.prefix
+    span = slice(start, end)
+    target[:, :, own].copy_(transform(result[:, :, end - start:], own))
+    target[:, :, span].add_(transform(result[:, :, :end - start], span))
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor,
@@ -190,30 +263,37 @@ class PackedRotaryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
-                cos: torch.Tensor, sin: torch.Tensor, lengths: list[int], scale: float | None) -> torch.Tensor:
+                cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], scale: float | None) -> torch.Tensor:
         dim = cos.shape[-1]
         q, k, v = (_heads_first(t, dim) for t in (query, key, value))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q, k = rotary(q, cos, sin, torch.empty_like(q)), rotary(k, cos, sin, torch.empty_like(k))
-        output, log_sum_exps = _attend(q, k, v, lengths, scale)
+        output, log_sum_exps = _attend(q, k, v, segments, scale)
         ctx.save_for_backward(q, k, v, output, cos, sin, *log_sum_exps)
-        ctx.lengths, ctx.scale = lengths, scale
+        ctx.segments, ctx.scale = segments, scale
         return output.flatten(2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         q, k, v, output, cos, sin, *log_sum_exps = ctx.saved_tensors
-        lengths = ctx.lengths
         widths = [t.shape[1] * t.shape[3] for t in (q, k, v)]
         joined = grad.new_empty(1, grad.shape[1], sum(widths))
         grads = joined.split(widths, dim=-1)
-        targets = zip(*(t.split(lengths, dim=2) for t in (cos, sin, *(_heads_first(g, q.shape[-1]) for g in grads))))
+        dq, dk, dv = (_heads_first(g, q.shape[-1]) for g in grads)
         grad = grad.contiguous().view(output.shape)
-        for (grad_q, grad_k, grad_v), (cos_i, sin_i, dq, dk, dv) in zip(
-                _attend_backward(grad, q, k, v, output, log_sum_exps, lengths, ctx.scale), targets):
-            rotary(grad_q, cos_i, sin_i, dq, transpose=True)
-            rotary(grad_k, cos_i, sin_i, dk, transpose=True)
-            dv.copy_(grad_v)
+
+        def rotated_back(part: torch.Tensor, span: slice) -> torch.Tensor:
+            return rotary(part, cos[:, :, span], sin[:, :, span], torch.empty_like(part), transpose=True)
+
+        for segment, grad_q, grad_k, grad_v in _attend_backward(grad, q, k, v, output, log_sum_exps,
+                                                                ctx.segments, ctx.scale):
+            own = slice(segment.start, segment.end)
+            rotary(grad_q, cos[:, :, own], sin[:, :, own], dq[:, :, own], transpose=True)
+            if segment.prefix is None:  # straight into the joined gradient, no temporary
+                rotary(grad_k, cos[:, :, own], sin[:, :, own], dk[:, :, own], transpose=True)
+            else:
+                _write_keys(dk, grad_k, segment, rotated_back)
+            _write_keys(dv, grad_v, segment, lambda part, span: part)
         return *grads, None, None, None, None
 
 
@@ -222,49 +302,79 @@ def _heads_first(projection: torch.Tensor, dim: int) -> torch.Tensor:
     return projection.view(1, projection.shape[1], -1, dim).transpose(1, 2)
 
 
-def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+def _segment_keys(key: torch.Tensor, value: torch.Tensor, segment: Segment
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """A segment's keys and values ([1, heads, prefix + length, dim]: its prefix's, then its own)
+    and the CPU kernel's causal arguments for them."""
+    own = slice(segment.start, segment.end)
+    if segment.prefix is None:
+        return key[:, :, own], value[:, :, own], {"is_causal": True}
+    span = slice(*segment.prefix)
+    keys, values = (torch.cat([t[:, :, span], t[:, :, own]], dim=2) for t in (key, value))
+    mask = _after_prefix_mask(span.stop - span.start, segment.end - segment.start, key.dtype, key.device)
+    return keys, values, {"is_causal": False, "attn_mask": mask}
+
+
+def _attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segments: list[Segment],
             scale: float | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Causal FlashAttention per example into one [1, tokens, heads, dim] output; with each
-    example's log-sum-exp, which the backward kernel takes."""
+    """Causal FlashAttention per segment (after its prefix, where it has one) into one
+    [1, tokens, heads, dim] output; with each segment's log-sum-exp, which the backward kernel takes."""
     _, heads, tokens, dim = query.shape
     output = query.new_empty(1, tokens, heads, dim)
     log_sum_exps = []
-    for q, k, v, out in zip(query.split(lengths, dim=2), key.split(lengths, dim=2), value.split(lengths, dim=2),
-                            output.split(lengths, dim=1)):
+    for segment in segments:
+        keys, values, causal = _segment_keys(key, value, segment)
         result, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, True, scale=scale)
-        out.copy_(result.transpose(1, 2))
+            query[:, :, segment.start:segment.end], keys, values, 0.0, causal["is_causal"],
+            attn_mask=causal.get("attn_mask"), scale=scale)
+        output[:, segment.start:segment.end].copy_(result.transpose(1, 2))
         log_sum_exps.append(log_sum_exp)
     return output, log_sum_exps
 
 
 def _attend_backward(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     output: torch.Tensor, log_sum_exps: list[torch.Tensor], lengths: list[int],
-                     scale: float | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Each example's query, key and value gradients ([1, heads, length, dim]) from _attend's
-    output and log-sum-exps and the output's gradient ([1, tokens, heads, dim])."""
-    for q, k, v, out, g, log_sum_exp in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
-                                            value.split(lengths, dim=2), output.split(lengths, dim=1),
-                                            grad.split(lengths, dim=1), log_sum_exps):
-        yield torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            g.transpose(1, 2), q, k, v, out.transpose(1, 2), log_sum_exp, 0.0, True, scale=scale)
+                     output: torch.Tensor, log_sum_exps: list[torch.Tensor], segments: list[Segment],
+                     scale: float | None) -> Iterator[tuple[Segment, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each segment with its query gradient ([1, heads, length, dim]) and its key and value
+    gradients ([1, heads, prefix + length, dim]: the prefix's part first), from _attend's output
+    and log-sum-exps and the output's gradient ([1, tokens, heads, dim])."""
+    for segment, log_sum_exp in zip(segments, log_sum_exps):
+        own = slice(segment.start, segment.end)
+        keys, values, causal = _segment_keys(key, value, segment)
+        yield segment, *torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad[:, own].transpose(1, 2), query[:, :, own], keys, values, output[:, own].transpose(1, 2),
+            log_sum_exp, 0.0, causal["is_causal"], attn_mask=causal.get("attn_mask"), scale=scale)
 
 
-def block_diagonal_causal_mask(boundaries: list[int], device: torch.device, window: int | None = None) -> torch.Tensor:
+def block_diagonal_causal_mask(boundaries: list[int], device: torch.device, window: int | None = None,
+                               parents: Sequence[int] | None = None) -> torch.Tensor:
     """[tokens, tokens] boolean mask: True where a token may attend (same example, not later, and
-    within ``window`` tokens where given: itself and window - 1 before it)."""
+    within ``window`` tokens where given: itself and window - 1 before it). With ``parents``
+    (packed_segments'), a segment's tokens also attend to all of its parent segment, the window
+    counted in positions (a segment's continue its parent's)."""
     lengths = torch.tensor(example_lengths(boundaries), device=device)
     example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
     same_example = example[:, None] == example[None, :]
     mask = same_example.tril_()
+    if parents is None:
+        if window is not None:
+            mask.triu_(-(window - 1))
+        return mask
+    packed_segments(boundaries, parents)  # checks the parents
+    parent = torch.tensor(list(parents), device=device)[example]
+    mask |= parent[:, None] == example[None, :]
     if window is not None:
-        mask.triu_(-(window - 1))
+        starts = torch.tensor(boundaries[:-1], device=device)
+        prefix = torch.where(parent >= 0, lengths[parent.clamp(min=0)], 0)
+        positions = torch.arange(len(example), device=device) - starts[example] + prefix
+        mask &= positions[:, None] - positions[None, :] < window
     return mask
 
 
 def _block_diagonal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, boundaries: list[int],
-                    dropout: float, scaling: float | None, window: int | None = None) -> torch.Tensor:
-    mask = block_diagonal_causal_mask(boundaries, query.device, window)
+                    dropout: float, scaling: float | None, window: int | None = None,
+                    parents: Sequence[int] | None = None) -> torch.Tensor:
+    mask = block_diagonal_causal_mask(boundaries, query.device, window, parents)
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
                                             enable_gqa=query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous()

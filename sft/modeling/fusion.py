@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from sft.modeling.attention import VARLEN_KEYS, PackedRotaryAttention, example_lengths
+from sft.modeling.attention import VARLEN_KEYS, PackedRotaryAttention, packed_segments
 from sft.modeling.devices import release_mapped_pages
 from sft.modeling.kernels.lora_linear import FusedLoraFunction, Rebuild, offsets
 from sft.modeling.kernels.rms_norm import RMSNormFunction, rms_norm_output
@@ -432,7 +432,8 @@ def _fused_attention_forward(self: torch.nn.Module, hidden_states: torch.Tensor,
         return super(type(self), self).forward(hidden_states, position_embeddings, attention_mask,
                                                past_key_values, **kwargs)
     query, key, value = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
-    output = PackedRotaryAttention.apply(query, key, value, cos, sin, example_lengths(boundaries), self.scaling)
+    segments = packed_segments(boundaries, kwargs.get("packed_parents"))
+    output = PackedRotaryAttention.apply(query, key, value, cos, sin, segments, self.scaling)
     return self.o_proj(output), None
 
 

@@ -6,7 +6,8 @@ of prompts in the order the steps take them (sft.recipes.grpo builds it: each st
 repeated for its num_iterations steps); when the Trainer fetches a step's micro-batches
 (``get_batch_samples``), the policy answers each prompt G times (sft.training.grpo_sampling,
 seeded by step), the rewards are scored and normalized per group, and the answers become packed
-prompt + answer sequences with the prompt masked. For num_iterations > 1, the sampling policy's
+prompt + answer sequences with the prompt masked (on the CPU, each group's prompt packed once
+before its answers: sft.data.collate.pack_shared_prompts). For num_iterations > 1, the sampling policy's
 log-probabilities are taken then (the ratio's denominator), and with beta > 0 the reference's
 (adapters disabled), once per sample. The loss is the clipped token objective of
 sft.training.grpo over all answer tokens of the step (the Trainer's ``num_items_in_batch``).
@@ -32,8 +33,10 @@ from torch.utils.data import SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
 from sft.config.grpo import GRPOSettings
-from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
+from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator, pack_shared_prompts
+from sft.errors import ConfigError
 from sft.files import atomic_write_text
+from sft.modeling.attention import VARLEN_KEYS, VARLEN_SDPA
 from sft.modeling.lora import merged_weights
 from sft.training.grpo import dapo_loss, group_advantages, per_token, token_terms
 from sft.training.grpo_rewards import Rewards
@@ -63,11 +66,24 @@ class GRPOTrainer(SupervisedTrainer):
         tokenizer: PreTrainedTokenizerBase = self.processing_class
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         self.collate = PackingCollator() if packing else PaddingCollator(self.pad_id)
+        self.share_prompts = self._shares_prompts(packing)
         self._samples: dict[str, Any] | None = None
         """The current cycle's samples: step, prompt keys, per micro-batch sequences and log-probs, metrics."""
         self._loss_sums: torch.Tensor | None = None
         """[answer tokens, clipped tokens, summed KL] over the micro-batches since the last log."""
         self._sample_metrics: list[dict[str, float]] = []
+
+    def _shares_prompts(self, packing: bool) -> bool:
+        """Whether a group's answers are packed after one copy of their prompt (GRPOSettings.share_prompts)."""
+        attention = getattr(self.model.config, "_attn_implementation", None)
+        possible = packing and attention in VARLEN_KEYS
+        if self.grpo.share_prompts and not possible:
+            raise ConfigError(f"grpo.share_prompts: true needs data.packing: true and attn_implementation "
+                              f"{VARLEN_SDPA} (this run: packing {packing}, attention {attention}); "
+                              f"leave it out to share prompts wherever they can be shared")
+        if self.grpo.share_prompts is None:
+            return possible and self.args.device.type == "cpu"
+        return self.grpo.share_prompts
 
     def _get_train_sampler(self, train_dataset: Any = None) -> SequentialSampler:
         # the order is the recipe's: each step's prompts, repeated for its num_iterations steps
@@ -149,8 +165,12 @@ class GRPOTrainer(SupervisedTrainer):
         """One micro-batch's sequences (prompt masked, answer scored) batched for the loss, with
         each answer token's advantage and, where taken, its old and reference log-probs."""
         sequences = samples["sequences"]
-        batch = self.collate([{"input_ids": s["prompt_ids"] + s["answer_ids"],
-                               "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"]} for s in sequences])
+        if self.share_prompts:
+            batch = pack_shared_prompts(sequences)
+        else:
+            batch = self.collate([{"input_ids": s["prompt_ids"] + s["answer_ids"],
+                                   "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"]}
+                                  for s in sequences])
         lengths = [len(s["answer_ids"]) for s in sequences]
         batch[ADVANTAGES] = per_token(torch.tensor([s["advantage"] for s in sequences], dtype=torch.float32), lengths)
         for key in (OLD_LOGPS, REFERENCE_LOGPS):

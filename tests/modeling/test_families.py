@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from sft.data.collate import PackingCollator, PaddingCollator, shifted_labels
+from sft.data.collate import PackingCollator, PaddingCollator, pack_shared_prompts, shifted_labels
 from sft.data.tokenize import IGNORE_INDEX
 from sft.modeling.attention import VARLEN_SDPA
 from sft.modeling.fusion import fuse
@@ -29,6 +29,7 @@ from sft.modeling.models import load_model
 from sft.training.loss import linear_cross_entropy_sum, supervised_forward
 from sft.training.preference.collate import PairCollator
 from sft.training.preference.logps import answer_logps
+from sft.training.token_logps import answer_token_logps
 from tests.families import FAMILIES, WINDOW, build_family_model_dir
 from tests.tiny import build_tokenizer
 
@@ -240,3 +241,49 @@ def test_the_fusion_report_names_what_runs_its_own_code(family_dirs):
     assert "Gemma2MLP x2 (not Llama's SwiGLU MLP" in report and "Gemma2RMSNorm x9" in report
     phi = fuse(add_lora(AutoModelForCausalLM.from_pretrained(family_dirs["phi3"]), _lora_config("all-linear"), "cpu"))
     assert phi.line().startswith("LoRA fusion: 8 adapted layers run as 8 fused functions")
+
+
+def _groups(vocab: int) -> list[dict[str, list[int]]]:
+    """GRPO's micro-batch: two prompts (longer than the sliding window) with three answers each,
+    one answer a single token, one longer than the window."""
+    generator = torch.Generator().manual_seed(4)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, vocab, (n,), generator=generator).tolist()
+
+    sequences = []
+    for prompt_length, answer_lengths in ((6, (5, 1, 9)), (9, (7, 3, 2))):
+        prompt = ids(prompt_length)
+        sequences += [{"prompt_ids": prompt, "answer_ids": ids(n)} for n in answer_lengths]
+    return sequences
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_shared_prompts_give_the_log_probs_and_gradients_of_a_copy_per_answer(family, fused, family_dirs, tokenizer):
+    """GRPO packs each prompt once before its answers (pack_shared_prompts): every answer token's
+    log-prob and the LoRA gradients equal those of the row with one copy of the prompt per answer
+    (whose equality with the model's own forward the test above proves). Fused attention, the
+    per-example CPU kernel, the masked path (sliding windows reaching into the prompt) and the
+    eager path (soft caps) all read the shared prefixes."""
+    sequences = _groups(len(tokenizer))
+    model = _ours(family_dirs[family], fused)
+    weights = torch.randn(sum(len(s["answer_ids"]) for s in sequences), generator=torch.Generator().manual_seed(6))
+    results = []
+    for batch in (PackingCollator()([{"input_ids": s["prompt_ids"] + s["answer_ids"],
+                                      "labels": [IGNORE_INDEX] * len(s["prompt_ids"]) + s["answer_ids"]}
+                                     for s in sequences]),
+                  pack_shared_prompts(sequences)):
+        model.zero_grad()
+        logps = answer_token_logps(model, batch)
+        (logps * weights).sum().backward()
+        results.append((batch["input_ids"].shape[1], logps.detach(),
+                        {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}))
+    (copied_tokens, copied, copied_grads), (shared_tokens, shared, shared_grads) = results
+    # each prompt once but its last token, which starts each of the 3 answers: 2 x (6 - 1 + 9 - 1) fewer
+    assert shared_tokens == copied_tokens - 2 * (6 - 1 + 9 - 1)
+    torch.testing.assert_close(shared, copied, atol=2e-5, rtol=1e-5)
+    for name, grad in shared_grads.items():
+        scale = max(1.0, copied_grads[name].abs().max().item())
+        torch.testing.assert_close(grad, copied_grads[name], atol=2e-5 * scale, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")

@@ -181,7 +181,7 @@ def test_fused_attention_on_a_packed_row_gives_peft_loss_and_gradients(tiny_mode
     class Counting(PackedRotaryAttention):
         @classmethod
         def apply(cls, *args):  # type: ignore[override]
-            calls.append(args[5])
+            calls.append([segment.end - segment.start for segment in args[5]])
             return PackedRotaryAttention.apply(*args)
 
     monkeypatch.setattr(fusion, "PackedRotaryAttention", Counting)
@@ -238,7 +238,7 @@ def test_packed_rotary_attention_gives_transformers_values_and_gradients(dtype: 
 
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from sft.modeling.attention import PackedRotaryAttention
+    from sft.modeling.attention import PackedRotaryAttention, packed_segments
 
     heads, kv_heads, dim, lengths = 4, 2, 8, [5, 1, 9, 3]
     tokens = sum(lengths)
@@ -253,7 +253,8 @@ def test_packed_rotary_attention_gives_transformers_values_and_gradients(dtype: 
         joined = qkv.clone().requires_grad_()
         query, key, value = joined.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         if ours:
-            out = PackedRotaryAttention.apply(query, key, value, cos, sin, lengths, 0.3)
+            segments = packed_segments([0, *itertools.accumulate(lengths)])
+            out = PackedRotaryAttention.apply(query, key, value, cos, sin, segments, 0.3)
             grads = torch.autograd.grad(out, (query, key, value), grad, retain_graph=True)
             assert grads[1].data_ptr() == grads[0].data_ptr() + heads * dim * grads[0].element_size()
             out.backward(grad)

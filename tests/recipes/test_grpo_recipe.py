@@ -244,3 +244,38 @@ def test_answers_are_sampled_through_merged_weights_and_training_runs_on_the_bas
     assert allocator == ["mapped"]  # on a CPU: sampling's and training's tensors do not add up
     assert merged_while_sampling == [True, True]
     assert len(base_pointers) == 2 and base_pointers[0] == base_pointers[1] and base_pointers[0][0]  # unmerged
+
+
+def test_sharing_each_prompt_trains_what_a_copy_per_answer_trains(tiny_model_dir: Path, prompt_file: Path,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """On the CPU a group's answers are packed after one copy of their prompt; the loss, gradient
+    norm and rewards of each step (with a KL term and two iterations, so old and reference
+    log-probs go through it too) are those of a copy of the prompt per answer."""
+    from sft.training import grpo_trainer
+
+    shared_rows = []
+    real = grpo_trainer.pack_shared_prompts
+    monkeypatch.setattr(grpo_trainer, "pack_shared_prompts", lambda sequences: shared_rows.append(1) or real(sequences))
+    logs = {}
+    for share in (None, False):
+        output_dir = tmp_path / str(share)
+        changes = {"beta": 0.1, "num_iterations": 2} | ({} if share is None else {"share_prompts": share})
+        config = build_config(overrides=_overrides(tiny_model_dir, prompt_file, output_dir, **changes),
+                              config_class=GRPOConfig)
+        grpo_recipe.train(config, rewards=[LENGTH_REWARD])
+        logs[share] = {key: logged(output_dir, key) for key in ("loss", "grad_norm", "reward", "kl")}
+        if share is None:
+            assert shared_rows, "the CPU default packs shared prompts"
+            shared_rows.clear()
+    assert not shared_rows
+    assert logs[None]["grad_norm"][1] > 0
+    for key, values in logs[False].items():
+        assert logs[None][key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
+
+
+def test_sharing_prompts_without_packing_is_refused(tiny_model_dir: Path, prompt_file: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    flags = as_flags(_overrides(tiny_model_dir, prompt_file, tmp_path / "grpo", share_prompts=True, packing=False))
+    assert grpo_recipe.main(flags) == 2
+    assert "grpo.share_prompts: true needs data.packing: true" in capsys.readouterr().err
