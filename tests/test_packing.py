@@ -12,9 +12,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import sft.modeling.attention  # registers varlen_sdpa
-from sft.modeling.attention import packed_segments
 from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator
 from sft.data.tokenize import encode_records
+from sft.modeling.attention import packed_segments
 from sft.training.loss import linear_cross_entropy_sum, supervised_forward
 from sft.training.trainer import SupervisedTrainer
 from tests.tiny import conversation_records
