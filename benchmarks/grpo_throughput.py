@@ -17,6 +17,8 @@ our batched KV-cache sampler, and transformers' ``generate`` for TRL (no vLLM).
   answer rows, the head on answer tokens only, fused LoRA projections), decoding all of a step's
   answers in one batch as TRL does (``generation_batch_size`` = prompts x G);
 - ``sft_gc``: the same with ``gradient_checkpointing: true``, TRL's default;
+- ``sft_copied_prompts``: ``sft`` with ``share_prompts: false``: each answer trained after its own
+  copy of the prompt, as TRL trains it (``sft`` on a CPU packs a group's prompt once);
 - ``trl``: TRL 1.16 GRPOTrainer with its defaults otherwise (padded batches, gradient
   checkpointing, dynamic KV cache; ``pip install trl==1.16.0``, not a dependency of this project);
 - ``trl_no_gc``: the same without gradient checkpointing, as ours runs by default.
@@ -71,7 +73,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("sft", "sft_gc", "trl", "trl_no_gc")
+CONTENDERS = ("sft", "sft_gc", "sft_copied_prompts", "trl", "trl_no_gc")
 BUNDLED = "smollm2-135m-instruct"
 DEFAULT_SOURCE = "data/demo/processed/sft_train.jsonl"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -178,7 +180,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "max_steps": total_steps, "logging_steps": 1, "save_steps": total_steps + 1, "seed": args.seed,
         "output_dir": output_dir, "max_seq_length": args.max_prompt_tokens + args.answer_tokens,
         "group_size": group, "max_answer_tokens": args.answer_tokens, "generation_batch_size": per_step * group,
-        "temperature": 1.0, "top_p": 1.0, "beta": args.beta, "gradient_checkpointing": args.contender == "sft_gc"},
+        "temperature": 1.0, "top_p": 1.0, "beta": args.beta, "gradient_checkpointing": args.contender == "sft_gc",
+        "share_prompts": False if args.contender == "sft_copied_prompts" else None},
         GRPOConfig)
     runtime, policy = contender_set_up(config, args.contender, args.seed)
     ends: list[float] = []
@@ -212,7 +215,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             trainer.stop_ids = []  # every answer runs to max_answer_tokens, as TRL's min_new_tokens makes its own
         settings = {"gradient_checkpointing": config.training.gradient_checkpointing, "fused_lora": config.lora.fused,
                     "attention": runtime.attention, "packing": config.data.packing,
-                    "generation_batch_size": config.grpo.generation_batch_size}
+                    "generation_batch_size": config.grpo.generation_batch_size,
+                    "share_prompts": trainer.share_prompts}
     else:
         from datasets import Dataset
         from peft import LoraConfig

@@ -228,23 +228,6 @@ def keep_freed_cpu_memory() -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
-def map_large_cpu_tensors() -> bool:
-    """Have glibc's allocator map every allocation of 1 MB or more on its own and hand it back to
-    the system when freed, for runs that alternate phases of different shapes: GRPO samples (a
-    merged copy of the weights, KV caches of a few rows) and then trains (activations of
-    thousands of packed tokens). Memory kept for reuse (keep_freed_cpu_memory) fits the next
-    phase's tensors badly, so they add up instead of replacing each other: with this setting,
-    `sft grpo`'s peak resident set in benchmarks/grpo_throughput.py fell from 3.64-3.75 to
-    3.13-3.15 GB, for the page faults of mapping each step's activations afresh (about 4 s more
-    system CPU time a step there; docs/performance.md, GRPO against TRL).
-
-    Returns whether the setting took (see _mallopt)."""
-    mallopt = _mallopt()
-    # a fixed mmap threshold also stops glibc raising it as mapped blocks are freed
-    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, 1 << 20)) \
-        and bool(mallopt(_M_TRIM_THRESHOLD, 128 << 10))
-
-
 _MADV_PAGEOUT = 21  # Linux 5.4+ (asm-generic/mman-common.h)
 
 

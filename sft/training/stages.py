@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from sft.config import RUN_CONFIG_FILE, GRPOConfig, LoraSettings, SFTConfig, did_you_mean
+from sft.config import RUN_CONFIG_FILE, LoraSettings, SFTConfig, did_you_mean
 from sft.config.sections import ALL_LINEAR
 from sft.data.templates import ensure_chat_template
 from sft.errors import ConfigError, ResourceError, TrainingInterrupted, describe_os_error
@@ -43,7 +43,6 @@ from sft.modeling.devices import (
     describe_precision,
     device_policy,
     keep_freed_cpu_memory,
-    map_large_cpu_tensors,
 )
 from sft.modeling.fusion import fuse, fused_group_counts
 from sft.modeling.lora import add_lora
@@ -112,10 +111,7 @@ def setup_runtime(config: SFTConfig) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 tensor cores for float32 matmuls (Ampere+)
         torch.backends.cudnn.allow_tf32 = True
     if policy.device == "cpu":
-        if isinstance(config, GRPOConfig):  # sampling's and training's tensors replace each other, not add up
-            map_large_cpu_tensors()
-        else:
-            keep_freed_cpu_memory()  # a step reuses the pages the step before freed
+        keep_freed_cpu_memory()  # a step reuses the pages the step before freed
     set_seed(config.training.seed)
     runtime = Runtime(policy, state, attention)
     data = config.data

@@ -49,34 +49,3 @@ def test_later_steps_allocate_their_activations_without_page_faults() -> None:
     assert mapped_faults > 100_000
     assert kept_faults < mapped_faults / 10
     assert kept_peak < 1.15 * mapped_peak
-
-
-PHASES_PROGRAM = """
-import sys, torch
-from sft.modeling.devices import keep_freed_cpu_memory, map_large_cpu_tensors
-resident = lambda: int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) // 1024
-kept = keep_freed_cpu_memory()  # as every CPU run starts
-took = map_large_cpu_tensors() if sys.argv[1] == "map" else kept
-phase, pins = [], []
-for _ in range(40):  # a phase's tensors, 320 MB, between small ones that live on
-    phase.append(torch.ones(2 << 20))
-    pins.append(torch.ones(16))
-del phase
-print(took, resident())
-"""
-
-
-def test_mapped_large_tensors_leave_nothing_resident_when_a_phase_ends() -> None:
-    """Kept for reuse, a phase's freed tensors stay resident (and a next phase of other shapes
-    adds its own); with large tensors mapped on their own they go back at once. A user's own
-    allocator setting is left to rule."""
-    def run(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
-        result = subprocess.run([sys.executable, "-c", PHASES_PROGRAM, mode], capture_output=True, text=True,
-                                check=True, env=env)
-        took, resident = result.stdout.split()
-        return took, int(resident)
-
-    (_, kept), (took, mapped) = run("keep"), run("map")
-    assert took == "True" and mapped < kept - 250
-    user_took, _ = run("map", {**os.environ, "MALLOC_TRIM_THRESHOLD_": str(1 << 30)})
-    assert user_took == "False"
