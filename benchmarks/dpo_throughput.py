@@ -18,7 +18,9 @@ on CPU, bfloat16 on CUDA), each in a fresh process so that its peak memory is it
   ``--sft-micro-batch`` pairs per forward pass (gradient accumulation makes up the step);
 - ``sft_unfused``: the same with ``lora.fused: false`` (PEFT's LoRA layers one by one);
 - ``sft_gc``: the same with ``gradient_checkpointing: true``, which trades speed for memory as
-  TRL's default does.
+  TRL's default does;
+- ``sft_copied_prompts``: ``sft`` with a copy of the prompt before each answer (on a CPU ``sft``
+  packs a pair's prompt once, both answers attending to it).
 
 The pairs are those our tokenization keeps (TRL drops the same ones: a prompt that fills the
 maximum length); the benchmark checks that TRL's token ids equal ours. Reported: pairs/s and
@@ -45,7 +47,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONTENDERS = ("sft", "sft_unfused", "sft_gc", "trl")
+CONTENDERS = ("sft", "sft_unfused", "sft_gc", "sft_copied_prompts", "trl")
 DEFAULT_DATA = "data/demo_dpo/processed/dpo_train.jsonl"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -126,17 +128,22 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
             step_cpu_times.append(time.process_time() - self.cpu_start)
 
     reference_seconds, same_tokens = None, None
+    if args.contender == "sft_copied_prompts":
+        import sft.recipes.dpo
+
+        sft.recipes.dpo.shares_prompts_by_default = lambda *_: False
     if args.contender.startswith("sft"):
         tokenizer = load_tokenizer(resolve_model_path(config.model.model))
         model = load_lora_model(config, runtime)
         start = time.perf_counter()
-        pairs = with_reference_logps(config, runtime, model, None, pair_collator(config, tokenizer), train=encoded)
+        collator = pair_collator(config, tokenizer, runtime)
+        pairs = with_reference_logps(config, runtime, model, None, collator, train=encoded)
         reference_seconds = time.perf_counter() - start
         trainer = build_trainer(config, runtime, model, tokenizer, pairs["train"], [], callbacks=[StepTimer()],
                                 save_strategy="no", train_sampling_strategy="sequential", disable_tqdm=True,
                                 dataloader_pin_memory=False)
         settings = {"gradient_checkpointing": config.training.gradient_checkpointing, "attention": runtime.attention,
-                    "micro_batch": micro}
+                    "micro_batch": micro, "share_prompts": collator.share_prompts}
     else:
         from datasets import Dataset
         from trl import DPOConfig as TRLConfig

@@ -435,6 +435,14 @@ for _key in VARLEN_KEYS:
     ALL_MASK_ATTENTION_FUNCTIONS.register(_key, sdpa_mask)
 
 
+def shares_prompts_by_default(attention: str | None, device: str) -> bool:
+    """Whether training packs a prompt once before its answers (GRPO's groups, DPO's pairs) unless
+    told otherwise: where our attention reads the shared prefixes and a packed row's tokens cost
+    compute in proportion (the CPU, where it is measured); not on CUDA or MPS, where the shared
+    row takes the masked path instead of the varlen kernel and is not measured."""
+    return attention in VARLEN_KEYS and device.startswith("cpu")
+
+
 def resolve_attention(requested: str, device: str) -> str:
     """The implementation for ``auto``: FlashAttention varlen on CUDA when installed, else ours."""
     if requested != "auto":

@@ -26,6 +26,7 @@ from sft.config import DPOConfig
 from sft.data.pairs import encode_pairs, encode_unpaired
 from sft.data.prepared import read_preferences, read_unpaired
 from sft.errors import ConfigError, DataError
+from sft.modeling.attention import shares_prompts_by_default
 from sft.modeling.models import resolve_model_path
 from sft.recipes.skeleton import Encoded, Recipe
 from sft.training.arguments import training_arguments
@@ -83,7 +84,7 @@ class DPO(Recipe):
         """The pairs with the reference's log-probabilities of their answers (none for a loss without a reference)."""
         if not preference_loss(self.config.dpo.loss_type).needs_reference:
             return data
-        scored = with_reference_logps(self.config, runtime, model, sft_adapter, pair_collator(self.config, tokenizer),
+        scored = with_reference_logps(self.config, runtime, model, sft_adapter, pair_collator(self.config, tokenizer, runtime),
                                       train=data.train, val=data.val)
         return Encoded(scored["train"], scored["val"], data.report)
 
@@ -157,12 +158,15 @@ def build_trainer(config: DPOConfig, runtime: Runtime, model: Any, tokenizer: Pr
     """The trainer of a DPO run (the DPO throughput benchmark builds its contender here too)."""
     args = training_arguments(config, runtime.policy, evaluate=bool(val_set), resumed=resumed, **argument_overrides)
     return PreferenceTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set or None,
-                             data_collator=pair_collator(config, tokenizer), processing_class=tokenizer,
+                             data_collator=pair_collator(config, tokenizer, runtime), processing_class=tokenizer,
                              callbacks=callbacks, dpo=config.dpo)
 
 
-def pair_collator(config: DPOConfig, tokenizer: PreTrainedTokenizerBase) -> PairCollator:
-    return PairCollator(config.data.packing, tokenizer.pad_token_id)
+def pair_collator(config: DPOConfig, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> PairCollator:
+    """Records packed (or padded) as the configuration says; packed with each prompt once where
+    that is the default (sft.modeling.attention.shares_prompts_by_default: the CPU)."""
+    share = config.data.packing and shares_prompts_by_default(runtime.attention, runtime.policy.device)
+    return PairCollator(config.data.packing, tokenizer.pad_token_id, share_prompts=share)
 
 
 main, train = DPO.main, DPO.run  # the command; one run from a configuration, in code

@@ -36,7 +36,7 @@ from sft.config.grpo import GRPOSettings
 from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator, pack_shared_prompts
 from sft.errors import ConfigError
 from sft.files import atomic_write_text
-from sft.modeling.attention import VARLEN_KEYS, VARLEN_SDPA
+from sft.modeling.attention import VARLEN_KEYS, VARLEN_SDPA, shares_prompts_by_default
 from sft.modeling.lora import merged_weights
 from sft.training.grpo import dapo_loss, group_advantages, per_token, token_terms
 from sft.training.grpo_rewards import Rewards
@@ -82,7 +82,7 @@ class GRPOTrainer(SupervisedTrainer):
                               f"{VARLEN_SDPA} (this run: packing {packing}, attention {attention}); "
                               f"leave it out to share prompts wherever they can be shared")
         if self.grpo.share_prompts is None:
-            return possible and self.args.device.type == "cpu"
+            return packing and shares_prompts_by_default(attention, self.args.device.type)
         return self.grpo.share_prompts
 
     def _get_train_sampler(self, train_dataset: Any = None) -> SequentialSampler:

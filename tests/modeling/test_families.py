@@ -149,8 +149,8 @@ def test_dpo_answer_logps_equal_the_models_own(family, family_dirs, tokenizer):
     # chosen: example 1's answer; rejected: example 2's answer tokens after the same prompt
     pair = {"prompt_ids": prompt, "chosen_ids": examples[1]["input_ids"][PROMPT_TOKENS:],
             "rejected_ids": examples[2]["input_ids"][PROMPT_TOKENS:]}
-    for packing in (True, False):
-        batch = PairCollator(packing=packing, pad_token_id=tokenizer.pad_token_id)([pair])
+    for packing, share in ((True, False), (True, True), (False, False)):
+        batch = PairCollator(packing=packing, pad_token_id=tokenizer.pad_token_id, share_prompts=share)([pair])
         with torch.no_grad():
             ours = answer_logps(model, batch)
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")

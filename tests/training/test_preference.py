@@ -60,17 +60,28 @@ ON_DEVICES = [
 ]
 
 
+PACKINGS = ["packed", "shared", "padded"]
+"""One packed row; one packed row with each record's prompt once (its answers attending to it); padded rows."""
+
+
+def _pair_collator(packing: str, tokenizer) -> PairCollator:
+    return PairCollator(packing != "padded", tokenizer.pad_token_id, share_prompts=packing == "shared")
+
+
 @pytest.mark.parametrize(("device", "dtype", "tolerance"), ON_DEVICES)
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("packing", PACKINGS)
 def test_batched_pair_logps_equal_one_sequence_at_a_time(tiny_model_dir: Path, pairs: list[dict], packing: bool,
                                                          chatml_tokenizer, device: str, dtype: torch.dtype,
                                                          tolerance: float, monkeypatch: pytest.MonkeyPatch) -> None:
     if device == "cuda":  # float32 means float32 matmuls, not TF32 (the trainer's CUDA setting)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False, raising=False)
     model = _model(tiny_model_dir).eval().to(device, dtype)
-    batch = PairCollator(packing, chatml_tokenizer.pad_token_id)(pairs)
-    if packing:
+    batch = _pair_collator(packing, chatml_tokenizer)(pairs)
+    if packing == "packed":
         assert batch["input_ids"].shape[0] == 1 and len(batch["packed_boundaries"]) == 2 * len(pairs) + 1
+    if packing == "shared":  # each prompt once but its last token, which starts both answers
+        tokens = sum(len(p["prompt_ids"]) + 1 + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
+        assert batch["input_ids"].shape == (1, tokens)
     on_device = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     with torch.no_grad():
         batched = answer_logps(model, on_device).cpu()
@@ -86,12 +97,12 @@ def _unpaired(pairs: list[dict]) -> list[dict]:
     return with_mismatched_completions(examples, 128)
 
 
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("packing", PACKINGS)
 def test_unpaired_examples_score_their_completion_and_the_mismatched_one(tiny_model_dir: Path, pairs: list[dict],
-                                                                        packing: bool, chatml_tokenizer) -> None:
+                                                                        packing: str, chatml_tokenizer) -> None:
     model = _model(tiny_model_dir).eval()
     examples = _unpaired(pairs[:4])
-    batch = PairCollator(packing, chatml_tokenizer.pad_token_id)(examples)
+    batch = _pair_collator(packing, chatml_tokenizer)(examples)
     assert batch[DESIRABLE_KEY].tolist() == [True] * 4 + [False] * 4
     with torch.no_grad():
         batched = answer_logps(model, batch)

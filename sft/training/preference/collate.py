@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator, shifted_labels
+from sft.data.collate import IGNORE_INDEX, PackingCollator, PaddingCollator, pack_shared_prompts, shifted_labels
 from sft.data.pairs import ANSWERS
 from sft.training.loss import NOT_MODEL_INPUTS
 
@@ -52,16 +52,25 @@ class PairCollator:
     """Batches records as 2 x records sequences (chosen, rejected, chosen, rejected... or
     completion, mismatched completion...), packed into one row (``packing``) or padded, with each
     sequence's scored-token count, unpaired examples' labels and, where the records carry them,
-    their reference log-probabilities."""
+    their reference log-probabilities. With ``share_prompts`` (packing, ``varlen_sdpa``
+    attention) each record's prompt is packed once and both answers attend to it
+    (sft.data.collate.pack_shared_prompts): the same log-probabilities, for fewer tokens."""
 
-    def __init__(self, packing: bool = True, pad_token_id: int | None = None):
+    def __init__(self, packing: bool = True, pad_token_id: int | None = None, share_prompts: bool = False):
         if not packing and pad_token_id is None:
             raise ValueError("padding needs a pad_token_id")
+        if share_prompts and not packing:
+            raise ValueError("sharing a record's prompt between its two answers needs packing")
         self.collate = PackingCollator() if packing else PaddingCollator(pad_token_id)
+        self.share_prompts = share_prompts
 
     def __call__(self, records: list[dict[str, Any]]) -> dict[str, Any]:
         sequences = [sequence for record in records for sequence in pair_sequences(record)]
-        batch = self.collate(sequences)
+        if self.share_prompts:  # the prompt once, then both answers attending to it
+            batch = pack_shared_prompts([{"prompt_ids": record["prompt_ids"], "answer_ids": answer}
+                                         for record in records for answer in answer_ids(record)])
+        else:
+            batch = self.collate(sequences)
         # A Python list: splitting the scored positions by it needs no device sync.
         batch[ANSWER_LENGTHS_KEY] = [sum(label != IGNORE_INDEX for label in shifted_labels(s["labels"]))
                                      for s in sequences]
