@@ -15,6 +15,9 @@ Greedy (the default):
 - ``sft-row-major``: the same loop with the weights left in the row-major layout they are loaded
   in, where ``sft`` lays them out for decoding on a CPU (``sft.modeling.generate.decode_layout``):
   what that layout buys;
+- ``sft-padded-prompts``: the same loop with the prompts' pass run as a left-padded batch, where
+  ``sft`` runs it as one packed row and re-lays the cache as the padded batch: what packing the
+  prompt pass buys (every row of a padded batch is computed to the longest prompt's length);
 - ``sft-dynamic``: the same loop with transformers' DynamicCache, which concatenates every
   layer's keys and values at every step: what the growing cache buys;
 - ``hf-generate``: ``model.generate(do_sample=False)`` on the same left-padded batches, as a user
@@ -27,7 +30,7 @@ Sampled (``--sampling``; temperature 0.8 and top-p 0.95 unless told, as `sft sam
 
 - ``sft``: ``sft.modeling.generate.generate_sampled``, the sampler of `sft sample` and `sft grpo`,
   in float32, answer i drawn from its own generator seeded by ``--seed`` + i;
-- ``sft-row-major``: as in the greedy runs; its answers are held to ``sft``'s;
+- ``sft-row-major``, ``sft-padded-prompts``: as in the greedy runs; their answers are held to ``sft``'s;
 - ``sft-bf16``: the same with the model's weights cast to bfloat16. Its answers are compared with
   the float32 ones at the same seeds: float32 is the reference, and a cheaper dtype is only worth
   having where it leaves the answers (nearly) as they are. On a CPU without bfloat16 dot products
@@ -81,9 +84,9 @@ from sft.inference.ifeval.data import DEFAULT_INPUT_DATA, read_prompts
 from sft.inference.loading import load_run, run_config
 from sft.modeling.generate import Answer, Sampling, generate_greedy, generate_sampled
 
-CONTENDERS = ("sft", "sft-row-major", "sft-dynamic", "hf-generate")
-SAMPLED_CONTENDERS = ("sft", "sft-row-major", "sft-bf16", "sft-compiled", "hf-generate")
-DEFAULT_SAMPLED_CONTENDERS = ("sft", "sft-row-major", "sft-bf16", "hf-generate")
+CONTENDERS = ("sft", "sft-row-major", "sft-padded-prompts", "sft-dynamic", "hf-generate")
+SAMPLED_CONTENDERS = ("sft", "sft-row-major", "sft-padded-prompts", "sft-bf16", "sft-compiled", "hf-generate")
+DEFAULT_SAMPLED_CONTENDERS = ("sft", "sft-row-major", "sft-padded-prompts", "sft-bf16", "hf-generate")
 
 
 @contextlib.contextmanager
@@ -95,6 +98,17 @@ def row_major_weights() -> Iterator[None]:
         yield
     finally:
         generate_module.decode_layout = original
+
+
+@contextlib.contextmanager
+def padded_prompt_pass() -> Iterator[None]:
+    """Our loop with the prompts run as a left-padded batch, where ``sft`` packs them into one row."""
+    original = generate_module._prefill_packed
+    generate_module._prefill_packed = lambda *_: False
+    try:
+        yield
+    finally:
+        generate_module._prefill_packed = original
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "avx512_fp16")
 """The CPU features that decide how a bfloat16 matmul runs: without avx512_bf16 or amx_bf16 it
 converts to float32 first."""
@@ -327,7 +341,12 @@ def main() -> None:
         with row_major_weights():
             return runners["sft"](size)
 
+    def padded_prompts(size: int) -> list[Answer]:
+        with padded_prompt_pass():
+            return runners["sft"](size)
+
     runners["sft-row-major"] = row_major
+    runners["sft-padded-prompts"] = padded_prompts
     if sampling is None:
         runners["sft"] = lambda size: generate_greedy(model, tokenizer, prompts, args.max_new_tokens, loop_stop_ids,
                                                       size)

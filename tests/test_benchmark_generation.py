@@ -43,8 +43,8 @@ def test_sampled_mode_times_every_contender_on_full_length_answers(tiny_model_di
     assert set(written["machine"]["cpu_flags"]) <= {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
                                                     "amx_bf16", "avx512_fp16"}
     rows = {(r["contender"], r["batch_size"]): r for r in written["results"]}
-    assert set(rows) == {(name, size) for name in ("sft", "sft-row-major", "sft-bf16", "hf-generate")
-                         for size in batch_sizes}
+    assert set(rows) == {(name, size) for name in ("sft", "sft-row-major", "sft-padded-prompts", "sft-bf16",
+                                                   "hf-generate") for size in batch_sizes}
     for row in rows.values():
         assert row["answers"] == 2
         assert row["new_tokens"] == 2 * max_new_tokens  # no answer is longer, so each is exactly this long
@@ -56,3 +56,4 @@ def test_sampled_mode_times_every_contender_on_full_length_answers(tiny_model_di
         assert rows[("hf-generate", size)]["vs_hf_generate"] == 1
         assert 0 <= rows[("sft-bf16", size)]["equal_to_float32"] <= 2
         assert rows[("sft-row-major", size)]["equal_to_float32"] == 2  # the layout changes no draw here
+        assert rows[("sft-padded-prompts", size)]["equal_to_float32"] == 2  # nor does packing the prompt pass

@@ -174,3 +174,44 @@ def test_generation_leaves_a_lora_model_trainable_with_row_major_weights(tiny_mo
     ids = torch.tensor([tokenizer(PROMPTS[2]).input_ids])
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)
+
+
+def test_a_packed_prompt_pass_fills_the_cache_a_padded_one_fills(tiny_model_dir: Path, monkeypatch) -> None:
+    """With varlen_sdpa the prompts of a batch run as one packed row (no padding computed) and the
+    cache is re-laid as the left-padded batch: the last logits and every real position's keys
+    and values equal those of the padded pass, and so do the greedy and sampled answers."""
+    import sft.modeling.attention  # noqa: F401  (registers varlen_sdpa)
+    from sft.modeling import generate
+    from sft.modeling.generate import GrowingCache, Sampling, generate_sampled
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation="varlen_sdpa").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tokenizer(p).input_ids for p in PROMPTS]
+    lengths = [len(p) for p in prompts]
+    width = max(lengths)
+    assert generate._prefill_packed(model, GrowingCache(), prompts)
+    packed_cache, padded_cache = GrowingCache(), GrowingCache()
+    with torch.no_grad():
+        packed = generate._packed_prompt_pass(model, packed_cache, prompts, torch.device("cpu"))
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+        padded = model(input_ids=torch.tensor([[0] * (width - len(p)) + p for p in prompts]), attention_mask=mask,
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0), past_key_values=padded_cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+    assert packed_cache.get_seq_length() == padded_cache.get_seq_length() == width
+    for ours, theirs in zip(packed_cache.layers, padded_cache.layers):
+        assert ours.keys.shape == theirs.keys.shape == (len(prompts), *theirs.keys.shape[1:])
+        for row, n in enumerate(lengths):
+            torch.testing.assert_close(ours.keys[row, :, width - n:], theirs.keys[row, :, width - n:], atol=1e-5,
+                                       rtol=1e-5)
+            torch.testing.assert_close(ours.values[row, :, width - n:], theirs.values[row, :, width - n:], atol=1e-5,
+                                       rtol=1e-5)
+    answers = {}
+    for packing in (True, False):
+        if not packing:
+            monkeypatch.setattr(generate, "_prefill_packed", lambda *_: False)
+        answers[packing] = (generate_greedy(model, tokenizer, prompts, 10, [-1], batch_size=5),
+                            generate_sampled(model, tokenizer, prompts, 10, [-1], list(range(len(prompts))),
+                                             Sampling(0.9, top_p=0.9), batch_size=5))
+    assert answers[True] == answers[False]
