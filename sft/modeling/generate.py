@@ -7,8 +7,9 @@ that one new token. Position ids count only real tokens, so a left-padded prompt
 as it would be alone. A row that ends its turn leaves the batch (its cache rows are dropped)
 once a quarter of the batch has ended, so the short answers stop paying for the steps of the long
 ones without a copy of the whole cache at every ending. A prompt repeated in a batch (k answers,
-a GRPO group) is read once and its cache copied to its rows. Prompts are batched
-in order of length, which keeps padding small. The logits are computed for the last position
+a GRPO group) is read once and its cache copied to its rows. With ``varlen_sdpa`` attention the
+prompts' pass runs as one packed row, no padding computed, and the cache is then re-laid as the
+left-padded batch. Prompts are batched in order of length, which keeps padding small. The logits are computed for the last position
 only: the full [tokens, vocabulary] matrix of a long prompt would dwarf the model's own
 activations. The cache writes each new token's keys and values into spare room of a buffer that
 doubles when full (:class:`GrowingCache`) instead of concatenating: transformers' DynamicCache
