@@ -7,9 +7,9 @@ that one new token. Position ids count only real tokens, so a left-padded prompt
 as it would be alone. A row that ends its turn leaves the batch (its cache rows are dropped)
 once a quarter of the batch has ended, so the short answers stop paying for the steps of the long
 ones without a copy of the whole cache at every ending. A prompt repeated in a batch (k answers,
-a GRPO group) is read once and its cache copied to its rows. With ``varlen_sdpa`` attention the
-prompts' pass runs as one packed row, no padding computed, and the cache is then re-laid as the
-left-padded batch. Prompts are batched in order of length, which keeps padding small. The logits are computed for the last position
+a GRPO group) is read once and its cache copied to its rows. On a CPU with ``varlen_sdpa``
+attention the prompts' pass runs as one packed row, no padding computed, and the cache is then
+re-laid as the left-padded batch. Prompts are batched in order of length, which keeps padding small. The logits are computed for the last position
 only: the full [tokens, vocabulary] matrix of a long prompt would dwarf the model's own
 activations. The cache writes each new token's keys and values into spare room of a buffer that
 doubles when full (:class:`GrowingCache`) instead of concatenating: transformers' DynamicCache
@@ -303,10 +303,12 @@ def _generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
 
 def _prefill_packed(model: torch.nn.Module, cache: Cache, prompts: list[list[int]]) -> bool:
     """Whether the prompt pass runs packed: prompts of different lengths, a cache that can be
-    re-laid, and attention that keeps packed prompts apart (``varlen_sdpa``)."""
+    re-laid, attention that keeps packed prompts apart (``varlen_sdpa``), on the CPU, where it
+    is measured (on CUDA and MPS the padded pass stays until it is measured there)."""
     lengths = {len(p) for p in prompts}
     return (len(lengths) > 1 and isinstance(cache, GrowingCache)
-            and getattr(model.config, "_attn_implementation", None) in VARLEN_KEYS)
+            and getattr(model.config, "_attn_implementation", None) in VARLEN_KEYS
+            and next(model.parameters()).device.type == "cpu")
 
 
 def _packed_prompt_pass(model: torch.nn.Module, cache: GrowingCache, prompts: list[list[int]],
