@@ -89,13 +89,13 @@ def _trl_matches(trainer: Any, encoded: list[dict], max_length: int) -> bool:
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one contender for warmup + steps steps and measure it (runs in its own process)."""
     from peft import LoraConfig
+    from throughput import contender_set_up  # beside this script
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from sft.config import DPOConfig, build_config
     from sft.modeling.models import load_tokenizer, resolve_model_path
     from sft.recipes.dpo import build_trainer, pair_collator, with_reference_logps
     from sft.training.stages import load_lora_model
-    from throughput import contender_set_up  # beside this script
 
     total_steps = args.warmup + args.steps
     raw, encoded = benchmark_pairs(Path(args.data), args.pairs_per_step * total_steps, args.max_length, args.model)

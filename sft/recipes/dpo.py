@@ -84,8 +84,9 @@ class DPO(Recipe):
         """The pairs with the reference's log-probabilities of their answers (none for a loss without a reference)."""
         if not preference_loss(self.config.dpo.loss_type).needs_reference:
             return data
-        scored = with_reference_logps(self.config, runtime, model, sft_adapter, pair_collator(self.config, tokenizer, runtime),
-                                      train=data.train, val=data.val)
+        collator = pair_collator(self.config, tokenizer, runtime)
+        scored = with_reference_logps(self.config, runtime, model, sft_adapter, collator, train=data.train,
+                                      val=data.val)
         return Encoded(scored["train"], scored["val"], data.report)
 
     def build_trainer(self, runtime: Runtime, model: Any, tokenizer: PreTrainedTokenizerBase, data: Encoded,
