@@ -31,6 +31,7 @@ from sft.data.templates import end_of_turn_ids
 from sft.errors import ConfigError, DataError, run_command
 from sft.inference.loading import LoadedRun, folded_adapter, load_run
 from sft.inference.run_dir import evaluation_parser, held_out, report_on_run, write_report
+from sft.modeling.attention import shares_prompts_by_default
 from sft.modeling.generate import generate_greedy
 from sft.training.preference.collate import PairCollator
 from sft.training.preference.logps import pairs_answer_logps
@@ -82,8 +83,11 @@ def preference_metrics(logps: torch.Tensor, reference: torch.Tensor, answer_toke
 
 def _score_and_answer(run: LoadedRun, name: str, pairs: list[dict], prompts: list[list[int]],
                       scores: dict[str, torch.Tensor], answers: dict[str, list]) -> None:
+    packing = run.config.data.packing
+    share = packing and shares_prompts_by_default(getattr(run.model.config, "_attn_implementation", None),
+                                                  run.policy.device)
     scores[name] = pairs_answer_logps(run.model, pairs, run.config.training.eval_batch_size,
-                                      PairCollator(run.config.data.packing, run.tokenizer.pad_token_id),
+                                      PairCollator(packing, run.tokenizer.pad_token_id, share_prompts=share),
                                       run.policy.device, desc=f"scoring pairs ({name})")
     answers[name] = generate_greedy(run.model, run.tokenizer, prompts, run.config.eval.max_new_tokens,
                                     end_of_turn_ids(run.tokenizer), batch_size=run.config.training.eval_batch_size)
