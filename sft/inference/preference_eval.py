@@ -84,8 +84,8 @@ def preference_metrics(logps: torch.Tensor, reference: torch.Tensor, answer_toke
 def _score_and_answer(run: LoadedRun, name: str, pairs: list[dict], prompts: list[list[int]],
                       scores: dict[str, torch.Tensor], answers: dict[str, list]) -> None:
     packing = run.config.data.packing
-    share = packing and shares_prompts_by_default(getattr(run.model.config, "_attn_implementation", None),
-                                                  run.policy.device)
+    share = shares_prompts_by_default(packing, getattr(run.model.config, "_attn_implementation", None),
+                                      run.policy.device)
     scores[name] = pairs_answer_logps(run.model, pairs, run.config.training.eval_batch_size,
                                       PairCollator(packing, run.tokenizer.pad_token_id, share_prompts=share),
                                       run.policy.device, desc=f"scoring pairs ({name})")

@@ -218,16 +218,17 @@ class _PerExampleAttention(torch.autograd.Function):
             own = slice(segment.start, segment.end)
             dq[:, :, own].copy_(grad_q)
             for target, result in ((dk, grad_k), (dv, grad_v)):
-                _write_keys(target, result, segment, lambda part, span: part)
+                _write_keys(target, result, segment)
         return dq, dk, dv, None, None
 
 
 def _write_keys(target: torch.Tensor, result: torch.Tensor, segment: Segment,
-                transform: Callable[[torch.Tensor, slice], torch.Tensor]) -> None:
+                transform: Callable[[torch.Tensor, slice], torch.Tensor] = lambda part, span: part) -> None:
     """Write a segment's key (or value) gradient, [1, heads, prefix + length, dim], into the row's
     [1, heads, tokens, dim] ``target``: its own part copied, its prefix's part added (the prefix's
     own segment, earlier in the row, has already been written). ``transform(part, span)`` maps a
-    part to what is written (the transposed rotary embedding of the span's positions)."""
+    part to what is written (the part itself, or the transposed rotary embedding of the span's
+    positions)."""
     own = slice(segment.start, segment.end)
     if segment.prefix is None:
         target[:, :, own].copy_(transform(result, own))
@@ -293,7 +294,7 @@ class PackedRotaryAttention(torch.autograd.Function):
                 rotary(grad_k, cos[:, :, own], sin[:, :, own], dk[:, :, own], transpose=True)
             else:
                 _write_keys(dk, grad_k, segment, rotated_back)
-            _write_keys(dv, grad_v, segment, lambda part, span: part)
+            _write_keys(dv, grad_v, segment)
         return *grads, None, None, None, None
 
 
@@ -350,8 +351,8 @@ def block_diagonal_causal_mask(boundaries: list[int], device: torch.device, wind
                                parents: Sequence[int] | None = None) -> torch.Tensor:
     """[tokens, tokens] boolean mask: True where a token may attend (same example, not later, and
     within ``window`` tokens where given: itself and window - 1 before it). With ``parents``
-    (packed_segments'), a segment's tokens also attend to all of its parent segment, the window
-    counted in positions (a segment's continue its parent's)."""
+    (as packed_segments checks them), a segment's tokens also attend to all of its parent
+    segment, the window counted in positions (a segment's continue its parent's)."""
     lengths = torch.tensor(example_lengths(boundaries), device=device)
     example = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
     same_example = example[:, None] == example[None, :]
@@ -360,7 +361,6 @@ def block_diagonal_causal_mask(boundaries: list[int], device: torch.device, wind
         if window is not None:
             mask.triu_(-(window - 1))
         return mask
-    packed_segments(boundaries, parents)  # checks the parents
     parent = torch.tensor(list(parents), device=device)[example]
     mask |= parent[:, None] == example[None, :]
     if window is not None:
@@ -435,12 +435,12 @@ for _key in VARLEN_KEYS:
     ALL_MASK_ATTENTION_FUNCTIONS.register(_key, sdpa_mask)
 
 
-def shares_prompts_by_default(attention: str | None, device: str) -> bool:
+def shares_prompts_by_default(packing: bool, attention: str | None, device: str) -> bool:
     """Whether training packs a prompt once before its answers (GRPO's groups, DPO's pairs) unless
-    told otherwise: where our attention reads the shared prefixes and a packed row's tokens cost
-    compute in proportion (the CPU, where it is measured); not on CUDA or MPS, where the shared
-    row takes the masked path instead of the varlen kernel and is not measured."""
-    return attention in VARLEN_KEYS and device.startswith("cpu")
+    told otherwise: in packed rows, where our attention reads the shared prefixes and a packed
+    row's tokens cost compute in proportion (the CPU, where it is measured); not on CUDA or MPS,
+    where the shared row takes the masked path instead of the varlen kernel and is not measured."""
+    return packing and attention in VARLEN_KEYS and device.startswith("cpu")
 
 
 def resolve_attention(requested: str, device: str) -> str:

@@ -19,7 +19,6 @@ import platform
 import re
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,17 +198,6 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
 _ALLOCATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
-def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or None off glibc (macOS, musl) and where the user tuned the allocator
-    through its environment variables, which are left to rule."""
-    if not sys.platform.startswith("linux") or any(name in os.environ for name in _ALLOCATOR_SETTINGS):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return None
-
-
 def keep_freed_cpu_memory() -> bool:
     """Have glibc's allocator keep the memory a training step frees for the next step's tensors.
 
@@ -220,10 +208,16 @@ def keep_freed_cpu_memory() -> bool:
     kept, a step reuses the previous step's pages: faster (same section), and the peak resident set
     is no larger (the allocator keeps what the step needs at its peak anyway, and fragments less).
 
-    Returns whether the setting took (see _mallopt)."""
-    mallopt = _mallopt()
+    Returns whether the setting took: not off glibc (macOS, musl), and not where the user tuned
+    the allocator through its environment variables, which are left to rule."""
+    if not sys.platform.startswith("linux") or any(name in os.environ for name in _ALLOCATOR_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
     # older glibc releases refuse mmap thresholds above 32 MB: take that where 512 MB is refused
-    if mallopt is None or not (mallopt(_M_MMAP_THRESHOLD, 512 << 20) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)):
+    if not (mallopt(_M_MMAP_THRESHOLD, 512 << 20) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)):
         return False
     return bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 

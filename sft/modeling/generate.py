@@ -9,10 +9,11 @@ once a quarter of the batch has ended, so the short answers stop paying for the 
 ones without a copy of the whole cache at every ending. A prompt repeated in a batch (k answers,
 a GRPO group) is read once and its cache copied to its rows. On a CPU with ``varlen_sdpa``
 attention the prompts' pass runs as one packed row, no padding computed, and the cache is then
-re-laid as the left-padded batch. Prompts are batched in order of length, which keeps padding small. The logits are computed for the last position
-only: the full [tokens, vocabulary] matrix of a long prompt would dwarf the model's own
-activations. The cache writes each new token's keys and values into spare room of a buffer that
-doubles when full (:class:`GrowingCache`) instead of concatenating: transformers' DynamicCache
+re-laid as the left-padded batch. Prompts are batched in order of length, which keeps padding
+small. The logits are computed for the last position only: the full [tokens, vocabulary] matrix
+of a long prompt would dwarf the model's own activations. The cache writes each new token's keys
+and values into spare room of a buffer that doubles when full (:class:`GrowingCache`) instead of
+concatenating: transformers' DynamicCache
 copies the whole cache of every layer at every step, which at a thousand tokens and a batch of
 64 costs more than the model's own step on a CPU.
 
@@ -26,6 +27,7 @@ resumed. It is the one sampler of the package: `sft sample` and `sft grpo` both 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -301,14 +303,14 @@ def _generate(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     return answers  # type: ignore[return-value]
 
 
-def _prefill_packed(model: torch.nn.Module, cache: Cache, prompts: list[list[int]]) -> bool:
+def _prefill_packed(model: torch.nn.Module, cache: Cache, prompts: list[list[int]], device: torch.device) -> bool:
     """Whether the prompt pass runs packed: prompts of different lengths, a cache that can be
     re-laid, attention that keeps packed prompts apart (``varlen_sdpa``), on the CPU, where it
     is measured (on CUDA and MPS the padded pass stays until it is measured there)."""
     lengths = {len(p) for p in prompts}
     return (len(lengths) > 1 and isinstance(cache, GrowingCache)
             and getattr(model.config, "_attn_implementation", None) in VARLEN_KEYS
-            and next(model.parameters()).device.type == "cpu")
+            and device.type == "cpu")
 
 
 def _packed_prompt_pass(model: torch.nn.Module, cache: GrowingCache, prompts: list[list[int]],
@@ -319,9 +321,7 @@ def _packed_prompt_pass(model: torch.nn.Module, cache: GrowingCache, prompts: li
     extend; its padding positions hold copies of a real token's keys, which the attention mask
     hides as it hid the pad tokens' own. Returns each prompt's last logits, [prompts, vocabulary]."""
     lengths = [len(p) for p in prompts]
-    boundaries = [0]
-    for length in lengths:
-        boundaries.append(boundaries[-1] + length)
+    boundaries = [0, *itertools.accumulate(lengths)]
     input_ids = torch.tensor([[t for p in prompts for t in p]], device=device)
     position_ids = torch.tensor([[i for n in lengths for i in range(n)]], device=device)
     last = torch.tensor(boundaries[1:], device=device) - 1
@@ -350,7 +350,7 @@ def _decode_batch(model: torch.nn.Module, prompts: list[list[int]], max_new_toke
     width = max(len(p) for p in unique)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in unique], device=device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    if _prefill_packed(model, cache, unique):
+    if _prefill_packed(model, cache, unique, device):
         logits = _packed_prompt_pass(model, cache, unique, device)
     else:
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in unique], device=device)

@@ -166,7 +166,7 @@ def build_trainer(config: DPOConfig, runtime: Runtime, model: Any, tokenizer: Pr
 def pair_collator(config: DPOConfig, tokenizer: PreTrainedTokenizerBase, runtime: Runtime) -> PairCollator:
     """Records packed (or padded) as the configuration says; packed with each prompt once where
     that is the default (sft.modeling.attention.shares_prompts_by_default: the CPU)."""
-    share = config.data.packing and shares_prompts_by_default(runtime.attention, runtime.policy.device)
+    share = shares_prompts_by_default(config.data.packing, runtime.attention, runtime.policy.device)
     return PairCollator(config.data.packing, tokenizer.pad_token_id, share_prompts=share)
 
 

@@ -76,13 +76,12 @@ class GRPOTrainer(SupervisedTrainer):
     def _shares_prompts(self, packing: bool) -> bool:
         """Whether a group's answers are packed after one copy of their prompt (GRPOSettings.share_prompts)."""
         attention = getattr(self.model.config, "_attn_implementation", None)
-        possible = packing and attention in VARLEN_KEYS
-        if self.grpo.share_prompts and not possible:
+        if self.grpo.share_prompts is None:
+            return shares_prompts_by_default(packing, attention, self.args.device.type)
+        if self.grpo.share_prompts and not (packing and attention in VARLEN_KEYS):
             raise ConfigError(f"grpo.share_prompts: true needs data.packing: true and attn_implementation "
                               f"{VARLEN_SDPA} (this run: packing {packing}, attention {attention}); "
                               f"leave it out to share prompts wherever they can be shared")
-        if self.grpo.share_prompts is None:
-            return packing and shares_prompts_by_default(attention, self.args.device.type)
         return self.grpo.share_prompts
 
     def _get_train_sampler(self, train_dataset: Any = None) -> SequentialSampler:

@@ -190,7 +190,7 @@ def test_a_packed_prompt_pass_fills_the_cache_a_padded_one_fills(tiny_model_dir:
     prompts = [tokenizer(p).input_ids for p in PROMPTS]
     lengths = [len(p) for p in prompts]
     width = max(lengths)
-    assert generate._prefill_packed(model, GrowingCache(), prompts)
+    assert generate._prefill_packed(model, GrowingCache(), prompts, torch.device("cpu"))
     packed_cache, padded_cache = GrowingCache(), GrowingCache()
     with torch.no_grad():
         packed = generate._packed_prompt_pass(model, packed_cache, prompts, torch.device("cpu"))
